@@ -1,0 +1,158 @@
+//! Conversions between the wire types of `signpost-proto` and the domain types of
+//! `signpost-store`. Conversions from the wire validate as they go.
+
+use std::time::Duration;
+
+use signpost_proto::v1 as pb;
+use signpost_store::{Health, HealthCheck, Instance, Probe, RemovalCause};
+
+use crate::error::{Error, Result};
+use crate::validate;
+
+/// The weight given to instances registered without one.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// Reads a registered instance; `field` is how the request names it (e.g. `instance`).
+pub(crate) fn instance_from_pb(field: &str, pb: pb::Instance) -> Result<Instance> {
+    let namespace = validate::namespace(&format!("{field}.namespace"), pb.namespace)?;
+    validate::service(&format!("{field}.service"), &pb.service)?;
+    validate::id(&format!("{field}.id"), &pb.id)?;
+    let address = validate::address(&format!("{field}.address"), &pb.address)?;
+    let port = validate::port(&format!("{field}.port"), pb.port)?;
+    let tags = validate::tags(&format!("{field}.tags"), pb.tags)?;
+    let metadata = validate::metadata(&format!("{field}.metadata"), pb.metadata)?;
+    let zone = validate::zone(&format!("{field}.zone"), pb.zone)?;
+    let check = pb
+        .check
+        .map(|c| check_from_pb(&format!("{field}.check"), c))
+        .transpose()?;
+    Ok(Instance {
+        namespace,
+        service: pb.service,
+        id: pb.id,
+        address,
+        port,
+        tags,
+        metadata,
+        weight: if pb.weight == 0 {
+            DEFAULT_WEIGHT
+        } else {
+            pb.weight
+        },
+        zone,
+        check,
+        ..Instance::default()
+    })
+}
+
+fn check_from_pb(field: &str, pb: pb::HealthCheck) -> Result<HealthCheck> {
+    let probe = match pb.probe {
+        Some(pb::health_check::Probe::Http(http)) => Probe::Http { path: http.path },
+        Some(pb::health_check::Probe::Tcp(_)) => Probe::Tcp,
+        Some(pb::health_check::Probe::Grpc(grpc)) => Probe::Grpc {
+            service: grpc.service,
+        },
+        None => {
+            return Err(Error::invalid(
+                format!("{field}.probe"),
+                "is required: set http, tcp or grpc",
+            ));
+        }
+    };
+    let required = |name: &str, d: Option<prost_types::Duration>| {
+        let name = format!("{field}.{name}");
+        match d {
+            Some(d) => duration_from_pb(&name, d),
+            None => Err(Error::invalid(name, "is required")),
+        }
+    };
+    Ok(HealthCheck {
+        probe,
+        interval: required("interval", pb.interval)?,
+        timeout: required("timeout", pb.timeout)?,
+        deregister_critical_after: pb
+            .deregister_critical_after
+            .map(|d| duration_from_pb(&format!("{field}.deregister_critical_after"), d))
+            .transpose()?,
+    })
+}
+
+pub(crate) fn duration_from_pb(field: &str, d: prost_types::Duration) -> Result<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{}s {}ns is not a valid non-negative duration",
+                d.seconds, d.nanos
+            ),
+        ));
+    }
+    // Both checked non-negative just above.
+    Ok(Duration::new(
+        d.seconds.unsigned_abs(),
+        d.nanos.unsigned_abs(),
+    ))
+}
+
+pub(crate) fn duration_to_pb(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        // Always below one billion, so it fits.
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub(crate) fn health_to_pb(health: Health) -> pb::HealthStatus {
+    match health {
+        Health::Passing => pb::HealthStatus::Passing,
+        Health::Warning => pb::HealthStatus::Warning,
+        Health::Critical => pb::HealthStatus::Critical,
+    }
+}
+
+pub(crate) fn removal_to_pb(cause: RemovalCause) -> pb::RemovalReason {
+    match cause {
+        RemovalCause::Deregistered => pb::RemovalReason::Deregistered,
+        RemovalCause::Expired => pb::RemovalReason::Expired,
+        RemovalCause::Unhealthy => pb::RemovalReason::Unhealthy,
+    }
+}
+
+pub(crate) fn instance_to_pb(i: &Instance) -> pb::Instance {
+    pb::Instance {
+        namespace: i.namespace.clone(),
+        service: i.service.clone(),
+        id: i.id.clone(),
+        address: i.address.clone(),
+        port: u32::from(i.port),
+        tags: i.tags.clone(),
+        metadata: i
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        weight: i.weight,
+        zone: i.zone.clone(),
+        check: i.check.as_ref().map(check_to_pb),
+        health: health_to_pb(i.health).into(),
+        lease_id: i.lease_id.unwrap_or(0),
+        create_revision: i.create_revision,
+        mod_revision: i.mod_revision,
+    }
+}
+
+fn check_to_pb(c: &HealthCheck) -> pb::HealthCheck {
+    let probe = match &c.probe {
+        Probe::Http { path } => pb::health_check::Probe::Http(pb::HttpProbe { path: path.clone() }),
+        Probe::Tcp => pb::health_check::Probe::Tcp(pb::TcpProbe {}),
+        Probe::Grpc { service } => pb::health_check::Probe::Grpc(pb::GrpcProbe {
+            service: service.clone(),
+        }),
+    };
+    pb::HealthCheck {
+        probe: Some(probe),
+        interval: Some(duration_to_pb(c.interval)),
+        timeout: Some(duration_to_pb(c.timeout)),
+        deregister_critical_after: c.deregister_critical_after.map(duration_to_pb),
+    }
+}

@@ -1,0 +1,42 @@
+//! The one place where errors become `tonic::Status`. Handlers return [`Error`] and use `?`.
+
+use tonic::Status;
+
+/// What a request can fail with, before it is turned into a status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input; the message names the field.
+    #[error("{field} {reason}")]
+    Invalid { field: String, reason: String },
+    /// A feature the request asks for that this server does not offer.
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error(transparent)]
+    Store(#[from] signpost_store::Error),
+}
+
+impl Error {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        use signpost_store::Error as Store;
+        let message = error.to_string();
+        match error {
+            Error::Invalid { .. } | Error::Store(Store::Invalid { .. }) => {
+                Status::invalid_argument(message)
+            }
+            Error::Unimplemented(_) => Status::unimplemented(message),
+            Error::Store(Store::LeaseNotFound(_)) => Status::not_found(message),
+            Error::Store(Store::Unavailable(_)) => Status::unavailable(message),
+        }
+    }
+}
+
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;

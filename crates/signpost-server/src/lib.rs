@@ -1,0 +1,136 @@
+//! The Signpost gRPC server: `signpost.v1.RegistryService` over any [`signpost_store::Store`],
+//! with `grpc.health.v1.Health` and server reflection on the same port.
+//!
+//! A request enters a handler in [`Registry`], is validated and converted to domain types
+//! (`convert`, `validate`, `selector`), and becomes one store call. Watch streams are served by
+//! one task each (`watch`), which reads the store's change feed through the stream's [`filter`]
+//! and turns store changes into ADDED / UPDATED / REMOVED events. Errors become `tonic::Status` in
+//! one place (`error`). Nothing here knows which store backend it runs on.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use signpost_server::{Config, serve};
+//! use signpost_store::{MemoryConfig, MemoryStore};
+//! use std::sync::Arc;
+//!
+//! let store = Arc::new(MemoryStore::new(MemoryConfig::default()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
+//! serve(store, Config::default(), listener, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod convert;
+mod error;
+mod filter;
+pub mod selector;
+mod service;
+mod validate;
+mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use signpost_proto::v1::registry_service_server::RegistryServiceServer;
+use signpost_store::Store;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+pub use convert::DEFAULT_WEIGHT;
+pub use error::Error;
+pub use service::{MAX_TTL, MIN_TTL, Registry};
+pub use validate::DEFAULT_NAMESPACE;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often an idle Watch stream gets a progress message.
+    pub watch_progress_interval: Duration,
+    /// Messages queued towards one Watch stream before its task waits for the client.
+    pub watch_buffer: usize,
+    /// The largest request accepted, in bytes. Requests are small: an instance is at most ~20 KiB.
+    pub max_request_size: usize,
+    /// The largest response sent, in bytes; bounds a Discover or a reset view of a huge service.
+    pub max_response_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            watch_progress_interval: Duration::from_secs(5),
+            watch_buffer: 16,
+            max_request_size: 1024 * 1024,
+            max_response_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves the registry, health and reflection on `listener` until `shutdown` completes.
+///
+/// On shutdown the health status turns NOT_SERVING, open Watch and KeepAlive streams end with
+/// `UNAVAILABLE` (so clients reconnect elsewhere), and in-flight unary calls finish.
+pub async fn serve<S: Store>(
+    store: Arc<S>,
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (max_request, max_response) = (config.max_request_size, config.max_response_size);
+    let registry = Registry::new(store, config);
+    let streams = registry.shutdown_token();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RegistryServiceServer<Registry<S>>>()
+        .await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(signpost_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let registry = RegistryServiceServer::new(registry)
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(max_response);
+
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending streams, finishing in-flight calls");
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_not_serving::<RegistryServiceServer<Registry<S>>>()
+            .await;
+        streams.cancel();
+    };
+
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(registry)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! The registry's state as a plain, synchronous state machine: instances, leases, the revision
+//! counter and the bounded history. Backends wrap it with locking, publishing and (for the durable
+//! backend) persistence, so the rules of what a change does live in one place.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::model::{
+    Change, Deleted, Event, Health, Instance, InstanceKey, Lease, LeaseId, RemovalCause, Revision,
+    ServiceList, ServiceSummary, Snapshot,
+};
+use crate::{Error, Result};
+
+type Ids = BTreeMap<String, Arc<Instance>>;
+
+#[derive(Debug)]
+struct LeaseEntry {
+    ttl: Duration,
+    deadline: Instant,
+    instances: BTreeSet<InstanceKey>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    revision: Revision,
+    next_lease: LeaseId,
+    namespaces: BTreeMap<String, BTreeMap<String, Ids>>,
+    leases: HashMap<LeaseId, LeaseEntry>,
+    // One entry per lease, at or before its deadline: a refresh only moves `LeaseEntry::deadline`,
+    // and the entry is pushed again when it comes due early. This keeps the heap as large as the
+    // number of leases however often clients refresh.
+    deadlines: BinaryHeap<Reverse<(Instant, LeaseId)>>,
+    history: VecDeque<Arc<Change>>,
+    history_limit: usize,
+    // Every change after this revision is still in `history`.
+    compacted: Revision,
+}
+
+impl State {
+    pub(crate) fn new(
+        start_revision: Revision,
+        first_lease: LeaseId,
+        history_limit: usize,
+    ) -> Self {
+        State {
+            revision: start_revision,
+            next_lease: first_lease.max(1),
+            namespaces: BTreeMap::new(),
+            leases: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            history: VecDeque::new(),
+            history_limit: history_limit.max(1),
+            compacted: start_revision,
+        }
+    }
+
+    pub(crate) fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    fn get(&self, key: &InstanceKey) -> Option<&Arc<Instance>> {
+        self.namespaces
+            .get(&key.namespace)?
+            .get(&key.service)?
+            .get(&key.id)
+    }
+
+    fn lease_is_live(&self, id: LeaseId, now: Instant) -> bool {
+        self.leases.get(&id).is_some_and(|l| l.deadline > now)
+    }
+
+    /// Upserts `instance`. The store-owned fields are filled in here.
+    pub(crate) fn put(
+        &mut self,
+        mut instance: Instance,
+        lease: Option<LeaseId>,
+        now: Instant,
+    ) -> Result<(Arc<Instance>, Arc<Change>)> {
+        if let Some(id) = lease {
+            // A lease past its deadline is dead even if the expiry task has not swept it yet.
+            if !self.lease_is_live(id, now) {
+                return Err(Error::LeaseNotFound(id));
+            }
+        }
+        let key = instance.key();
+        let prev = self.get(&key).cloned();
+        let revision = self.revision + 1;
+
+        instance.lease_id = lease;
+        instance.create_revision = prev.as_ref().map_or(revision, |p| p.create_revision);
+        instance.mod_revision = revision;
+        instance.health = match (&instance.check, &prev) {
+            (None, _) => Health::Passing,
+            // The same check keeps its verdict; a new check must pass before traffic comes.
+            (Some(check), Some(p)) if p.check.as_ref() == Some(check) => p.health,
+            (Some(_), _) => Health::Critical,
+        };
+
+        if let Some(old) = prev.as_ref().and_then(|p| p.lease_id) {
+            if Some(old) != lease {
+                if let Some(entry) = self.leases.get_mut(&old) {
+                    entry.instances.remove(&key);
+                }
+            }
+        }
+        if let Some(id) = lease {
+            if let Some(entry) = self.leases.get_mut(&id) {
+                entry.instances.insert(key.clone());
+            }
+        }
+
+        let instance = Arc::new(instance);
+        self.namespaces
+            .entry(key.namespace)
+            .or_default()
+            .entry(key.service)
+            .or_default()
+            .insert(key.id, instance.clone());
+        let change = self.commit(vec![Event {
+            prev,
+            current: Some(instance.clone()),
+            removal: None,
+        }]);
+        Ok((instance, change))
+    }
+
+    /// Removes one instance. `None` when it did not exist; no revision is taken then.
+    pub(crate) fn delete(
+        &mut self,
+        key: &InstanceKey,
+        cause: RemovalCause,
+    ) -> Option<(Arc<Instance>, Arc<Change>)> {
+        let prev = self.unlink(key)?;
+        if let Some(entry) = prev.lease_id.and_then(|id| self.leases.get_mut(&id)) {
+            entry.instances.remove(key);
+        }
+        let change = self.commit(vec![Event {
+            prev: Some(prev.clone()),
+            current: None,
+            removal: Some(cause),
+        }]);
+        Some((prev, change))
+    }
+
+    pub(crate) fn deleted(&self, found: Option<(Arc<Instance>, Arc<Change>)>) -> Deleted {
+        match found {
+            Some((prev, change)) => Deleted {
+                prev: Some(prev),
+                revision: change.revision,
+            },
+            None => Deleted {
+                prev: None,
+                revision: self.revision,
+            },
+        }
+    }
+
+    fn unlink(&mut self, key: &InstanceKey) -> Option<Arc<Instance>> {
+        let services = self.namespaces.get_mut(&key.namespace)?;
+        let ids = services.get_mut(&key.service)?;
+        let prev = ids.remove(&key.id)?;
+        if ids.is_empty() {
+            services.remove(&key.service);
+            if services.is_empty() {
+                self.namespaces.remove(&key.namespace);
+            }
+        }
+        Some(prev)
+    }
+
+    pub(crate) fn grant(&mut self, ttl: Duration, now: Instant) -> Result<Lease> {
+        if ttl.is_zero() {
+            return Err(Error::Invalid {
+                field: "ttl",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        let id = self.next_lease;
+        self.next_lease += 1;
+        let deadline = now + ttl;
+        self.leases.insert(
+            id,
+            LeaseEntry {
+                ttl,
+                deadline,
+                instances: BTreeSet::new(),
+            },
+        );
+        self.deadlines.push(Reverse((deadline, id)));
+        Ok(Lease { id, ttl })
+    }
+
+    /// Gives a live lease its full ttl again; `None` when it is unknown or already past due.
+    pub(crate) fn refresh(&mut self, id: LeaseId, now: Instant) -> Option<Lease> {
+        let entry = self.leases.get_mut(&id)?;
+        if entry.deadline <= now {
+            return None;
+        }
+        entry.deadline = now + entry.ttl;
+        Some(Lease { id, ttl: entry.ttl })
+    }
+
+    /// Removes a lease and every instance on it, all at one revision. The outer `None` means the
+    /// lease did not exist; the inner one that it held no instance, so no revision was taken.
+    pub(crate) fn revoke(&mut self, id: LeaseId) -> Option<Option<Arc<Change>>> {
+        let entry = self.leases.remove(&id)?;
+        let mut events = Vec::with_capacity(entry.instances.len());
+        for key in &entry.instances {
+            if let Some(prev) = self.unlink(key) {
+                events.push(Event {
+                    prev: Some(prev),
+                    current: None,
+                    removal: Some(RemovalCause::Expired),
+                });
+            }
+        }
+        Some((!events.is_empty()).then(|| self.commit(events)))
+    }
+
+    /// Expires every lease whose deadline is at or before `now`.
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<Arc<Change>> {
+        let mut changes = Vec::new();
+        while let Some(&Reverse((due, id))) = self.deadlines.peek() {
+            if due > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(entry) = self.leases.get(&id) else {
+                continue; // revoked
+            };
+            if entry.deadline > now {
+                let deadline = entry.deadline;
+                self.deadlines.push(Reverse((deadline, id)));
+                continue;
+            }
+            tracing::debug!(
+                lease = id,
+                instances = entry.instances.len(),
+                "lease expired"
+            );
+            if let Some(Some(change)) = self.revoke(id) {
+                changes.push(change);
+            }
+        }
+        changes
+    }
+
+    /// When the expiry task should look again.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.peek().map(|Reverse((due, _))| *due)
+    }
+
+    pub(crate) fn list(&self, namespace: &str, service: &str) -> Snapshot {
+        let instances = self
+            .namespaces
+            .get(namespace)
+            .and_then(|s| s.get(service))
+            .map(|ids| ids.values().cloned().collect())
+            .unwrap_or_default();
+        Snapshot {
+            revision: self.revision,
+            instances,
+        }
+    }
+
+    pub(crate) fn list_services(&self, namespace: &str) -> ServiceList {
+        let services = self
+            .namespaces
+            .get(namespace)
+            .map(|services| {
+                services
+                    .iter()
+                    .map(|(name, ids)| ServiceSummary {
+                        name: name.clone(),
+                        instances: count(ids.len()),
+                        healthy: count(ids.values().filter(|i| i.health.is_healthy()).count()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ServiceList {
+            revision: self.revision,
+            services,
+        }
+    }
+
+    /// The changes after `revision`, or `None` when some of them are no longer kept (or the
+    /// revision is one this store never reached).
+    pub(crate) fn replay_after(&self, revision: Revision) -> Option<Vec<Arc<Change>>> {
+        if revision < self.compacted || revision > self.revision {
+            return None;
+        }
+        let start = self.history.partition_point(|c| c.revision <= revision);
+        Some(self.history.range(start..).cloned().collect())
+    }
+
+    fn commit(&mut self, events: Vec<Event>) -> Arc<Change> {
+        self.revision += 1;
+        let change = Arc::new(Change {
+            revision: self.revision,
+            events,
+        });
+        self.history.push_back(change.clone());
+        while self.history.len() > self.history_limit {
+            if let Some(dropped) = self.history.pop_front() {
+                self.compacted = dropped.revision;
+            }
+        }
+        change
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

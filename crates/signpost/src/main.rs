@@ -1,0 +1,177 @@
+//! `signpost`: the Signpost registry server (`signpost serve`).
+//!
+//! This binary is a thin edge over the library crates: it reads flags and `SIGNPOST_*` environment
+//! variables with clap, sets up `tracing` logs, builds the chosen store, and hands both to
+//! `signpost_server::serve` until SIGINT or SIGTERM.
+
+mod duration;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use signpost_store::{MemoryConfig, MemoryStore};
+use tokio::net::TcpListener;
+
+/// Signpost: service discovery for gRPC.
+///
+/// Services register their instances; clients discover them and follow every change as a stream.
+#[derive(Debug, Parser)]
+#[command(name = "signpost", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the registry server.
+    ///
+    /// Serves signpost.v1.RegistryService, grpc.health.v1.Health and server reflection on one port,
+    /// so `grpcurl -plaintext 127.0.0.1:7070 list` works. Stops gracefully on Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    /// Everything in memory: fast, and forgotten when the server stops.
+    Memory,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on. Use 0.0.0.0:7070 to accept connections from other hosts.
+    #[arg(long, env = "SIGNPOST_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+
+    /// Where registrations are kept.
+    #[arg(long, value_enum, env = "SIGNPOST_STORE", default_value = "memory")]
+    store: StoreKind,
+
+    /// How often an idle Watch stream gets a progress message (e.g. 5s, 500ms, 1m).
+    #[arg(long, env = "SIGNPOST_WATCH_PROGRESS_INTERVAL", default_value = "5s", value_parser = duration::parse)]
+    watch_progress_interval: Duration,
+
+    /// How many changes are kept so that a reconnecting watcher can resume by revision. Older
+    /// resumes get a fresh snapshot instead.
+    #[arg(long, env = "SIGNPOST_HISTORY_SIZE", default_value_t = 10_000)]
+    history_size: usize,
+
+    /// How long to wait for in-flight calls after SIGINT/SIGTERM before exiting anyway.
+    #[arg(long, env = "SIGNPOST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration::parse)]
+    shutdown_grace: Duration,
+
+    /// Log format: human-readable text or one JSON object per line. Filter with RUST_LOG.
+    #[arg(long, value_enum, env = "SIGNPOST_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("signpost: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    let store = match args.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig {
+            history_limit: args.history_size,
+            ..MemoryConfig::default()
+        })),
+    };
+    let config = signpost_server::Config {
+        watch_progress_interval: args.watch_progress_interval,
+        ..signpost_server::Config::default()
+    };
+    tracing::info!(%addr, store = ?args.store, "signpost listening on {addr}");
+
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = signalled_tx.send(());
+    };
+    let server = signpost_server::serve(store, config, listener, shutdown);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result.context("server failed")?,
+        _ = async {
+            let _ = signalled_rx.await;
+            tokio::time::sleep(args.shutdown_grace).await;
+        } => {
+            tracing::warn!(grace = ?args.shutdown_grace, "in-flight calls did not finish in time; exiting anyway");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
