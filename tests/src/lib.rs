@@ -4,6 +4,8 @@
 //! Tests live in `tests/tests/*.rs`; tests of the `signpost` binary as a process live beside the
 //! binary (`crates/signpost/tests/`), where cargo can hand them its path.
 
+pub mod process;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;

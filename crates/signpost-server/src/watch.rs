@@ -82,10 +82,10 @@ impl<S: Store> WatchTask<S> {
                 }
                 // A resumed stream always says at once how far it is, even when nothing it
                 // filters for changed, so the client knows it is live and up to date.
-                if last_sent != Some(revision) {
-                    if let Err(stop) = self.send(progress(revision)).await {
-                        return Ok(stop);
-                    }
+                if last_sent != Some(revision)
+                    && let Err(stop) = self.send(progress(revision)).await
+                {
+                    return Ok(stop);
                 }
                 revision
             }

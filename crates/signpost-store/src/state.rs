@@ -100,17 +100,15 @@ impl State {
             (Some(_), _) => Health::Critical,
         };
 
-        if let Some(old) = prev.as_ref().and_then(|p| p.lease_id) {
-            if Some(old) != lease {
-                if let Some(entry) = self.leases.get_mut(&old) {
-                    entry.instances.remove(&key);
-                }
-            }
+        let old_lease = prev.as_ref().and_then(|p| p.lease_id);
+        if let Some(entry) = old_lease
+            .filter(|old| Some(*old) != lease)
+            .and_then(|old| self.leases.get_mut(&old))
+        {
+            entry.instances.remove(&key);
         }
-        if let Some(id) = lease {
-            if let Some(entry) = self.leases.get_mut(&id) {
-                entry.instances.insert(key.clone());
-            }
+        if let Some(entry) = lease.and_then(|id| self.leases.get_mut(&id)) {
+            entry.instances.insert(key.clone());
         }
 
         let instance = Arc::new(instance);
