@@ -43,6 +43,20 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `exe serve --listen 127.0.0.1:0 ARGS…` and waits for the address it bound.
     pub fn start(exe: &Path, args: &[&str]) -> Self {
+        let mut server = Self::spawn(exe, args);
+        let line = server.wait_for_log("listening on ");
+        let addr = line
+            .rsplit("listening on ")
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        server.addr = addr;
+        server
+    }
+
+    /// Starts `exe serve --listen 127.0.0.1:0 ARGS…` without waiting for anything.
+    pub fn spawn(exe: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(exe)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
@@ -62,20 +76,11 @@ impl ServerProcess {
                 }
             }
         });
-        let mut server = ServerProcess {
+        ServerProcess {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             logs,
-        };
-        let line = server.wait_for_log("listening on ");
-        let addr = line
-            .rsplit("listening on ")
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        server.addr = addr;
-        server
+        }
     }
 
     pub fn url(&self) -> String {
@@ -102,6 +107,21 @@ impl ServerProcess {
             .status();
         assert!(status.is_ok_and(|s| s.success()), "kill -TERM failed");
         wait_with_deadline(&mut self.child, DEADLINE)
+    }
+}
+
+impl ServerProcess {
+    /// Kills the process with SIGKILL (no chance to flush or clean up) and reaps it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself; returns its status and everything it logged.
+    pub fn wait_exit(mut self) -> (ExitStatus, String) {
+        let status = wait_with_deadline(&mut self.child, DEADLINE);
+        let logs: Vec<String> = self.logs.try_iter().collect();
+        (status, logs.join("\n"))
     }
 }
 

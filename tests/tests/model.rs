@@ -2,6 +2,9 @@
 //! lease expiry, with many watchers on random filters. After every step, each watcher's view,
 //! built only from its stream, equals Discover with the same filter at the same revision.
 
+// Test code: a failed expectation is the test failing.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use signpost_proto::v1 as pb;

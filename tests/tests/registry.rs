@@ -1,5 +1,8 @@
 //! The unary RPCs and leases, over a real socket.
 
+// Test code: a failed expectation is the test failing.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use signpost_proto::v1 as pb;

@@ -1,5 +1,8 @@
 //! The watch rules of the design, one by one, over a real socket.
 
+// Test code: a failed expectation is the test failing.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

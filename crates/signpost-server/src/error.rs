@@ -34,7 +34,9 @@ impl From<Error> for Status {
             }
             Error::Unimplemented(_) => Status::unimplemented(message),
             Error::Store(Store::LeaseNotFound(_)) => Status::not_found(message),
-            Error::Store(Store::Unavailable(_)) => Status::unavailable(message),
+            Error::Store(Store::Unavailable(_) | Store::Open { .. }) => {
+                Status::unavailable(message)
+            }
         }
     }
 }

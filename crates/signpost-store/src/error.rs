@@ -11,6 +11,13 @@ pub enum Error {
     /// An argument the store itself checks (for example a ttl of zero).
     #[error("{field} is invalid: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// A durable store's data directory cannot be used: missing permission, in use by another
+    /// process, or corrupt.
+    #[error("cannot open the data directory {path}: {reason}")]
+    Open {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// The backend cannot be reached or is shutting down; retrying later may succeed.
     #[error("store unavailable: {0}")]
     Unavailable(String),

@@ -6,6 +6,9 @@
 //!
 //! - [`model`]: instances, leases, revisions, and the [`Change`]s the store publishes.
 //! - [`MemoryStore`]: everything in one process; for tests and ephemeral single nodes.
+//! - [`DurableStore`]: the same engine with every change committed to an embedded database
+//!   ([redb](https://docs.rs/redb): pure Rust, ACID, a stable file format, no server to run) before
+//!   it is acknowledged; one node that survives restarts and crashes.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -30,6 +33,11 @@
 //! # }
 //! ```
 
+mod codec;
+#[cfg(feature = "test-util")]
+pub mod conformance;
+mod durable;
+mod engine;
 mod error;
 mod feed;
 mod memory;
@@ -40,6 +48,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use durable::{DATA_FILE, DurableStore, LOCK_FILE, MAX_IN_FLIGHT};
 pub use error::{Error, Result};
 pub use feed::{ChangeFeed, FeedItem};
 pub use memory::{MemoryConfig, MemoryStore};

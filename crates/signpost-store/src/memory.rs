@@ -1,20 +1,18 @@
 //! The memory backend: all state in one process, gone when it stops.
 
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{Notify, broadcast};
-use tokio::time::Instant;
+use tokio::sync::broadcast;
 
-use crate::feed::ChangeFeed;
+use crate::engine::Engine;
 use crate::model::{
-    Change, Deleted, Instance, InstanceKey, Lease, LeaseId, RemovalCause, Revision, ServiceList,
-    Snapshot,
+    Deleted, Instance, InstanceKey, Lease, LeaseId, Revision, ServiceList, Snapshot,
 };
 use crate::state::State;
-use crate::{Result, Store, Watch, WatchStart};
+use crate::{Result, Store, Watch};
 
-/// Tuning for a [`MemoryStore`].
+/// Tuning for a [`MemoryStore`] (and the in-memory side of the durable store).
 #[derive(Debug, Clone)]
 pub struct MemoryConfig {
     /// How many changes are kept for watches that resume from a revision. A watch resuming from
@@ -43,22 +41,7 @@ impl Default for MemoryConfig {
 /// Leases expire on a background task that lives as long as the store.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    shared: Arc<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    state: RwLock<State>,
-    feed: broadcast::Sender<Arc<Change>>,
-    // Wakes the expiry task when a lease that may be due earlier than its current sleep is granted,
-    // and when the store is dropped.
-    wake: Arc<Notify>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.wake.notify_one();
-    }
+    engine: Arc<Engine>,
 }
 
 impl MemoryStore {
@@ -73,112 +56,42 @@ impl MemoryStore {
     /// A new, empty store whose first change takes revision `start + 1`.
     pub fn starting_at(config: MemoryConfig, start: Revision) -> Self {
         let (feed, _) = broadcast::channel(config.feed_capacity.max(1));
-        let wake = Arc::new(Notify::new());
-        let shared = Arc::new(Shared {
-            // Lease ids start from the same clock, for the same reason as revisions: a client
-            // refreshing a lease from a previous run must be told it expired, not refresh another.
-            state: RwLock::new(State::new(start, start, config.history_limit)),
-            feed,
-            wake: wake.clone(),
-        });
-        tokio::spawn(expire_leases(Arc::downgrade(&shared), wake));
-        MemoryStore { shared }
-    }
-
-    fn read(&self) -> RwLockReadGuard<'_, State> {
-        // A panic while holding the lock cannot leave the state half-changed in a way later readers
-        // should refuse: every mutation is built before it is linked in. So poisoning is ignored.
-        self.shared
-            .state
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.shared
-            .state
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn publish(&self, change: Arc<Change>) {
-        // No subscribers is not an error: nobody is watching.
-        let _ = self.shared.feed.send(change);
-    }
-}
-
-async fn expire_leases(shared: Weak<Shared>, wake: Arc<Notify>) {
-    loop {
-        let next = {
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            let store = MemoryStore { shared };
-            let now = Instant::now();
-            let mut state = store.write();
-            for change in state.expire(now) {
-                store.publish(change);
-            }
-            state.next_deadline()
-        };
-        match next {
-            Some(deadline) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => {}
-                    _ = wake.notified() => {}
-                }
-            }
-            None => wake.notified().await,
+        // Lease ids start from the same number, for the same reason as revisions: a client
+        // refreshing a lease from a previous run must be told it expired, not refresh another.
+        let state = State::new(start, start, config.history_limit);
+        MemoryStore {
+            engine: Engine::start(state, feed, None),
         }
     }
 }
 
 impl Store for MemoryStore {
     async fn put(&self, instance: Instance, lease: Option<LeaseId>) -> Result<Arc<Instance>> {
-        let mut state = self.write();
-        let (stored, change) = state.put(instance, lease, Instant::now())?;
-        self.publish(change);
-        Ok(stored)
+        self.engine.put(instance, lease).await
     }
 
     async fn delete(&self, key: &InstanceKey) -> Result<Deleted> {
-        let mut state = self.write();
-        let found = state.delete(key, RemovalCause::Deregistered);
-        if let Some((_, change)) = &found {
-            self.publish(change.clone());
-        }
-        Ok(state.deleted(found))
+        self.engine.delete(key).await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
-        let lease = self.write().grant(ttl, Instant::now())?;
-        self.shared.wake.notify_one();
-        Ok(lease)
+        self.engine.grant_lease(ttl).await
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Lease>> {
-        Ok(self.write().refresh(lease, Instant::now()))
+        self.engine.keep_alive(lease).await
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<bool> {
-        let mut state = self.write();
-        match state.revoke(lease) {
-            None => Ok(false),
-            Some(change) => {
-                if let Some(change) = change {
-                    self.publish(change);
-                }
-                Ok(true)
-            }
-        }
+        self.engine.revoke_lease(lease).await
     }
 
     async fn list(&self, namespace: &str, service: &str) -> Result<Snapshot> {
-        Ok(self.read().list(namespace, service))
+        self.engine.list(namespace, service)
     }
 
     async fn list_services(&self, namespace: &str) -> Result<ServiceList> {
-        Ok(self.read().list_services(namespace))
+        self.engine.list_services(namespace)
     }
 
     async fn watch(
@@ -187,26 +100,15 @@ impl Store for MemoryStore {
         service: &str,
         after: Option<Revision>,
     ) -> Result<Watch> {
-        // Subscribing and reading under one lock is what makes the start and the feed seamless:
-        // changes are published while the write lock is held, so none can fall between them.
-        let state = self.read();
-        let feed = ChangeFeed::new(self.shared.feed.subscribe());
-        let replay = after.and_then(|revision| state.replay_after(revision));
-        let start = match replay {
-            Some(changes) => WatchStart::Replay {
-                changes,
-                revision: state.revision(),
-            },
-            None => WatchStart::Snapshot(state.list(namespace, service)),
-        };
-        Ok(Watch { start, feed })
+        self.engine.watch(namespace, service, after)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::FeedItem;
+    use crate::{Change, ChangeFeed, FeedItem, RemovalCause, WatchStart};
+    use tokio::time::Instant;
 
     fn instance(service: &str, id: &str) -> Instance {
         Instance {

@@ -62,6 +62,58 @@ impl State {
         self.revision
     }
 
+    pub(crate) fn next_lease(&self) -> LeaseId {
+        self.next_lease
+    }
+
+    /// Rebuilds the state from what a durable backend kept: every lease gets its full ttl from
+    /// `now`, and history starts empty at `revision` (older resumes get a snapshot).
+    pub(crate) fn restore(
+        revision: Revision,
+        next_lease: LeaseId,
+        history_limit: usize,
+        leases: impl IntoIterator<Item = (LeaseId, Duration)>,
+        instances: impl IntoIterator<Item = Instance>,
+        now: Instant,
+    ) -> (Self, Vec<Instance>) {
+        let mut state = State::new(revision, next_lease, history_limit);
+        for (id, ttl) in leases {
+            let deadline = now + ttl;
+            state.leases.insert(
+                id,
+                LeaseEntry {
+                    ttl,
+                    deadline,
+                    instances: BTreeSet::new(),
+                },
+            );
+            state.deadlines.push(Reverse((deadline, id)));
+        }
+        let mut orphans = Vec::new();
+        for instance in instances {
+            let key = instance.key();
+            if let Some(id) = instance.lease_id {
+                match state.leases.get_mut(&id) {
+                    Some(entry) => {
+                        entry.instances.insert(key.clone());
+                    }
+                    None => {
+                        orphans.push(instance);
+                        continue;
+                    }
+                }
+            }
+            state
+                .namespaces
+                .entry(key.namespace)
+                .or_default()
+                .entry(key.service)
+                .or_default()
+                .insert(key.id, Arc::new(instance));
+        }
+        (state, orphans)
+    }
+
     fn get(&self, key: &InstanceKey) -> Option<&Arc<Instance>> {
         self.namespaces
             .get(&key.namespace)?
@@ -219,10 +271,18 @@ impl State {
         Some((!events.is_empty()).then(|| self.commit(events)))
     }
 
-    /// Expires every lease whose deadline is at or before `now`.
-    pub(crate) fn expire(&mut self, now: Instant) -> Vec<Arc<Change>> {
-        let mut changes = Vec::new();
-        while let Some(&Reverse((due, id))) = self.deadlines.peek() {
+    /// Expires up to `limit` leases whose deadline is at or before `now`, returning each expired
+    /// lease with the change that removed its instances (none for an empty lease).
+    pub(crate) fn expire(
+        &mut self,
+        now: Instant,
+        limit: usize,
+    ) -> Vec<(LeaseId, Option<Arc<Change>>)> {
+        let mut expired = Vec::new();
+        while expired.len() < limit {
+            let Some(&Reverse((due, id))) = self.deadlines.peek() else {
+                break;
+            };
             if due > now {
                 break;
             }
@@ -240,11 +300,16 @@ impl State {
                 instances = entry.instances.len(),
                 "lease expired"
             );
-            if let Some(Some(change)) = self.revoke(id) {
-                changes.push(change);
+            if let Some(change) = self.revoke(id) {
+                expired.push((id, change));
             }
         }
-        changes
+        expired
+    }
+
+    /// Whether a lease is due now (so the expiry task should run again at once).
+    pub(crate) fn has_due(&self, now: Instant) -> bool {
+        self.next_deadline().is_some_and(|due| due <= now)
     }
 
     /// When the expiry task should look again.

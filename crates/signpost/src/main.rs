@@ -7,12 +7,13 @@
 mod duration;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use signpost_store::{MemoryConfig, MemoryStore};
+use signpost_store::{DurableStore, MemoryConfig, MemoryStore, Store};
 use tokio::net::TcpListener;
 
 /// Signpost: service discovery for gRPC.
@@ -36,6 +37,9 @@ enum Command {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreKind {
+    /// On disk in --data-dir: survives restarts and crashes; each change is on disk before it is
+    /// acknowledged.
+    Durable,
     /// Everything in memory: fast, and forgotten when the server stops.
     Memory,
 }
@@ -47,8 +51,12 @@ struct ServeArgs {
     listen: SocketAddr,
 
     /// Where registrations are kept.
-    #[arg(long, value_enum, env = "SIGNPOST_STORE", default_value = "memory")]
+    #[arg(long, value_enum, env = "SIGNPOST_STORE", default_value = "durable")]
     store: StoreKind,
+
+    /// The durable store's directory; created if missing. Only one server may use it at a time.
+    #[arg(long, env = "SIGNPOST_DATA_DIR", default_value = "./signpost-data")]
+    data_dir: PathBuf,
 
     /// How often an idle Watch stream gets a progress message (e.g. 5s, 500ms, 1m).
     #[arg(long, env = "SIGNPOST_WATCH_PROGRESS_INTERVAL", default_value = "5s", value_parser = duration::parse)]
@@ -117,18 +125,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let store = match args.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig {
-            history_limit: args.history_size,
-            ..MemoryConfig::default()
-        })),
+    let memory = MemoryConfig {
+        history_limit: args.history_size,
+        ..MemoryConfig::default()
     };
+    match args.store {
+        StoreKind::Memory => {
+            tracing::info!(%addr, store = "memory", "signpost listening on {addr}");
+            run_server(Arc::new(MemoryStore::new(memory)), listener, &args).await
+        }
+        StoreKind::Durable => {
+            let store = DurableStore::open(&args.data_dir, memory)?;
+            tracing::info!(%addr, store = "durable", data_dir = %args.data_dir.display(), "signpost listening on {addr}");
+            run_server(Arc::new(store), listener, &args).await
+        }
+    }
+}
+
+async fn run_server<S: Store>(
+    store: Arc<S>,
+    listener: TcpListener,
+    args: &ServeArgs,
+) -> anyhow::Result<()> {
     let config = signpost_server::Config {
         watch_progress_interval: args.watch_progress_interval,
         ..signpost_server::Config::default()
     };
-    tracing::info!(%addr, store = ?args.store, "signpost listening on {addr}");
-
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown_signal().await;
@@ -136,13 +158,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let server = signpost_server::serve(store, config, listener, shutdown);
     tokio::pin!(server);
+    let grace = args.shutdown_grace;
     tokio::select! {
         result = &mut server => result.context("server failed")?,
         _ = async {
             let _ = signalled_rx.await;
-            tokio::time::sleep(args.shutdown_grace).await;
+            tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!(grace = ?args.shutdown_grace, "in-flight calls did not finish in time; exiting anyway");
+            tracing::warn!(?grace, "in-flight calls did not finish in time; exiting anyway");
         }
     }
     tracing::info!("stopped");

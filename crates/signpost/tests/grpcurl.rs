@@ -35,7 +35,10 @@ fn the_readme_walkthrough_runs_verbatim_against_the_binary() {
     if require_program("grpcurl").is_none() {
         return;
     }
-    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    // As the README runs it: the default durable store, here in a temp dir.
+    let data = tempfile::tempdir().expect("temp dir");
+    let data_dir = data.path().to_str().expect("utf-8 path");
+    let server = ServerProcess::start(Path::new(EXE), &["--data-dir", data_dir]);
     let script = readme_walkthrough().replace("127.0.0.1:7070", &server.addr.to_string());
     let dir = std::env::temp_dir().join(format!("signpost-walkthrough-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -115,7 +118,7 @@ fn grpcurl_registers_discovers_and_watches_with_json() {
     let Some(grpcurl) = require_program("grpcurl") else {
         return;
     };
-    let server = ServerProcess::start(Path::new(EXE), &[]);
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
     let addr = server.addr.to_string();
     let call = |body: &str, method: &str| {
         let method = format!("signpost.v1.RegistryService/{method}");
@@ -158,7 +161,7 @@ fn sigterm_stops_the_server_gracefully_with_streams_open() {
     let Some(grpcurl) = require_program("grpcurl") else {
         return;
     };
-    let server = ServerProcess::start(Path::new(EXE), &[]);
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
     let (mut watch, lines) = spawn_watch(&grpcurl, &server.addr.to_string(), "x");
     wait_for(&lines, "\"reset\": true");
 

@@ -1,0 +1,178 @@
+//! How instances are written down by the persistent backends: protobuf (prost), with field
+//! numbers that mirror `signpost.v1.Instance`, so a record stays readable as the model grows.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use prost::Message;
+
+use crate::model::{Health, HealthCheck, Instance, InstanceKey, Probe};
+use crate::{Error, Result};
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredInstance {
+    #[prost(string, tag = "1")]
+    namespace: String,
+    #[prost(string, tag = "2")]
+    service: String,
+    #[prost(string, tag = "3")]
+    id: String,
+    #[prost(string, tag = "4")]
+    address: String,
+    #[prost(uint32, tag = "5")]
+    port: u32,
+    #[prost(string, repeated, tag = "6")]
+    tags: Vec<String>,
+    #[prost(btree_map = "string, string", tag = "7")]
+    metadata: BTreeMap<String, String>,
+    #[prost(uint32, tag = "8")]
+    weight: u32,
+    #[prost(string, tag = "9")]
+    zone: String,
+    #[prost(message, optional, tag = "10")]
+    check: Option<StoredCheck>,
+    #[prost(uint32, tag = "11")]
+    health: u32,
+    #[prost(uint64, tag = "12")]
+    lease_id: u64,
+    #[prost(uint64, tag = "13")]
+    create_revision: u64,
+    #[prost(uint64, tag = "14")]
+    mod_revision: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredCheck {
+    /// 1 http, 2 tcp, 3 grpc.
+    #[prost(uint32, tag = "1")]
+    kind: u32,
+    /// The HTTP path or the gRPC service name.
+    #[prost(string, tag = "2")]
+    target: String,
+    #[prost(uint64, tag = "3")]
+    interval_nanos: u64,
+    #[prost(uint64, tag = "4")]
+    timeout_nanos: u64,
+    #[prost(uint64, optional, tag = "5")]
+    deregister_critical_after_nanos: Option<u64>,
+}
+
+/// The key of an instance: its three names joined by NUL, which no name may contain.
+pub(crate) fn key_bytes(key: &InstanceKey) -> Vec<u8> {
+    format!("{}\0{}\0{}", key.namespace, key.service, key.id).into_bytes()
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
+    let check = i.check.as_ref().map(|c| {
+        let (kind, target) = match &c.probe {
+            Probe::Http { path } => (1, path.clone()),
+            Probe::Tcp => (2, String::new()),
+            Probe::Grpc { service } => (3, service.clone()),
+        };
+        StoredCheck {
+            kind,
+            target,
+            interval_nanos: nanos(c.interval),
+            timeout_nanos: nanos(c.timeout),
+            deregister_critical_after_nanos: c.deregister_critical_after.map(nanos),
+        }
+    });
+    StoredInstance {
+        namespace: i.namespace.clone(),
+        service: i.service.clone(),
+        id: i.id.clone(),
+        address: i.address.clone(),
+        port: u32::from(i.port),
+        tags: i.tags.clone(),
+        metadata: i.metadata.clone(),
+        weight: i.weight,
+        zone: i.zone.clone(),
+        check,
+        health: match i.health {
+            Health::Passing => 1,
+            Health::Warning => 2,
+            Health::Critical => 3,
+        },
+        lease_id: i.lease_id.unwrap_or(0),
+        create_revision: i.create_revision,
+        mod_revision: i.mod_revision,
+    }
+    .encode_to_vec()
+}
+
+pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
+    let corrupt = |what: &str| Error::Unavailable(format!("corrupt instance record: {what}"));
+    let s = StoredInstance::decode(bytes).map_err(|e| corrupt(&e.to_string()))?;
+    let check = match s.check {
+        None => None,
+        Some(c) => Some(HealthCheck {
+            probe: match c.kind {
+                1 => Probe::Http { path: c.target },
+                2 => Probe::Tcp,
+                3 => Probe::Grpc { service: c.target },
+                other => return Err(corrupt(&format!("unknown probe kind {other}"))),
+            },
+            interval: Duration::from_nanos(c.interval_nanos),
+            timeout: Duration::from_nanos(c.timeout_nanos),
+            deregister_critical_after: c.deregister_critical_after_nanos.map(Duration::from_nanos),
+        }),
+    };
+    Ok(Instance {
+        namespace: s.namespace,
+        service: s.service,
+        id: s.id,
+        address: s.address,
+        port: u16::try_from(s.port).map_err(|_| corrupt("port out of range"))?,
+        tags: s.tags,
+        metadata: s.metadata,
+        weight: s.weight,
+        zone: s.zone,
+        check,
+        health: match s.health {
+            2 => Health::Warning,
+            3 => Health::Critical,
+            _ => Health::Passing,
+        },
+        lease_id: (s.lease_id != 0).then_some(s.lease_id),
+        create_revision: s.create_revision,
+        mod_revision: s.mod_revision,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_survives_encoding() {
+        let instance = Instance {
+            namespace: "prod".into(),
+            service: "pay".into(),
+            id: "pay-1".into(),
+            address: "::1".into(),
+            port: 443,
+            tags: vec!["a".into(), "b".into()],
+            metadata: [("version".to_string(), "v2".to_string())].into(),
+            weight: 7,
+            zone: "eu-1a".into(),
+            check: Some(HealthCheck {
+                probe: Probe::Http {
+                    path: "/health".into(),
+                },
+                interval: Duration::from_secs(10),
+                timeout: Duration::from_millis(1500),
+                deregister_critical_after: Some(Duration::from_secs(60)),
+            }),
+            health: Health::Critical,
+            lease_id: Some(99),
+            create_revision: 5,
+            mod_revision: 9,
+        };
+        assert_eq!(decode_instance(&encode_instance(&instance)), Ok(instance));
+        assert!(decode_instance(b"\xff\xff\xff").is_err());
+    }
+}
