@@ -5,6 +5,7 @@
 //! binary (`crates/signpost/tests/`), where cargo can hand them its path.
 
 pub mod process;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -47,7 +48,12 @@ impl TestServer {
 
     /// Serves `store`; bound before this returns, so clients can connect at once.
     pub async fn serve(store: Arc<MemoryStore>, config: Config) -> Self {
-        let listener = must(TcpListener::bind("127.0.0.1:0").await, "bind");
+        Self::serve_on(SocketAddr::from(([127, 0, 0, 1], 0)), store, config).await
+    }
+
+    /// Serves `store` on `addr`, e.g. the address of a server that was just stopped.
+    pub async fn serve_on(addr: SocketAddr, store: Arc<MemoryStore>, config: Config) -> Self {
+        let listener = must(TcpListener::bind(addr).await, "bind");
         let addr = must(listener.local_addr(), "local_addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(signpost_server::serve(

@@ -1,0 +1,314 @@
+//! The registry connection: one lazily connected HTTP/2 channel per registry address, the active
+//! one used for every call, and failover to the next address when it cannot be reached.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use signpost_proto::v1 as pb;
+use signpost_proto::v1::registry_service_client::RegistryServiceClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::keepalive::KeepAlives;
+use crate::types::{WatchUpdate, instance_from_pb};
+use crate::watcher::{View, Watcher};
+use crate::{Error, Filter, Instance, Result};
+
+/// Settings for a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    addresses: Vec<String>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    backoff_base: Duration,
+    backoff_max: Duration,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            addresses: Vec::new(),
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Adds a registry address such as `http://127.0.0.1:7070`. With several, calls go to one
+    /// and move to the next when it cannot be reached.
+    pub fn registry(mut self, address: impl Into<String>) -> Self {
+        self.addresses.push(address.into());
+        self
+    }
+
+    /// How long connecting to a registry may take (default 3 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a unary call may take (default 10 s). Streams are not bound by it.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The first and the longest wait between retries (default 100 ms and 5 s).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Builds the client. No connection is made until the first call.
+    pub fn build(self) -> Result<Client> {
+        if self.addresses.is_empty() {
+            return Err(Error::InvalidArgument(
+                "at least one registry address is required".into(),
+            ));
+        }
+        let mut registries = Vec::with_capacity(self.addresses.len());
+        for address in &self.addresses {
+            let endpoint = Endpoint::from_shared(address.clone())
+                .map_err(|e| Error::InvalidAddress {
+                    address: address.clone(),
+                    reason: e.to_string(),
+                })?
+                .connect_timeout(self.connect_timeout)
+                .timeout(self.request_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true);
+            registries.push((address.clone(), endpoint.connect_lazy()));
+        }
+        Ok(Client {
+            conn: Arc::new(Connections {
+                registries,
+                active: AtomicUsize::new(0),
+                backoff: (self.backoff_base, self.backoff_max),
+            }),
+            keep_alives: Arc::new(OnceLock::new()),
+            views: Arc::default(),
+        })
+    }
+}
+
+/// The registry addresses and which one is in use. Shared by the client and its background
+/// tasks; holds nothing that would keep those tasks alive.
+#[derive(Debug)]
+pub(crate) struct Connections {
+    registries: Vec<(String, Channel)>,
+    active: AtomicUsize,
+    pub(crate) backoff: (Duration, Duration),
+}
+
+impl Connections {
+    pub(crate) fn current(&self) -> (usize, RegistryServiceClient<Channel>) {
+        let index = self.active.load(Ordering::Relaxed) % self.registries.len();
+        (
+            index,
+            RegistryServiceClient::new(self.registries[index].1.clone()),
+        )
+    }
+
+    /// Moves to the next registry, unless another caller already moved away from `index`.
+    pub(crate) fn failed(&self, index: usize) {
+        let next = (index + 1) % self.registries.len();
+        if self
+            .active
+            .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+            && self.registries.len() > 1
+        {
+            tracing::warn!(from = %self.registries[index].0, to = %self.registries[next].0, "registry unreachable; trying the next");
+        }
+    }
+
+    pub(crate) fn addresses(&self) -> String {
+        let names: Vec<&str> = self.registries.iter().map(|(a, _)| a.as_str()).collect();
+        names.join(", ")
+    }
+
+    /// Turns a failed call's status into an [`Error`]; unreachable registries say so plainly.
+    pub(crate) fn error(&self, index: usize, status: Status) -> Error {
+        match status.code() {
+            Code::Unavailable => Error::Unavailable {
+                address: self.registries[index % self.registries.len()].0.clone(),
+                reason: root_cause(&status),
+            },
+            Code::InvalidArgument => Error::InvalidArgument(status.message().to_owned()),
+            _ => Error::Status(status),
+        }
+    }
+
+    /// One unary call, trying each registry once while they are unreachable.
+    pub(crate) async fn unary<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(RegistryServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        let mut last = None;
+        for _ in 0..self.registries.len() {
+            let (index, client) = self.current();
+            match call(client).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if status.code() == Code::Unavailable => {
+                    self.failed(index);
+                    last = Some(self.error(index, status));
+                }
+                Err(status) => return Err(self.error(index, status)),
+            }
+        }
+        Err(last.unwrap_or(Error::Stopped))
+    }
+}
+
+/// The innermost cause of a transport failure, such as "Connection refused (os error 111)".
+fn root_cause(status: &Status) -> String {
+    let mut innermost = None;
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        innermost = Some(c);
+        cause = c.source();
+    }
+    match innermost {
+        Some(c) => c.to_string(),
+        None => status.message().to_owned(),
+    }
+}
+
+/// A Signpost client. Cheap to clone: clones share the connections, the one KeepAlive stream of
+/// all their registrations, and the watches behind their balanced channels.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub(crate) conn: Arc<Connections>,
+    keep_alives: Arc<OnceLock<KeepAlives>>,
+    views: Arc<Mutex<HashMap<Filter, Weak<ViewReceiver>>>>,
+}
+
+/// The live view of a balanced channel's watch.
+pub(crate) type ViewReceiver = watch::Receiver<Arc<View>>;
+
+impl Client {
+    /// A client of the registry at `address` with default settings.
+    pub fn new(address: impl Into<String>) -> Result<Client> {
+        ClientBuilder::default().registry(address).build()
+    }
+
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The shared KeepAlive stream, started with the first registration.
+    pub(crate) fn keep_alives(&self) -> KeepAlives {
+        self.keep_alives
+            .get_or_init(|| KeepAlives::start(self.conn.clone()))
+            .clone()
+    }
+
+    /// The instances matching `filter`. Served from the view of a balanced channel or watch this
+    /// client already runs for the same filter, with no round trip; otherwise one `Discover`.
+    pub async fn discover(&self, filter: impl Into<Filter>) -> Result<Vec<Instance>> {
+        let filter = filter.into();
+        if let Some(view) = self.cached_view(&filter) {
+            return Ok(view.instances.values().cloned().collect());
+        }
+        let request = filter.discover_request();
+        let answer = self
+            .conn
+            .unary(|mut c| {
+                let request = request.clone();
+                async move { c.discover(request).await }
+            })
+            .await?;
+        Ok(answer.instances.into_iter().map(instance_from_pb).collect())
+    }
+
+    fn cached_view(&self, filter: &Filter) -> Option<Arc<View>> {
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        let receiver = match views.get(filter).and_then(Weak::upgrade) {
+            Some(receiver) => receiver,
+            None => {
+                views.remove(filter);
+                return None;
+            }
+        };
+        let view = receiver.borrow().clone();
+        view.synced.then_some(view)
+    }
+
+    /// Makes a live view available to [`Client::discover`] for as long as `view` is held.
+    pub(crate) fn publish_view(&self, filter: &Filter, view: &Arc<ViewReceiver>) {
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        views.retain(|_, v| v.strong_count() > 0);
+        views.insert(filter.clone(), Arc::downgrade(view));
+    }
+
+    /// Follows `filter` as a stream of typed updates: a reset first, then every change. The
+    /// stream reconnects on its own (with backoff) and resumes from the last revision it saw;
+    /// it ends with an error only when the registry refuses the filter.
+    pub fn watch(&self, filter: impl Into<Filter>) -> ReceiverStream<Result<WatchUpdate>> {
+        let (tx, rx) = mpsc::channel(16);
+        let mut watcher = Watcher::new(self.conn.clone(), filter.into());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    update = watcher.next() => {
+                        let failed = update.is_err();
+                        if tx.send(update).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+
+    /// Lists the services of `namespace` ("" for the default one) with their counts.
+    pub async fn services(&self, namespace: &str) -> Result<Vec<pb::ServiceSummary>> {
+        let request = pb::ListServicesRequest {
+            namespace: namespace.to_owned(),
+        };
+        let answer = self
+            .conn
+            .unary(|mut c| {
+                let request = request.clone();
+                async move { c.list_services(request).await }
+            })
+            .await?;
+        Ok(answer.services)
+    }
+
+    /// Removes an instance; `true` when it existed.
+    pub async fn deregister(&self, namespace: &str, service: &str, id: &str) -> Result<bool> {
+        let request = pb::DeregisterRequest {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            id: id.to_owned(),
+        };
+        let answer = self
+            .conn
+            .unary(|mut c| {
+                let request = request.clone();
+                async move { c.deregister(request).await }
+            })
+            .await?;
+        Ok(answer.existed)
+    }
+
+    /// The registry addresses, comma-separated, for messages.
+    pub fn addresses(&self) -> String {
+        self.conn.addresses()
+    }
+}

@@ -1,0 +1,67 @@
+//! The Rust client of Signpost, the service registry for gRPC.
+//!
+//! Two jobs. A service registers itself and stays registered through anything short of its own
+//! death ([`Client::register`] → [`Registration`]). A caller gets a `tonic` [`Channel`] that
+//! spreads calls over the live instances of a service and follows every change
+//! ([`Client::channel`] → [`BalancedChannel`]).
+//!
+//! How it fits: a [`Client`] holds one lazily connected HTTP/2 channel per registry address
+//! (failing over to the next when one is unreachable). All its registrations share one KeepAlive
+//! stream (`keepalive`), refreshing each lease at a third of its ttl; a lease the registry reports
+//! expired is registered again. A balanced channel runs a watch (`watcher`) that survives the
+//! registry going away — it keeps the last view, reconnects with backoff and resumes from the last
+//! revision — and feeds its changes into `Channel::balance_channel`. [`Client::discover`] answers
+//! from such a watch's view when one runs for the same filter, without a round trip.
+//!
+//! [`Channel`]: tonic::transport::Channel
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use signpost_client::{Client, RegistrationBuilder};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Client::new("http://127.0.0.1:7070")?;
+//!
+//! // A service registers itself; the lease is kept alive in the background.
+//! let registration = client
+//!     .register(
+//!         RegistrationBuilder::new("greeter")
+//!             .address("127.0.0.1")
+//!             .port(50051)
+//!             .tag("v1")
+//!             .ttl(Duration::from_secs(10)),
+//!     )
+//!     .await?;
+//!
+//! // A caller balances over every live greeter.
+//! let greeters = client.channel("greeter");
+//! greeters.wait_for_ready(Duration::from_secs(5)).await?;
+//! // Any generated client works on the channel; here, the standard gRPC health service.
+//! let mut health = tonic_health::pb::health_client::HealthClient::new(greeters.channel());
+//! let answer = health.check(tonic_health::pb::HealthCheckRequest::default()).await?;
+//! println!("a greeter says {:?}", answer.into_inner().status());
+//!
+//! // On the way out.
+//! registration.deregister().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod backoff;
+mod balance;
+mod client;
+mod error;
+mod filter;
+mod keepalive;
+mod registration;
+mod types;
+mod watcher;
+
+pub use backoff::Backoff;
+pub use balance::{BalancedChannel, BalancedChannelBuilder};
+pub use client::{Client, ClientBuilder};
+pub use error::{Error, Result};
+pub use filter::Filter;
+pub use registration::{Registration, RegistrationBuilder, RegistrationState};
+pub use types::{Event, Health, HealthCheck, Instance, Probe, RemovalReason, WatchUpdate};
+pub use watcher::{WatchCounts, WatchStats};

@@ -1,0 +1,77 @@
+//! The Greeter used by Signpost's examples and end-to-end tests: a tonic service that answers
+//! with its own instance id, so a caller can see which instance the balancer picked.
+//!
+//! `greeter-server` registers itself with Signpost and serves it; `greeter-client` calls it
+//! through a balanced channel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+/// Generated code for `greeter.v1`.
+pub mod pb {
+    #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+    tonic::include_proto!("greeter.v1");
+}
+
+use pb::greeter_service_server::{GreeterService, GreeterServiceServer};
+
+/// A Greeter that answers with `id` and counts the calls it served.
+#[derive(Debug, Clone)]
+pub struct Greeter {
+    id: String,
+    served: Arc<AtomicU64>,
+}
+
+impl Greeter {
+    pub fn new(id: impl Into<String>) -> Self {
+        Greeter {
+            id: id.into(),
+            served: Arc::default(),
+        }
+    }
+
+    /// Calls answered so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then finishes in-flight calls.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(GreeterServiceServer::new(self))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl GreeterService for Greeter {
+    async fn say_hello(
+        &self,
+        request: Request<pb::SayHelloRequest>,
+    ) -> Result<Response<pb::SayHelloResponse>, Status> {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        let name = request.into_inner().name;
+        Ok(Response::new(pb::SayHelloResponse {
+            message: format!("hello {name}, from {}", self.id),
+            instance_id: self.id.clone(),
+        }))
+    }
+}
+
+/// Binds `address:port` (port 0 picks a free one) and returns the listener and what it got.
+pub async fn bind(address: &str, port: u16) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind((address, port)).await?;
+    let bound = listener.local_addr()?;
+    Ok((listener, bound))
+}
