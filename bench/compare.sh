@@ -47,7 +47,12 @@ start durable --store durable --data-dir "$work/data"
 memory=$(address memory)
 durable=$(address durable)
 
-if $quick; then writers=(1 16); n_one=200; n_many=2000; else writers=(1 16 64); n_one=3000; n_many=20000; fi
+if $quick; then
+  writers=(1 16); n_one=200; n_many=2000; seconds=0.5; rounds=1; prop_rounds=5
+else
+  writers=(1 16 64); n_one=3000; n_many=20000; seconds=3; rounds=3; prop_rounds=200
+fi
+field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
 
 {
   echo "# Benchmarks"
@@ -68,7 +73,6 @@ if $quick; then writers=(1 16); n_one=200; n_many=2000; else writers=(1 16 64); 
     n=$n_many; [ "$c" = 1 ] && n=$n_one
     m=$("$bin/signpost-bench" register --target "signpost://$memory" -c "$c" -n "$n" --json)
     d=$("$bin/signpost-bench" register --target "signpost://$durable" -c "$c" -n "$n" --json)
-    field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
     mr=$(field "$m" per_second); dr=$(field "$d" per_second)
     ratio=$(awk -v a="$dr" -v b="$mr" 'BEGIN { printf "%.2f", a / b }')
     echo "| $c | $mr | $dr | $ratio | $(field "$m" p99_ms) ms | $(field "$d" p99_ms) ms |"
@@ -79,6 +83,29 @@ if $quick; then writers=(1 16); n_one=200; n_many=2000; else writers=(1 16 64); 
   echo "in one transaction and one fsync (group commit), so throughput grows with concurrency while each"
   echo "change is still on disk before it is acknowledged. A registration with a ttl is two mutations (lease"
   echo "grant, then put), so it waits for two commits."
+  echo
+  echo "## The client crate's balanced channel"
+  echo
+  b=$("$bin/signpost-bench" balance --target "signpost://$memory" --callers 32 --seconds "$seconds" --rounds "$rounds" --json)
+  echo "\`signpost-bench balance\`: 32 concurrent callers on one greeter backend, through a plain tonic"
+  echo "\`Channel\` to it and through \`client.channel(..)\` balancing over the same backend; median of $rounds"
+  echo "rounds of ${seconds} s each, alternating."
+  echo
+  echo "| plain channel (calls/s) | balanced channel (calls/s) | balanced / plain |"
+  echo "|---:|---:|---:|"
+  echo "| $(field "$b" plain_per_second) | $(field "$b" balanced_per_second) | $(field "$b" ratio) |"
+  echo
+  p=$("$bin/signpost-bench" propagation --target "signpost://$memory" --rounds "$prop_rounds" --json)
+  echo "\`signpost-bench propagation\`: four callers keep a balanced channel busy; $prop_rounds times, a new backend"
+  echo "registers (time to its first routed call) and then deregisters (time from the Deregister call to the"
+  echo "last call it received)."
+  echo
+  echo "| | p50 | p99 |"
+  echo "|---|---:|---:|"
+  echo "| Register → first routed call | $(field "$p" register_to_first_p50_ms) ms | $(field "$p" register_to_first_p99_ms) ms |"
+  echo "| Deregister → last routed call | $(field "$p" deregister_to_last_p50_ms) ms | $(field "$p" deregister_to_last_p99_ms) ms |"
+  echo
+  echo "Failed calls during the propagation run: $(field "$p" failed_calls)."
 } > "$out"
 
 cat "$out"

@@ -5,7 +5,8 @@
 //! through a balanced channel.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpListener;
@@ -24,6 +25,8 @@ use pb::greeter_service_server::{GreeterService, GreeterServiceServer};
 pub struct Greeter {
     id: String,
     served: Arc<AtomicU64>,
+    // When the first and the latest call were answered, for propagation measurements.
+    calls: Arc<Mutex<Option<(Instant, Instant)>>>,
 }
 
 impl Greeter {
@@ -31,7 +34,22 @@ impl Greeter {
         Greeter {
             id: id.into(),
             served: Arc::default(),
+            calls: Arc::default(),
         }
+    }
+
+    /// When the first call was answered, if any was.
+    pub fn first_call(&self) -> Option<Instant> {
+        self.lock_calls().map(|(first, _)| first)
+    }
+
+    /// When the latest call was answered, if any was.
+    pub fn last_call(&self) -> Option<Instant> {
+        self.lock_calls().map(|(_, last)| last)
+    }
+
+    fn lock_calls(&self) -> Option<(Instant, Instant)> {
+        *self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Calls answered so far.
@@ -61,6 +79,10 @@ impl GreeterService for Greeter {
         request: Request<pb::SayHelloRequest>,
     ) -> Result<Response<pb::SayHelloResponse>, Status> {
         self.served.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        *calls = Some(calls.map_or((now, now), |(first, _)| (first, now)));
+        drop(calls);
         let name = request.into_inner().name;
         Ok(Response::new(pb::SayHelloResponse {
             message: format!("hello {name}, from {}", self.id),

@@ -4,7 +4,12 @@
 //! (or JSON with `--json`) that `bench/compare.sh` collects into `docs/benchmarks.md`.
 //!
 //! Workloads: `register` — C concurrent clients register N instances over S services with a ttl,
-//! each on its own lease; reports throughput and latency percentiles.
+//! each on its own lease; reports throughput and latency percentiles. `balance` — calls per second
+//! through the client crate's balanced channel against a plain channel to the same backend.
+//! `propagation` — how long a new backend waits for its first routed call, and how long a
+//! deregistered one keeps getting calls.
+
+mod balance;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +31,29 @@ struct Cli {
 enum Workload {
     /// Concurrent registrations, each with its own lease.
     Register(RegisterArgs),
+    /// Calls per second through a balanced channel against a plain channel to the same backend.
+    Balance {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 32)]
+        callers: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time from a backend's Register to its first routed call, and from its Deregister to its
+    /// last, with callers busy on a balanced channel.
+    Propagation {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +97,24 @@ fn parse_target(target: &str) -> anyhow::Result<Target> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().workload {
         Workload::Register(args) => register(args).await,
+        Workload::Balance {
+            target,
+            callers,
+            seconds,
+            rounds,
+            json,
+        } => {
+            let Target::Signpost(url) = parse_target(&target)?;
+            balance::balance(url, callers, seconds, rounds, json).await
+        }
+        Workload::Propagation {
+            target,
+            rounds,
+            json,
+        } => {
+            let Target::Signpost(url) = parse_target(&target)?;
+            balance::propagation(url, rounds, json).await
+        }
     }
 }
 
