@@ -5,9 +5,9 @@
 //! through a balanced channel.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};

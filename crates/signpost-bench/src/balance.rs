@@ -154,16 +154,15 @@ pub(crate) async fn propagation(registry: String, rounds: usize, json: bool) -> 
         let id = format!("p{round}");
         let server = backend(&id).await?;
         let started = Instant::now();
-        let registration = client.register(registration(SERVICE, &id, server.port)).await?;
+        let registration = client
+            .register(registration(SERVICE, &id, server.port))
+            .await?;
         let first = wait_for(|| server.greeter.first_call()).await?;
         added.push(first.saturating_duration_since(started).as_micros() as u64);
 
         let leaving = Instant::now();
         registration.deregister().await?;
-        wait_for(|| {
-            (!balanced.instances().iter().any(|i| i.id == id)).then_some(())
-        })
-        .await?;
+        wait_for(|| (!balanced.instances().iter().any(|i| i.id == id)).then_some(())).await?;
         // Calls dispatched before the removal may still land; give them time to.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let last = server.greeter.last_call().unwrap_or(leaving);
