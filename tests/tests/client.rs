@@ -483,3 +483,53 @@ async fn an_unreachable_registry_is_a_clear_error() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_can_carry_a_health_check_that_gates_its_traffic() {
+    let server = TestServer::start().await;
+    let client = test_client(server.url());
+    let backend = signpost_tests::http::FlipServer::start(500).await;
+    let check = signpost_client::HealthCheck::http("/health", Duration::from_secs(1));
+    let _registration = must(
+        client
+            .register(
+                RegistrationBuilder::new("checked")
+                    .id("c1")
+                    .address("127.0.0.1")
+                    .port(backend.addr.port())
+                    .check(check),
+            )
+            .await,
+        "register with a check",
+    );
+    let channel = client.channel("checked");
+    let all = must(
+        client
+            .discover(signpost_client::Filter::service("checked").include_unhealthy(true))
+            .await,
+        "discover",
+    );
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        all[0].health,
+        signpost_client::Health::Critical,
+        "no traffic before the first pass"
+    );
+    assert!(channel.instances().is_empty());
+
+    backend.set(200);
+    wait_for_ids(&channel, &["c1"]).await;
+    backend.set(500);
+    wait_for_ids(&channel, &[]).await;
+    let all = must(
+        client
+            .discover(signpost_client::Filter::service("checked").include_unhealthy(true))
+            .await,
+        "discover",
+    );
+    assert!(
+        all[0].health_output.contains("500"),
+        "{}",
+        all[0].health_output
+    );
+}

@@ -20,9 +20,35 @@ pub enum Health {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     pub probe: Probe,
+    /// At least 1 s.
     pub interval: Duration,
+    /// Below the interval.
     pub timeout: Duration,
     pub deregister_critical_after: Option<Duration>,
+    /// Good probes in a row that make a critical instance passing (0 means 1).
+    pub successes_before_passing: u32,
+    /// Failed probes in a row that make a healthy instance critical (0 means 1).
+    pub failures_before_critical: u32,
+}
+
+impl HealthCheck {
+    /// A check with `probe` every `interval`, a timeout of half the interval (at most 5 s), and
+    /// one result in either direction to change the status.
+    pub fn new(probe: Probe, interval: Duration) -> Self {
+        HealthCheck {
+            probe,
+            interval,
+            timeout: (interval / 2).min(Duration::from_secs(5)),
+            deregister_critical_after: None,
+            successes_before_passing: 1,
+            failures_before_critical: 1,
+        }
+    }
+
+    /// `GET path` on the instance every `interval`.
+    pub fn http(path: impl Into<String>, interval: Duration) -> Self {
+        Self::new(Probe::Http { path: path.into() }, interval)
+    }
 }
 
 /// What a [`HealthCheck`] probes, at the instance's own address and port.
@@ -49,6 +75,8 @@ pub struct Instance {
     pub weight: u32,
     pub zone: String,
     pub health: Health,
+    /// With a check: the probe result behind the last health change.
+    pub health_output: String,
     /// 0 for a persistent instance.
     pub lease_id: u64,
     pub create_revision: u64,
@@ -121,6 +149,7 @@ pub(crate) fn instance_from_pb(i: pb::Instance) -> Instance {
         weight: i.weight,
         zone: i.zone,
         health,
+        health_output: i.health_output,
         lease_id: i.lease_id,
         create_revision: i.create_revision,
         mod_revision: i.mod_revision,
@@ -173,5 +202,7 @@ pub(crate) fn check_to_pb(c: &HealthCheck) -> pb::HealthCheck {
         interval: Some(duration_to_pb(c.interval)),
         timeout: Some(duration_to_pb(c.timeout)),
         deregister_critical_after: c.deregister_critical_after.map(duration_to_pb),
+        successes_before_passing: c.successes_before_passing,
+        failures_before_critical: c.failures_before_critical,
     }
 }

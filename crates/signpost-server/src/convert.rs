@@ -47,11 +47,33 @@ pub(crate) fn instance_from_pb(field: &str, pb: pb::Instance) -> Result<Instance
 
 fn check_from_pb(field: &str, pb: pb::HealthCheck) -> Result<HealthCheck> {
     let probe = match pb.probe {
-        Some(pb::health_check::Probe::Http(http)) => Probe::Http { path: http.path },
+        Some(pb::health_check::Probe::Http(http)) => {
+            let path = http.path;
+            if !path.starts_with('/')
+                || path.len() > 1024
+                || path.chars().any(|c| c.is_control() || c == ' ')
+            {
+                return Err(Error::invalid(
+                    format!("{field}.http.path"),
+                    format!(
+                        "{path:?} is invalid: an absolute path such as /health, without spaces, up to 1024 bytes"
+                    ),
+                ));
+            }
+            Probe::Http { path }
+        }
         Some(pb::health_check::Probe::Tcp(_)) => Probe::Tcp,
-        Some(pb::health_check::Probe::Grpc(grpc)) => Probe::Grpc {
-            service: grpc.service,
-        },
+        Some(pb::health_check::Probe::Grpc(grpc)) => {
+            if grpc.service.len() > 255 || grpc.service.chars().any(char::is_control) {
+                return Err(Error::invalid(
+                    format!("{field}.grpc.service"),
+                    "is invalid: up to 255 printable characters",
+                ));
+            }
+            Probe::Grpc {
+                service: grpc.service,
+            }
+        }
         None => {
             return Err(Error::invalid(
                 format!("{field}.probe"),
@@ -66,16 +88,57 @@ fn check_from_pb(field: &str, pb: pb::HealthCheck) -> Result<HealthCheck> {
             None => Err(Error::invalid(name, "is required")),
         }
     };
+    let interval = required("interval", pb.interval)?;
+    if !(MIN_CHECK_INTERVAL..=MAX_CHECK_INTERVAL).contains(&interval) {
+        return Err(Error::invalid(
+            format!("{field}.interval"),
+            format!("{interval:?} is out of range: use 1s to 1h"),
+        ));
+    }
+    let timeout = required("timeout", pb.timeout)?;
+    if timeout.is_zero() || timeout >= interval {
+        return Err(Error::invalid(
+            format!("{field}.timeout"),
+            format!(
+                "{timeout:?} is invalid: it must be above zero and below the interval ({interval:?})"
+            ),
+        ));
+    }
+    let deregister_critical_after = pb
+        .deregister_critical_after
+        .map(|d| duration_from_pb(&format!("{field}.deregister_critical_after"), d))
+        .transpose()?;
+    if let Some(after) = deregister_critical_after
+        && after < MIN_CHECK_INTERVAL
+    {
+        return Err(Error::invalid(
+            format!("{field}.deregister_critical_after"),
+            format!("{after:?} is too short: at least 1s"),
+        ));
+    }
+    let count = |name: &str, value: u32| {
+        if value > 100 {
+            Err(Error::invalid(
+                format!("{field}.{name}"),
+                format!("{value} is out of range 0-100"),
+            ))
+        } else {
+            Ok(value.max(1))
+        }
+    };
     Ok(HealthCheck {
         probe,
-        interval: required("interval", pb.interval)?,
-        timeout: required("timeout", pb.timeout)?,
-        deregister_critical_after: pb
-            .deregister_critical_after
-            .map(|d| duration_from_pb(&format!("{field}.deregister_critical_after"), d))
-            .transpose()?,
+        interval,
+        timeout,
+        deregister_critical_after,
+        successes_before_passing: count("successes_before_passing", pb.successes_before_passing)?,
+        failures_before_critical: count("failures_before_critical", pb.failures_before_critical)?,
     })
 }
+
+/// The shortest and longest health check intervals.
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub(crate) fn duration_from_pb(field: &str, d: prost_types::Duration) -> Result<Duration> {
     if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
@@ -138,6 +201,8 @@ pub(crate) fn instance_to_pb(i: &Instance) -> pb::Instance {
         lease_id: i.lease_id.unwrap_or(0),
         create_revision: i.create_revision,
         mod_revision: i.mod_revision,
+        health_output: i.health_output.clone(),
+        health_checked_at: i.health_checked_at.map(prost_types::Timestamp::from),
     }
 }
 
@@ -154,5 +219,7 @@ fn check_to_pb(c: &HealthCheck) -> pb::HealthCheck {
         interval: Some(duration_to_pb(c.interval)),
         timeout: Some(duration_to_pb(c.timeout)),
         deregister_critical_after: c.deregister_critical_after.map(duration_to_pb),
+        successes_before_passing: c.successes_before_passing,
+        failures_before_critical: c.failures_before_critical,
     }
 }

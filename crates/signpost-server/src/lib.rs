@@ -2,7 +2,8 @@
 //! with `grpc.health.v1.Health` and server reflection on the same port.
 //!
 //! A request enters a handler in [`Registry`], is validated and converted to domain types
-//! (`convert`, `validate`, `selector`), and becomes one store call. Watch streams are served by
+//! (`convert`, `validate`, `selector`), and becomes one store call. Active health checks run in
+//! one task (`health`, probes in `probe`) that follows the store and writes status changes back. Watch streams are served by
 //! one task each (`watch`), which reads the store's change feed through the stream's [`filter`]
 //! and turns store changes into ADDED / UPDATED / REMOVED events. Errors become `tonic::Status` in
 //! one place (`error`). Nothing here knows which store backend it runs on.
@@ -26,6 +27,8 @@
 mod convert;
 mod error;
 mod filter;
+mod health;
+mod probe;
 pub mod selector;
 mod service;
 mod validate;
@@ -41,8 +44,9 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-pub use convert::DEFAULT_WEIGHT;
+pub use convert::{DEFAULT_WEIGHT, MAX_CHECK_INTERVAL, MIN_CHECK_INTERVAL};
 pub use error::Error;
+pub use health::HealthConfig;
 pub use service::{MAX_TTL, MIN_TTL, Registry};
 pub use validate::DEFAULT_NAMESPACE;
 
@@ -57,6 +61,8 @@ pub struct Config {
     pub max_request_size: usize,
     /// The largest response sent, in bytes; bounds a Discover or a reset view of a huge service.
     pub max_response_size: usize,
+    /// Active health checks; `None` runs none (another server runs them, or nobody).
+    pub health_checks: Option<HealthConfig>,
 }
 
 impl Default for Config {
@@ -66,6 +72,7 @@ impl Default for Config {
             watch_buffer: 16,
             max_request_size: 1024 * 1024,
             max_response_size: 64 * 1024 * 1024,
+            health_checks: Some(HealthConfig::default()),
         }
     }
 }
@@ -90,8 +97,11 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (max_request, max_response) = (config.max_request_size, config.max_response_size);
-    let registry = Registry::new(store, config);
+    let health_checks = config.health_checks.clone();
+    let registry = Registry::new(store.clone(), config);
     let streams = registry.shutdown_token();
+    // The health checker is owned here: it stops with the server and is awaited below.
+    let checker = health_checks.map(|c| tokio::spawn(health::run(store, c, streams.clone())));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -110,6 +120,7 @@ pub async fn serve<S: Store>(
         .max_decoding_message_size(max_request)
         .max_encoding_message_size(max_response);
 
+    let stop_streams = streams.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams, finishing in-flight calls");
@@ -119,7 +130,7 @@ pub async fn serve<S: Store>(
         health
             .set_not_serving::<RegistryServiceServer<Registry<S>>>()
             .await;
-        streams.cancel();
+        stop_streams.cancel();
     };
 
     // Settings on the builder such as tcp_nodelay only apply to listeners it binds itself, so the
@@ -135,5 +146,9 @@ pub async fn serve<S: Store>(
         .add_service(registry)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
+    streams.cancel();
+    if let Some(checker) = checker {
+        let _ = checker.await;
+    }
     Ok(())
 }

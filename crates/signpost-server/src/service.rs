@@ -62,11 +62,6 @@ impl<S: Store> Registry<S> {
             .instance
             .ok_or_else(|| Error::invalid("instance", "is required"))?;
         let instance = instance_from_pb("instance", instance)?;
-        if instance.check.is_some() {
-            return Err(Error::Unimplemented(
-                "instance.check: active health checks are not supported by this server yet; register without a check".into(),
-            ));
-        }
         let ttl = req.ttl.map(|d| duration_from_pb("ttl", d)).transpose()?;
         let lease = match (ttl, req.lease_id) {
             (Some(_), id) if id != 0 => {

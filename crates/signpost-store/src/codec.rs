@@ -39,6 +39,11 @@ struct StoredInstance {
     create_revision: u64,
     #[prost(uint64, tag = "14")]
     mod_revision: u64,
+    #[prost(string, tag = "15")]
+    health_output: String,
+    /// Unix time in nanoseconds; 0 for never.
+    #[prost(uint64, tag = "16")]
+    health_checked_at_nanos: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -55,6 +60,10 @@ struct StoredCheck {
     timeout_nanos: u64,
     #[prost(uint64, optional, tag = "5")]
     deregister_critical_after_nanos: Option<u64>,
+    #[prost(uint32, tag = "6")]
+    successes_before_passing: u32,
+    #[prost(uint32, tag = "7")]
+    failures_before_critical: u32,
 }
 
 /// The key of an instance: its three names joined by NUL, which no name may contain.
@@ -79,6 +88,8 @@ pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
             interval_nanos: nanos(c.interval),
             timeout_nanos: nanos(c.timeout),
             deregister_critical_after_nanos: c.deregister_critical_after.map(nanos),
+            successes_before_passing: c.successes_before_passing,
+            failures_before_critical: c.failures_before_critical,
         }
     });
     StoredInstance {
@@ -100,6 +111,11 @@ pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
         lease_id: i.lease_id.unwrap_or(0),
         create_revision: i.create_revision,
         mod_revision: i.mod_revision,
+        health_output: i.health_output.clone(),
+        health_checked_at_nanos: i
+            .health_checked_at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, nanos),
     }
     .encode_to_vec()
 }
@@ -119,6 +135,8 @@ pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
             interval: Duration::from_nanos(c.interval_nanos),
             timeout: Duration::from_nanos(c.timeout_nanos),
             deregister_critical_after: c.deregister_critical_after_nanos.map(Duration::from_nanos),
+            successes_before_passing: c.successes_before_passing.max(1),
+            failures_before_critical: c.failures_before_critical.max(1),
         }),
     };
     Ok(Instance {
@@ -140,6 +158,9 @@ pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
         lease_id: (s.lease_id != 0).then_some(s.lease_id),
         create_revision: s.create_revision,
         mod_revision: s.mod_revision,
+        health_output: s.health_output,
+        health_checked_at: (s.health_checked_at_nanos != 0)
+            .then(|| std::time::UNIX_EPOCH + Duration::from_nanos(s.health_checked_at_nanos)),
     })
 }
 
@@ -166,8 +187,12 @@ mod tests {
                 interval: Duration::from_secs(10),
                 timeout: Duration::from_millis(1500),
                 deregister_critical_after: Some(Duration::from_secs(60)),
+                successes_before_passing: 2,
+                failures_before_critical: 3,
             }),
             health: Health::Critical,
+            health_output: "HTTP 500".into(),
+            health_checked_at: Some(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
             lease_id: Some(99),
             create_revision: 5,
             mod_revision: 9,

@@ -31,7 +31,7 @@ use crate::model::{
     Change, Deleted, Instance, InstanceKey, Lease, LeaseId, Revision, ServiceList, Snapshot,
 };
 use crate::state::State;
-use crate::{Error, MemoryConfig, Result, Store, Watch};
+use crate::{ChangeFeed, Error, HealthUpdate, MemoryConfig, Result, Store, Watch};
 
 /// The most changes applied in memory and not yet on disk at any moment.
 pub const MAX_IN_FLIGHT: u64 = 4_096;
@@ -360,5 +360,17 @@ impl Store for DurableStore {
         after: Option<Revision>,
     ) -> Result<Watch> {
         self.engine.watch(namespace, service, after)
+    }
+
+    async fn set_health(&self, update: HealthUpdate) -> Result<Option<Arc<Instance>>> {
+        self.engine.set_health(update).await
+    }
+
+    async fn evict(&self, key: &InstanceKey, create_revision: Revision) -> Result<Deleted> {
+        self.engine.evict(key, create_revision).await
+    }
+
+    async fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
+        self.engine.watch_checks()
     }
 }

@@ -14,7 +14,7 @@ use crate::model::{
     Snapshot,
 };
 use crate::state::State;
-use crate::{Error, Result, Watch, WatchStart};
+use crate::{Error, HealthUpdate, Result, Watch, WatchStart};
 
 /// How many leases one expiry pass takes, so that a mass expiry commits in bounded batches.
 const EXPIRY_BATCH: usize = 256;
@@ -206,6 +206,56 @@ impl Engine {
             })
         })
         .await
+    }
+
+    pub(crate) async fn set_health(&self, update: HealthUpdate) -> Result<Option<Arc<Instance>>> {
+        self.mutate(1, |state, _| {
+            let HealthUpdate {
+                key,
+                create_revision,
+                check,
+                health,
+                output,
+                checked_at,
+            } = update;
+            Ok(
+                match state.set_health(&key, create_revision, &check, health, output, checked_at) {
+                    Some((stored, change)) => Applied {
+                        value: Some(stored),
+                        changes: vec![change],
+                        leases: Vec::new(),
+                    },
+                    None => Applied::nothing(None),
+                },
+            )
+        })
+        .await
+    }
+
+    pub(crate) async fn evict(
+        &self,
+        key: &InstanceKey,
+        create_revision: Revision,
+    ) -> Result<Deleted> {
+        self.mutate(1, |state, _| {
+            if state.create_revision(key) != Some(create_revision) {
+                return Ok(Applied::nothing(state.deleted(None)));
+            }
+            let found = state.delete(key, RemovalCause::Unhealthy);
+            let changes = found.iter().map(|(_, c)| c.clone()).collect();
+            Ok(Applied {
+                value: state.deleted(found),
+                changes,
+                leases: Vec::new(),
+            })
+        })
+        .await
+    }
+
+    pub(crate) fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
+        let state = self.read()?;
+        let feed = ChangeFeed::new(self.feed.subscribe());
+        Ok((state.checked(), feed))
     }
 
     pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {

@@ -71,11 +71,26 @@ impl Default for Instance {
             zone: String::new(),
             check: None,
             health: Health::Passing,
+            health_output: String::new(),
+            health_checked_at: None,
             lease_id: None,
             create_revision: 0,
             mod_revision: 0,
         }
     }
+}
+
+/// A health verdict from the server's checker, for [`Store::set_health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthUpdate {
+    pub key: InstanceKey,
+    /// The verdict is for this registration of the instance, not a later one.
+    pub create_revision: Revision,
+    /// The check that produced it; a verdict for a check that has since changed is dropped.
+    pub check: HealthCheck,
+    pub health: Health,
+    pub output: String,
+    pub checked_at: std::time::SystemTime,
 }
 
 /// Where a watch starts.
@@ -161,4 +176,24 @@ pub trait Store: Send + Sync + 'static {
         service: &str,
         after: Option<Revision>,
     ) -> impl Future<Output = Result<Watch>> + Send;
+
+    /// Records a health verdict. Only a change of status is a change (one revision); a verdict
+    /// for an instance that is gone, was registered anew, or whose check changed is dropped.
+    /// Answers the stored instance when it changed.
+    fn set_health(
+        &self,
+        update: HealthUpdate,
+    ) -> impl Future<Output = Result<Option<Arc<Instance>>>> + Send;
+
+    /// Removes an instance that stayed critical too long ([`RemovalCause::Unhealthy`]), if it is
+    /// still the registration with `create_revision`.
+    fn evict(
+        &self,
+        key: &InstanceKey,
+        create_revision: Revision,
+    ) -> impl Future<Output = Result<Deleted>> + Send;
+
+    /// Every instance with a health check (all namespaces), and a feed of what follows, with
+    /// the same no-gap guarantee as [`watch`](Store::watch).
+    fn watch_checks(&self) -> impl Future<Output = Result<(Snapshot, ChangeFeed)>> + Send;
 }

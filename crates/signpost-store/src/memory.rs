@@ -10,7 +10,7 @@ use crate::model::{
     Deleted, Instance, InstanceKey, Lease, LeaseId, Revision, ServiceList, Snapshot,
 };
 use crate::state::State;
-use crate::{Result, Store, Watch};
+use crate::{ChangeFeed, HealthUpdate, Result, Store, Watch};
 
 /// Tuning for a [`MemoryStore`] (and the in-memory side of the durable store).
 #[derive(Debug, Clone)]
@@ -101,6 +101,18 @@ impl Store for MemoryStore {
         after: Option<Revision>,
     ) -> Result<Watch> {
         self.engine.watch(namespace, service, after)
+    }
+
+    async fn set_health(&self, update: HealthUpdate) -> Result<Option<Arc<Instance>>> {
+        self.engine.set_health(update).await
+    }
+
+    async fn evict(&self, key: &InstanceKey, create_revision: Revision) -> Result<Deleted> {
+        self.engine.evict(key, create_revision).await
+    }
+
+    async fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
+        self.engine.watch_checks()
     }
 }
 

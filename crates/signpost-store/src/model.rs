@@ -49,6 +49,10 @@ pub struct HealthCheck {
     pub interval: Duration,
     pub timeout: Duration,
     pub deregister_critical_after: Option<Duration>,
+    /// Consecutive good probes that turn a critical instance passing (at least 1).
+    pub successes_before_passing: u32,
+    /// Consecutive failed probes that turn a healthy instance critical (at least 1).
+    pub failures_before_critical: u32,
 }
 
 /// A registered instance. The fields after `check` are owned by the store: whatever a caller puts
@@ -67,6 +71,9 @@ pub struct Instance {
     pub check: Option<HealthCheck>,
 
     pub health: Health,
+    /// The probe result behind the last health change (empty without a check), and when it came.
+    pub health_output: String,
+    pub health_checked_at: Option<std::time::SystemTime>,
     pub lease_id: Option<LeaseId>,
     pub create_revision: Revision,
     pub mod_revision: Revision,

@@ -145,11 +145,17 @@ impl State {
         instance.lease_id = lease;
         instance.create_revision = prev.as_ref().map_or(revision, |p| p.create_revision);
         instance.mod_revision = revision;
-        instance.health = match (&instance.check, &prev) {
-            (None, _) => Health::Passing,
+        (
+            instance.health,
+            instance.health_output,
+            instance.health_checked_at,
+        ) = match (&instance.check, &prev) {
+            (None, _) => (Health::Passing, String::new(), None),
             // The same check keeps its verdict; a new check must pass before traffic comes.
-            (Some(check), Some(p)) if p.check.as_ref() == Some(check) => p.health,
-            (Some(_), _) => Health::Critical,
+            (Some(check), Some(p)) if p.check.as_ref() == Some(check) => {
+                (p.health, p.health_output.clone(), p.health_checked_at)
+            }
+            (Some(_), _) => (Health::Critical, "not checked yet".to_owned(), None),
         };
 
         let old_lease = prev.as_ref().and_then(|p| p.lease_id);
@@ -176,6 +182,67 @@ impl State {
             removal: None,
         }]);
         Ok((instance, change))
+    }
+
+    /// Records a health verdict for the instance that has this identity and check. `None` when
+    /// it is gone, was registered anew, or its check changed (the verdict is stale), and when the
+    /// health is what it already was: only a change of status takes a revision.
+    pub(crate) fn set_health(
+        &mut self,
+        key: &InstanceKey,
+        create_revision: Revision,
+        check: &crate::HealthCheck,
+        health: Health,
+        output: String,
+        checked_at: std::time::SystemTime,
+    ) -> Option<(Arc<Instance>, Arc<Change>)> {
+        let prev = self.get(key)?.clone();
+        if prev.create_revision != create_revision
+            || prev.check.as_ref() != Some(check)
+            || prev.health == health
+        {
+            return None;
+        }
+        let revision = self.revision + 1;
+        let mut next = (*prev).clone();
+        next.health = health;
+        next.health_output = output;
+        next.health_checked_at = Some(checked_at);
+        next.mod_revision = revision;
+        let next = Arc::new(next);
+        self.namespaces
+            .entry(key.namespace.clone())
+            .or_default()
+            .entry(key.service.clone())
+            .or_default()
+            .insert(key.id.clone(), next.clone());
+        let change = self.commit(vec![Event {
+            prev: Some(prev),
+            current: Some(next.clone()),
+            removal: None,
+        }]);
+        Some((next, change))
+    }
+
+    /// Every instance that carries a health check, in all namespaces.
+    pub(crate) fn checked(&self) -> Snapshot {
+        let instances = self
+            .namespaces
+            .values()
+            .flat_map(|services| services.values())
+            .flat_map(|ids| ids.values())
+            .filter(|i| i.check.is_some())
+            .cloned()
+            .collect();
+        Snapshot {
+            revision: self.revision,
+            instances,
+        }
+    }
+
+    /// The identity check for removals that must not hit a re-registered instance.
+    pub(crate) fn create_revision(&self, key: &InstanceKey) -> Option<Revision> {
+        self.get(key).map(|i| i.create_revision)
     }
 
     /// Removes one instance. `None` when it did not exist; no revision is taken then.

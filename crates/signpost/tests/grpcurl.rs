@@ -14,15 +14,15 @@ use signpost_tests::process::{ServerProcess, require_program, run};
 
 const EXE: &str = env!("CARGO_BIN_EXE_signpost");
 
-fn readme_walkthrough() -> String {
+fn readme_block(name: &str) -> String {
     let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
     let readme = std::fs::read_to_string(&readme_path).unwrap_or_else(|e| panic!("README.md: {e}"));
     let start = readme
-        .find("<!-- walkthrough:start -->")
-        .expect("walkthrough start marker");
+        .find(&format!("<!-- {name}:start -->"))
+        .expect("block start marker");
     let end = readme
-        .find("<!-- walkthrough:end -->")
-        .expect("walkthrough end marker");
+        .find(&format!("<!-- {name}:end -->"))
+        .expect("block end marker");
     readme[start..end]
         .lines()
         .filter(|l| !l.starts_with("```") && !l.starts_with("<!--"))
@@ -39,7 +39,7 @@ fn the_readme_walkthrough_runs_verbatim_against_the_binary() {
     let data = tempfile::tempdir().expect("temp dir");
     let data_dir = data.path().to_str().expect("utf-8 path");
     let server = ServerProcess::start(Path::new(EXE), &["--data-dir", data_dir]);
-    let script = readme_walkthrough().replace("127.0.0.1:7070", &server.addr.to_string());
+    let script = readme_block("walkthrough").replace("127.0.0.1:7070", &server.addr.to_string());
     let dir = std::env::temp_dir().join(format!("signpost-walkthrough-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (ok, out, err) = run(Command::new("bash")
@@ -177,4 +177,34 @@ fn sigterm_stops_the_server_gracefully_with_streams_open() {
     wait_for(&lines, "Unavailable");
     let _ = watch.kill();
     let _ = watch.wait();
+}
+
+#[test]
+fn the_readme_health_check_walkthrough_shows_an_instance_turn_critical() {
+    if require_program("grpcurl").is_none() || require_program("python3").is_none() {
+        return;
+    }
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let script = readme_block("health-walkthrough")
+        .replace("127.0.0.1:7070", &server.addr.to_string())
+        .replace("8080", &free_port.to_string());
+    let (ok, out, err) = run(Command::new("bash").args(["-euo", "pipefail", "-c", &script]));
+    assert!(
+        ok,
+        "health walkthrough failed\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    let passing = out
+        .find("HEALTH_STATUS_PASSING")
+        .expect("the instance passed");
+    let critical = out[passing..]
+        .find("HEALTH_STATUS_CRITICAL")
+        .expect("then turned critical");
+    assert!(
+        out[passing + critical..].contains("\"healthOutput\""),
+        "{out}"
+    );
 }
