@@ -172,11 +172,16 @@ impl Connections {
     }
 }
 
-/// The innermost cause of a transport failure, such as "Connection refused (os error 111)".
+/// The innermost cause of a transport failure in plain words, such as "connection refused".
 fn root_cause(status: &Status) -> String {
     let mut innermost = None;
     let mut cause = std::error::Error::source(status);
     while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && io.kind() != std::io::ErrorKind::Other
+        {
+            return io.kind().to_string();
+        }
         innermost = Some(c);
         cause = c.source();
     }

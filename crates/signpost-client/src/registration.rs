@@ -254,6 +254,33 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Registers a persistent instance: no lease, nothing kept alive; it stays until it is
+    /// deregistered. The registration's ttl is ignored.
+    pub async fn register_persistent(
+        &self,
+        registration: RegistrationBuilder,
+    ) -> Result<crate::Instance> {
+        let mut request = registration.request();
+        request.ttl = None;
+        let answer = self
+            .conn
+            .unary(|mut c| {
+                let request = request.clone();
+                async move { c.register(request).await }
+            })
+            .await?;
+        answer
+            .instance
+            .map(crate::types::instance_from_pb)
+            .ok_or_else(|| {
+                Error::Status(tonic::Status::internal(
+                    "the registry answered without the instance",
+                ))
+            })
+    }
+}
+
 async fn register_once(conn: &Connections, request: &pb::RegisterRequest) -> Result<u64> {
     let answer = conn
         .unary(|mut c| {

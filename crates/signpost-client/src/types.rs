@@ -79,6 +79,8 @@ pub struct Instance {
     pub health_output: String,
     /// 0 for a persistent instance.
     pub lease_id: u64,
+    /// When the instance was first registered.
+    pub created_at: Option<std::time::SystemTime>,
     pub create_revision: u64,
     pub mod_revision: u64,
 }
@@ -151,6 +153,9 @@ pub(crate) fn instance_from_pb(i: pb::Instance) -> Instance {
         health,
         health_output: i.health_output,
         lease_id: i.lease_id,
+        created_at: i
+            .create_time
+            .and_then(|t| std::time::SystemTime::try_from(t).ok()),
         create_revision: i.create_revision,
         mod_revision: i.mod_revision,
     }

@@ -203,6 +203,7 @@ pub(crate) fn instance_to_pb(i: &Instance) -> pb::Instance {
         mod_revision: i.mod_revision,
         health_output: i.health_output.clone(),
         health_checked_at: i.health_checked_at.map(prost_types::Timestamp::from),
+        create_time: i.created_at.map(prost_types::Timestamp::from),
     }
 }
 

@@ -28,6 +28,7 @@ mod convert;
 mod error;
 mod filter;
 mod health;
+pub mod metrics;
 mod probe;
 pub mod selector;
 mod service;
@@ -63,6 +64,8 @@ pub struct Config {
     pub max_response_size: usize,
     /// Active health checks; `None` runs none (another server runs them, or nobody).
     pub health_checks: Option<HealthConfig>,
+    /// Where RPCs, watches and store writes are counted; `None` counts nothing.
+    pub metrics: Option<Arc<metrics::Metrics>>,
 }
 
 impl Default for Config {
@@ -73,6 +76,7 @@ impl Default for Config {
             max_request_size: 1024 * 1024,
             max_response_size: 64 * 1024 * 1024,
             health_checks: Some(HealthConfig::default()),
+            metrics: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `signpost.v1.RegistryService` over a [`Store`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_server::RegistryService;
@@ -57,6 +57,21 @@ impl<S: Store> Registry<S> {
         self.shutdown.clone()
     }
 
+    fn observe<T>(&self, method: &'static str, started: Instant, result: &Result<T, Status>) {
+        if let Some(metrics) = &self.config.metrics {
+            let code = result
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok);
+            metrics.rpc(method, code, started);
+        }
+    }
+
+    fn store_write(&self, op: &'static str, started: Instant) {
+        if let Some(metrics) = &self.config.metrics {
+            metrics.store_write(op, started);
+        }
+    }
+
     async fn do_register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse> {
         let instance = req
             .instance
@@ -79,7 +94,10 @@ impl<S: Store> Registry<S> {
                         ),
                     ));
                 }
-                Some(self.store.grant_lease(ttl).await?)
+                let started = Instant::now();
+                let lease = self.store.grant_lease(ttl).await?;
+                self.store_write("grant_lease", started);
+                Some(lease)
             }
             (None, 0) => None,
             // Joining a lease is a sign of life from its owner, so it refreshes the lease; that
@@ -91,8 +109,12 @@ impl<S: Store> Registry<S> {
                     .ok_or(signpost_store::Error::LeaseNotFound(id))?,
             ),
         };
+        let started = Instant::now();
         let stored = match self.store.put(instance, lease.map(|l| l.id)).await {
-            Ok(stored) => stored,
+            Ok(stored) => {
+                self.store_write("put", started);
+                stored
+            }
             Err(e) => {
                 if let (Some(lease), Some(_)) = (lease, ttl) {
                     // Do not leave the lease granted for this request behind, empty.
@@ -119,7 +141,9 @@ impl<S: Store> Registry<S> {
             service: req.service,
             id: req.id,
         };
+        let started = Instant::now();
         let deleted = self.store.delete(&key).await?;
+        self.store_write("delete", started);
         Ok(pb::DeregisterResponse {
             existed: deleted.prev.is_some(),
             revision: deleted.revision,
@@ -184,6 +208,7 @@ impl<S: Store> Registry<S> {
             start_revision: (req.start_revision != 0).then_some(req.start_revision),
             progress_interval: self.config.watch_progress_interval,
             shutdown: self.shutdown.clone(),
+            metrics: self.config.metrics.clone(),
             tx,
         };
         // The task owns the sending half: it ends when the client goes away (the receiver is
@@ -246,7 +271,14 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        Ok(Response::new(self.do_register(request.into_inner()).await?))
+        let started = Instant::now();
+        let result = self
+            .do_register(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from);
+        self.observe("Register", started, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -254,9 +286,14 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        Ok(Response::new(
-            self.do_deregister(request.into_inner()).await?,
-        ))
+        let started = Instant::now();
+        let result = self
+            .do_deregister(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from);
+        self.observe("Deregister", started, &result);
+        result
     }
 
     type KeepAliveStream = ReceiverStream<Result<pb::KeepAliveResponse, Status>>;
@@ -265,7 +302,10 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        Ok(Response::new(self.start_keep_alive(request.into_inner())))
+        let started = Instant::now();
+        let result = Ok(Response::new(self.start_keep_alive(request.into_inner())));
+        self.observe("KeepAlive", started, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -273,7 +313,14 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::DiscoverRequest>,
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
-        Ok(Response::new(self.do_discover(request.into_inner()).await?))
+        let started = Instant::now();
+        let result = self
+            .do_discover(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from);
+        self.observe("Discover", started, &result);
+        result
     }
 
     type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
@@ -283,7 +330,13 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Ok(Response::new(self.start_watch(request.into_inner())?))
+        let started = Instant::now();
+        let result = self
+            .start_watch(request.into_inner())
+            .map(Response::new)
+            .map_err(Status::from);
+        self.observe("Watch", started, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -291,8 +344,13 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        Ok(Response::new(
-            self.do_list_services(request.into_inner()).await?,
-        ))
+        let started = Instant::now();
+        let result = self
+            .do_list_services(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from);
+        self.observe("ListServices", started, &result);
+        result
     }
 }

@@ -18,6 +18,7 @@ use tonic::Status;
 
 use crate::convert::instance_to_pb;
 use crate::filter::Filter;
+use crate::metrics::Metrics;
 
 pub(crate) type WatchSender = mpsc::Sender<Result<pb::WatchResponse, Status>>;
 
@@ -27,7 +28,28 @@ pub(crate) struct WatchTask<S> {
     pub(crate) start_revision: Option<Revision>,
     pub(crate) progress_interval: Duration,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) metrics: Option<Arc<Metrics>>,
     pub(crate) tx: WatchSender,
+}
+
+/// Counts an open stream for as long as it lives.
+struct Open(Option<Arc<Metrics>>);
+
+impl Open {
+    fn new(metrics: Option<Arc<Metrics>>) -> Self {
+        if let Some(m) = &metrics {
+            m.watch_opened();
+        }
+        Open(metrics)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.watch_closed();
+        }
+    }
 }
 
 /// Why a watch task stopped sending.
@@ -38,6 +60,7 @@ enum Stop {
 
 impl<S: Store> WatchTask<S> {
     pub(crate) async fn run(self) {
+        let _open = Open::new(self.metrics.clone());
         match self.follow().await {
             Ok(Stop::ClientGone) => {
                 tracing::debug!(service = %self.filter.service, "watch ended by client")
@@ -118,6 +141,9 @@ impl<S: Store> WatchTask<S> {
                             .await
                             .map_err(|e| Status::from(crate::error::Error::from(e)))?;
                         tracing::debug!(service = %f.service, revision = snapshot.revision, "slow watcher collapsed into a reset");
+                        if let Some(m) = &self.metrics {
+                            m.slow_reset();
+                        }
                         revision = revision.max(snapshot.revision);
                         self.reset(snapshot)
                     }
@@ -166,6 +192,9 @@ impl<S: Store> WatchTask<S> {
     }
 
     async fn send(&self, message: pb::WatchResponse) -> Result<(), Stop> {
+        if let Some(m) = &self.metrics {
+            m.events_sent(message.events.len());
+        }
         tokio::select! {
             sent = self.tx.send(Ok(message)) => sent.map_err(|_| Stop::ClientGone),
             _ = self.shutdown.cancelled() => Err(Stop::Shutdown),

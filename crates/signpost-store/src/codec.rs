@@ -44,6 +44,9 @@ struct StoredInstance {
     /// Unix time in nanoseconds; 0 for never.
     #[prost(uint64, tag = "16")]
     health_checked_at_nanos: u64,
+    /// Unix time in nanoseconds; 0 for unknown.
+    #[prost(uint64, tag = "17")]
+    created_at_nanos: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -73,6 +76,15 @@ pub(crate) fn key_bytes(key: &InstanceKey) -> Vec<u8> {
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn unix_nanos(t: Option<std::time::SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, nanos)
+}
+
+fn from_unix_nanos(n: u64) -> Option<std::time::SystemTime> {
+    (n != 0).then(|| std::time::UNIX_EPOCH + Duration::from_nanos(n))
 }
 
 pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
@@ -112,10 +124,8 @@ pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
         create_revision: i.create_revision,
         mod_revision: i.mod_revision,
         health_output: i.health_output.clone(),
-        health_checked_at_nanos: i
-            .health_checked_at
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, nanos),
+        health_checked_at_nanos: unix_nanos(i.health_checked_at),
+        created_at_nanos: unix_nanos(i.created_at),
     }
     .encode_to_vec()
 }
@@ -159,8 +169,8 @@ pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
         create_revision: s.create_revision,
         mod_revision: s.mod_revision,
         health_output: s.health_output,
-        health_checked_at: (s.health_checked_at_nanos != 0)
-            .then(|| std::time::UNIX_EPOCH + Duration::from_nanos(s.health_checked_at_nanos)),
+        health_checked_at: from_unix_nanos(s.health_checked_at_nanos),
+        created_at: from_unix_nanos(s.created_at_nanos),
     })
 }
 
@@ -194,6 +204,7 @@ mod tests {
             health_output: "HTTP 500".into(),
             health_checked_at: Some(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
             lease_id: Some(99),
+            created_at: Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             create_revision: 5,
             mod_revision: 9,
         };

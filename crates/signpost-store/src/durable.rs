@@ -370,6 +370,10 @@ impl Store for DurableStore {
         self.engine.evict(key, create_revision).await
     }
 
+    async fn counts(&self) -> Result<crate::Counts> {
+        self.engine.counts()
+    }
+
     async fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
         self.engine.watch_checks()
     }

@@ -252,6 +252,10 @@ impl Engine {
         .await
     }
 
+    pub(crate) fn counts(&self) -> Result<crate::Counts> {
+        Ok(self.read()?.counts())
+    }
+
     pub(crate) fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
         let state = self.read()?;
         let feed = ChangeFeed::new(self.feed.subscribe());

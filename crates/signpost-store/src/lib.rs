@@ -53,8 +53,8 @@ pub use error::{Error, Result};
 pub use feed::{ChangeFeed, FeedItem};
 pub use memory::{MemoryConfig, MemoryStore};
 pub use model::{
-    Change, Deleted, Event, Health, HealthCheck, Instance, InstanceKey, Lease, LeaseId, Probe,
-    RemovalCause, Revision, ServiceList, ServiceSummary, Snapshot,
+    Change, Counts, Deleted, Event, Health, HealthCheck, Instance, InstanceKey, Lease, LeaseId,
+    Probe, RemovalCause, Revision, ServiceList, ServiceSummary, Snapshot,
 };
 
 impl Default for Instance {
@@ -74,6 +74,7 @@ impl Default for Instance {
             health_output: String::new(),
             health_checked_at: None,
             lease_id: None,
+            created_at: None,
             create_revision: 0,
             mod_revision: 0,
         }
@@ -192,6 +193,9 @@ pub trait Store: Send + Sync + 'static {
         key: &InstanceKey,
         create_revision: Revision,
     ) -> impl Future<Output = Result<Deleted>> + Send;
+
+    /// How much the store holds, for metrics.
+    fn counts(&self) -> impl Future<Output = Result<Counts>> + Send;
 
     /// Every instance with a health check (all namespaces), and a feed of what follows, with
     /// the same no-gap guarantee as [`watch`](Store::watch).

@@ -111,6 +111,10 @@ impl Store for MemoryStore {
         self.engine.evict(key, create_revision).await
     }
 
+    async fn counts(&self) -> Result<crate::Counts> {
+        self.engine.counts()
+    }
+
     async fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
         self.engine.watch_checks()
     }

@@ -75,6 +75,8 @@ pub struct Instance {
     pub health_output: String,
     pub health_checked_at: Option<std::time::SystemTime>,
     pub lease_id: Option<LeaseId>,
+    /// When the instance was first registered (kept across updates).
+    pub created_at: Option<std::time::SystemTime>,
     pub create_revision: Revision,
     pub mod_revision: Revision,
 }
@@ -161,6 +163,17 @@ pub struct ServiceSummary {
 pub struct ServiceList {
     pub revision: Revision,
     pub services: Vec<ServiceSummary>,
+}
+
+/// Sizes and totals of a store, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub instances: u64,
+    pub services: u64,
+    pub leases: u64,
+    /// Leases that ran out since the store started (revoked ones not counted).
+    pub leases_expired: u64,
+    pub revision: Revision,
 }
 
 /// The answer to a deregister.

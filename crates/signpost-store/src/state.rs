@@ -38,6 +38,7 @@ pub(crate) struct State {
     history_limit: usize,
     // Every change after this revision is still in `history`.
     compacted: Revision,
+    leases_expired: u64,
 }
 
 impl State {
@@ -55,6 +56,7 @@ impl State {
             history: VecDeque::new(),
             history_limit: history_limit.max(1),
             compacted: start_revision,
+            leases_expired: 0,
         }
     }
 
@@ -144,6 +146,10 @@ impl State {
 
         instance.lease_id = lease;
         instance.create_revision = prev.as_ref().map_or(revision, |p| p.create_revision);
+        instance.created_at = match &prev {
+            Some(p) => p.created_at,
+            None => Some(std::time::SystemTime::now()),
+        };
         instance.mod_revision = revision;
         (
             instance.health,
@@ -222,6 +228,23 @@ impl State {
             removal: None,
         }]);
         Some((next, change))
+    }
+
+    pub(crate) fn counts(&self) -> crate::Counts {
+        let services = self.namespaces.values().map(|s| s.len() as u64).sum();
+        let instances = self
+            .namespaces
+            .values()
+            .flat_map(|s| s.values())
+            .map(|ids| ids.len() as u64)
+            .sum();
+        crate::Counts {
+            instances,
+            services,
+            leases: self.leases.len() as u64,
+            leases_expired: self.leases_expired,
+            revision: self.revision,
+        }
     }
 
     /// Every instance that carries a health check, in all namespaces.

@@ -1,10 +1,14 @@
-//! `signpost`: the Signpost registry server (`signpost serve`).
+//! `signpost`: the Signpost registry server (`signpost serve`) and the operator's commands
+//! (`services`, `ls`, `register`, `deregister`, `watch`).
 //!
 //! This binary is a thin edge over the library crates: it reads flags and `SIGNPOST_*` environment
 //! variables with clap, sets up `tracing` logs, builds the chosen store, and hands both to
-//! `signpost_server::serve` until SIGINT or SIGTERM.
+//! `signpost_server::serve` until SIGINT or SIGTERM. The operator's commands (`cli`) are built on
+//! `signpost-client`; `output` prints their tables. `serde`/`serde_json` are here for `-o json`.
 
+mod cli;
 mod duration;
+mod output;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +37,16 @@ enum Command {
     /// Serves signpost.v1.RegistryService, grpc.health.v1.Health and server reflection on one port,
     /// so `grpcurl -plaintext 127.0.0.1:7070 list` works. Stops gracefully on Ctrl-C or SIGTERM.
     Serve(ServeArgs),
+    /// List the services of a namespace: instances and healthy counts.
+    Services(cli::ServicesArgs),
+    /// List the instances of a service.
+    Ls(cli::LsArgs),
+    /// Register an instance; with --ttl, keep it alive until Ctrl-C, then deregister.
+    Register(cli::RegisterArgs),
+    /// Remove an instance.
+    Deregister(cli::DeregisterArgs),
+    /// Print every change to a service as it happens, until Ctrl-C; reconnects on its own.
+    Watch(cli::WatchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -71,6 +85,10 @@ struct ServeArgs {
     #[arg(long, env = "SIGNPOST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration::parse)]
     shutdown_grace: Duration,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
+    #[arg(long, env = "SIGNPOST_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
     /// Log format: human-readable text or one JSON object per line. Filter with RUST_LOG.
     #[arg(long, value_enum, env = "SIGNPOST_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -99,8 +117,20 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Serve(_)) {
+        // The operator's commands print their own one-line errors; library logs go to stderr
+        // only when asked for with RUST_LOG.
+        if std::env::var_os("RUST_LOG").is_some() {
+            init_logs(LogFormat::Text);
+        }
+    }
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Services(args) => cli::services(args).await,
+        Command::Ls(args) => cli::ls(args).await,
+        Command::Register(args) => cli::register(args).await,
+        Command::Deregister(args) => cli::deregister(args).await,
+        Command::Watch(args) => cli::watch(args).await,
     }
 }
 
@@ -147,14 +177,34 @@ async fn run_server<S: Store>(
     listener: TcpListener,
     args: &ServeArgs,
 ) -> anyhow::Result<()> {
+    let metrics = Arc::new(signpost_server::metrics::Metrics::new());
     let config = signpost_server::Config {
         watch_progress_interval: args.watch_progress_interval,
+        metrics: Some(metrics.clone()),
         ..signpost_server::Config::default()
     };
-    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = args.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let bound = listener
+            .local_addr()
+            .context("cannot read the metrics address")?;
+        tracing::info!("metrics on http://{bound}/metrics");
+        let mut stop = signalled_rx.clone();
+        tokio::spawn(signpost_server::metrics::serve_metrics(
+            listener,
+            metrics,
+            store.clone(),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ));
+    }
     let shutdown = async move {
         shutdown_signal().await;
-        let _ = signalled_tx.send(());
+        let _ = signalled_tx.send(true);
     };
     let server = signpost_server::serve(store, config, listener, shutdown);
     tokio::pin!(server);
@@ -162,7 +212,8 @@ async fn run_server<S: Store>(
     tokio::select! {
         result = &mut server => result.context("server failed")?,
         _ = async {
-            let _ = signalled_rx.await;
+            let mut signalled = signalled_rx;
+            let _ = signalled.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         } => {
             tracing::warn!(?grace, "in-flight calls did not finish in time; exiting anyway");
@@ -172,7 +223,7 @@ async fn run_server<S: Store>(
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");
