@@ -14,7 +14,14 @@ use signpost_client::{
 use tokio_stream::StreamExt;
 
 use crate::duration;
-use crate::output::{age, rfc3339, table};
+use crate::output::{age, line, rfc3339, table};
+
+/// `println!` that returns the error (a closed pipe) instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        line(&format!($($arg)*))?
+    };
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -221,7 +228,7 @@ impl<'a> From<&'a Instance> for InstanceJson<'a> {
 }
 
 fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
-    println!(
+    say!(
         "{}",
         serde_json::to_string(value).context("cannot encode JSON")?
     );
@@ -254,7 +261,7 @@ pub async fn services(args: ServicesArgs) -> anyhow::Result<()> {
         }
         Format::Table => {
             if services.is_empty() {
-                println!("no services in namespace {:?}", args.common.namespace);
+                say!("no services in namespace {:?}", args.common.namespace);
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = services
@@ -267,8 +274,7 @@ pub async fn services(args: ServicesArgs) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            table(&["SERVICE", "INSTANCES", "HEALTHY"], &rows);
-            Ok(())
+            Ok(table(&["SERVICE", "INSTANCES", "HEALTHY"], &rows)?)
         }
     }
 }
@@ -289,7 +295,7 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
         }
         Format::Table => {
             if instances.is_empty() {
-                println!("no instances of {:?} match", args.service);
+                say!("no instances of {:?} match", args.service);
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = instances
@@ -320,11 +326,10 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            table(
+            Ok(table(
                 &["ID", "ADDRESS", "HEALTH", "ZONE", "TAGS", "METADATA", "AGE"],
                 &rows,
-            );
-            Ok(())
+            )?)
         }
     }
 }
@@ -354,7 +359,7 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         return match args.common.format {
             Format::Json => print_json(&InstanceJson::from(&stored)),
             Format::Table => {
-                println!(
+                say!(
                     "registered {}/{} at {} (persistent: stays until deregistered)",
                     stored.service,
                     stored.id,
@@ -387,7 +392,7 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
                 ttl_seconds: ttl.as_secs_f64(),
             })?;
         }
-        Format::Table => println!(
+        Format::Table => say!(
             "registered {}/{} (lease {lease}, ttl {ttl:?}); keeping it alive until Ctrl-C",
             registration.service(),
             registration.id()
@@ -427,7 +432,7 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
             })
         }
         Format::Table => {
-            println!(
+            say!(
                 "deregistered {}/{}",
                 args.service,
                 args.id.as_deref().unwrap_or("(default id)")
@@ -452,11 +457,11 @@ pub async fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
             print_json(&Answer { existed })
         }
         Format::Table if existed => {
-            println!("deregistered {}/{}", args.service, args.id);
+            say!("deregistered {}/{}", args.service, args.id);
             Ok(())
         }
         Format::Table => {
-            println!("{}/{} was not registered", args.service, args.id);
+            say!("{}/{} was not registered", args.service, args.id);
             Ok(())
         }
     }
@@ -497,7 +502,7 @@ fn print_event(
         }),
         Format::Table => {
             let reason = reason.map(|r| format!(" {r}")).unwrap_or_default();
-            println!(
+            say!(
                 "{time} {kind:<8} {} {} {}{reason}",
                 i.id,
                 address(i),

@@ -109,6 +109,14 @@ fn main() -> std::process::ExitCode {
         .and_then(|runtime| runtime.block_on(run(cli)));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader went away (`signpost watch | head -1`): nothing left to say.
+        Err(error)
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("signpost: {error:#}");
             std::process::ExitCode::FAILURE

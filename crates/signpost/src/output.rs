@@ -3,15 +3,24 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Writes one line to stdout. Unlike `println!`, a closed pipe (`signpost watch | head -1`) is
+/// an error the caller returns, not a panic; `main` ends quietly on it.
+pub fn line(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
 /// Prints rows under a header, each column as wide as its widest cell.
-pub fn table(header: &[&str], rows: &[Vec<String>]) {
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let render = |cells: Vec<&str>| {
         let mut out = String::new();
         for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
@@ -20,12 +29,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<width$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        out.trim_end().to_owned()
     };
-    line(header.to_vec());
+    line(&render(header.to_vec()))?;
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(&render(row.iter().map(String::as_str).collect()))?;
     }
+    Ok(())
 }
 
 /// `2026-11-27T18:40:01Z`.
