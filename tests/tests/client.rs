@@ -533,3 +533,57 @@ async fn a_registration_can_carry_a_health_check_that_gates_its_traffic() {
         all[0].health_output
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_moves_is_followed_to_its_new_address() {
+    let server = TestServer::start().await;
+    let client = test_client(server.url());
+    let mut direct = server.client().await;
+    // Two greeters; one registered instance id that first points at A, then moves to B.
+    let mut ports = Vec::new();
+    let mut stops = Vec::new();
+    for id in ["at-a", "at-b"] {
+        let (listener, bound) = must(signpost_examples::bind("127.0.0.1", 0).await, "bind");
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(Greeter::new(id).serve(listener, async {
+            let _ = stopped.await;
+        }));
+        ports.push(u32::from(bound.port()));
+        stops.push(stop);
+    }
+    register(&mut direct, instance("mover", "m", ports[0])).await;
+    let channel = client.channel("mover");
+    wait_for_ids(&channel, &["m"]).await;
+    let mut greeter = GreeterServiceClient::new(channel.channel());
+    let first = must(
+        greeter
+            .say_hello(SayHelloRequest { name: "x".into() })
+            .await,
+        "call",
+    );
+    assert_eq!(first.into_inner().instance_id, "at-a");
+
+    register(&mut direct, instance("mover", "m", ports[1])).await; // UPDATED with a new port
+    within("calls following the move", async {
+        loop {
+            if channel.instances().first().map(|i| u32::from(i.port)) == Some(ports[1]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    for _ in 0..20 {
+        let answer = must(
+            greeter
+                .say_hello(SayHelloRequest { name: "x".into() })
+                .await,
+            "call",
+        );
+        assert_eq!(
+            answer.into_inner().instance_id,
+            "at-b",
+            "the old address gets no more calls"
+        );
+    }
+}

@@ -29,11 +29,6 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MethodLabels {
-    method: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: &'static str,
 }
@@ -48,7 +43,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     rpc_requests: Family<RpcLabels, Counter>,
-    rpc_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    rpc_duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
     store_writes: Family<OpLabels, Histogram, fn() -> Histogram>,
     watch_streams: Gauge,
     watch_events: Counter,
@@ -76,13 +71,12 @@ impl Metrics {
             "gRPC calls by method and status code",
             rpc_requests.clone(),
         );
-        let rpc_duration =
-            Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram,
-            );
+        let rpc_duration = Family::<RpcLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
         registry.register(
             "rpc_duration_seconds",
-            "gRPC call latency by method (streams: time to open)",
+            "gRPC call latency by method and status code (streams: time to open)",
             rpc_duration.clone(),
         );
         let store_writes = Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -143,14 +137,13 @@ impl Metrics {
     }
 
     pub(crate) fn rpc(&self, method: &'static str, code: tonic::Code, started: Instant) {
-        self.rpc_requests
-            .get_or_create(&RpcLabels {
-                method,
-                code: code_name(code),
-            })
-            .inc();
+        let labels = RpcLabels {
+            method,
+            code: code_name(code),
+        };
+        self.rpc_requests.get_or_create(&labels).inc();
         self.rpc_duration
-            .get_or_create(&MethodLabels { method })
+            .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
     }
 

@@ -122,9 +122,9 @@ fn metrics_count_rpcs_instances_and_watches() {
     assert_eq!(
         value(
             &text,
-            "signpost_rpc_duration_seconds_count{method=\"Register\"}"
+            "signpost_rpc_duration_seconds_count{method=\"Register\",code=\"OK\"}"
         ),
-        4.0
+        3.0
     );
     assert_eq!(value(&text, "signpost_instances"), 2.0);
     assert_eq!(value(&text, "signpost_services"), 1.0);
