@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Runs the benchmark workloads against Signpost's stores on this machine, in one run, and writes
-# docs/benchmarks.md. The load generator and the servers share the machine's cores.
+# Runs every workload of signpost-bench against Signpost (memory and durable stores) and against
+# etcd used as a registry, on this machine, in one run, and writes docs/benchmarks.md.
 #
-#   bench/compare.sh            # full run
-#   bench/compare.sh --quick    # a few seconds, to check the harness works
+#   bench/compare.sh            # full run (about ten minutes on two cores)
+#   bench/compare.sh --quick    # a few seconds per workload, to check the harness works
+#
+# Needs etcd (Debian: etcd-server) and protoc (protobuf-compiler, for the etcd client); installs
+# both with apt-get when missing and run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +15,19 @@ quick=false
 out=docs/benchmarks.md
 $quick && out=$(mktemp)
 
-cargo build --release --quiet -p signpost -p signpost-bench
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "bench/compare.sh needs ${need[*]} (apt-get install -y ${need[*]})" >&2
+    exit 1
+  fi
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo build --release --quiet -p signpost
+cargo build --release --quiet -p signpost-bench --features etcd
 bin=target/release
 work=$(mktemp -d)
 pids=()
@@ -23,89 +38,199 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# start NAME ARGS...: starts a server on a free loopback port in the background.
-start() {
-  local name=$1; shift
-  RUST_LOG=warn,signpost=info "$bin/signpost" serve --listen 127.0.0.1:0 "$@" \
-    >/dev/null 2>"$work/$name.log" &
-  pids+=($!)
-}
+# With two or more cores, servers run on core 0 and the load generator on the others, so each
+# server gets the same single core and the generator does not steal from it.
+cores=$(nproc)
+if [ "$cores" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
+  server_cpu=(taskset -c 0); load_cpu=(taskset -c "1-$((cores - 1))")
+  pinning="servers pinned to core 0, the load generator to cores 1-$((cores - 1)) (taskset)"
+else
+  server_cpu=(); load_cpu=()
+  pinning="no pinning (one core, or no taskset)"
+fi
 
-# address NAME: waits for the server's address in its log and prints it.
-address() {
-  local addr
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# start_signpost NAME ARGS...: a server on a free port; sets ADDR and PID.
+start_signpost() {
+  local name=$1; shift
+  RUST_LOG=warn,signpost=info "${server_cpu[@]}" "$bin/signpost" serve --listen 127.0.0.1:0 "$@" \
+    >/dev/null 2>"$work/$name.log" &
+  PID=$!; pids+=("$PID")
   for _ in $(seq 100); do
-    addr=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/$1.log" | head -1)
-    [ -n "$addr" ] && { echo "$addr"; return; }
+    ADDR=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/$name.log" | head -1)
+    [ -n "$ADDR" ] && return
     sleep 0.1
   done
-  echo "server $1 did not start:" >&2; cat "$work/$1.log" >&2; exit 1
+  echo "signpost $name did not start:" >&2; cat "$work/$name.log" >&2; exit 1
 }
 
-start memory --store memory
-start durable --store durable --data-dir "$work/data"
-memory=$(address memory)
-durable=$(address durable)
+# start_etcd NAME: a single-member etcd on free ports; sets ADDR and PID.
+start_etcd() {
+  local name=$1 client peer
+  client=$(free_port); peer=$(free_port)
+  "${server_cpu[@]}" etcd --name "$name" --data-dir "$work/$name" \
+    --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "$name=http://127.0.0.1:$peer" >"$work/$name.log" 2>&1 &
+  PID=$!; pids+=("$PID")
+  ADDR=127.0.0.1:$client
+  for _ in $(seq 100); do
+    grep -q "ready to serve client requests" "$work/$name.log" && return
+    sleep 0.1
+  done
+  echo "etcd did not start:" >&2; cat "$work/$name.log" >&2; exit 1
+}
+
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+bench() { "${load_cpu[@]}" "$bin/signpost-bench" "$@" --json; }
+field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+num() { awk -v a="$1" 'BEGIN { printf "%.0f", a }'; }
+ms() { awk -v a="$1" 'BEGIN { printf "%.2f", a }'; }
 
 if $quick; then
-  writers=(1 16); n_one=200; n_many=2000; seconds=0.5; rounds=1; prop_rounds=5
+  writers=(1 16); n_one=200; n_many=2000; seconds=1; watchers=(100); changes=10
+  leases=200; scales=("2000 200"); prop_rounds=5; bal_seconds=0.5; bal_rounds=1
 else
-  writers=(1 16 64); n_one=3000; n_many=20000; seconds=3; rounds=3; prop_rounds=200
+  writers=(1 16 64); n_one=2000; n_many=20000; seconds=5; watchers=(1000 10000); changes=100
+  leases=1000; scales=("1000 100" "100000 10000"); prop_rounds=200; bal_seconds=3; bal_rounds=3
 fi
-field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
 
+start_signpost memory --store memory; mem=$ADDR; mem_pid=$PID
+start_signpost durable --store durable --data-dir "$work/data"; dur=$ADDR; dur_pid=$PID
+start_etcd etcd; etcd=$ADDR; etcd_pid=$PID
+
+etcd_version=$(etcd --version 2>/dev/null | head -1)
 {
   echo "# Benchmarks"
   echo
-  echo "Produced by \`bench/compare.sh\` on $(date -u +%Y-%m-%d). Machine: $(nproc) cores,"
-  echo "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), $(uname -sr)."
-  echo "Signpost $("$bin/signpost" --version | cut -d' ' -f2), release build. The load generator and the"
-  echo "server share the same cores, so these numbers are lower bounds for a server with a machine of its own."
+  echo "Produced by \`bench/compare.sh\` on $(date -u +%Y-%m-%d): Signpost and etcd used as a registry, through"
+  echo "the same workloads of \`signpost-bench\`, on the same machine, in the same run."
   echo
-  echo "## Register throughput: memory vs durable store"
+  echo "- Machine: $cores cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), $(uname -sr)."
+  echo "- Signpost $("$bin/signpost" --version | cut -d' ' -f2) (release build); ${etcd_version}."
+  echo "- The load generator shares the machine with the servers: $pinning. Every figure is"
+  echo "  therefore also a measure of the generator; ratios between targets are the point."
+  echo "- Server CPU per request is the server process's user+system time from /proc over the measured"
+  echo "  stretch, divided by the requests served."
+  echo "- etcd as a registry: a lease per instance, a key per instance under a prefix, prefix range reads"
+  echo "  (serializable unless noted) and prefix watches; values are the protobuf-encoded instance."
   echo
-  echo "\`signpost-bench register -c C -n N\`: C concurrent clients over 4 connections, each registering"
-  echo "one instance at a time with its own 60 s lease (a lease grant and a put: two store mutations)."
+  echo "## Register"
   echo
-  echo "| writers | memory (reg/s) | durable (reg/s) | durable / memory | memory p99 | durable p99 |"
-  echo "|---:|---:|---:|---:|---:|---:|"
+  echo "C concurrent clients over 4 connections, each registering one instance at a time with its own"
+  echo "60 s lease (Signpost: Register with a ttl; etcd: lease grant, then put on the lease)."
+  echo
+  echo "| writers | memory (reg/s) | durable (reg/s) | etcd (reg/s) | memory / etcd | durable / etcd | durable / memory | p99 memory / durable / etcd | server CPU per reg, memory / durable / etcd |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---|---|"
   for c in "${writers[@]}"; do
     n=$n_many; [ "$c" = 1 ] && n=$n_one
-    m=$("$bin/signpost-bench" register --target "signpost://$memory" -c "$c" -n "$n" --json)
-    d=$("$bin/signpost-bench" register --target "signpost://$durable" -c "$c" -n "$n" --json)
-    mr=$(field "$m" per_second); dr=$(field "$d" per_second)
-    ratio=$(awk -v a="$dr" -v b="$mr" 'BEGIN { printf "%.2f", a / b }')
-    echo "| $c | $mr | $dr | $ratio | $(field "$m" p99_ms) ms | $(field "$d" p99_ms) ms |"
+    m=$(bench register --target "signpost://$mem" --server-pid "$mem_pid" -c "$c" -n "$n")
+    d=$(bench register --target "signpost://$dur" --server-pid "$dur_pid" -c "$c" -n "$n")
+    e=$(bench register --target "etcd://$etcd" --server-pid "$etcd_pid" -c "$c" -n "$n")
+    mr=$(field "$m" per_second); dr=$(field "$d" per_second); er=$(field "$e" per_second)
+    echo "| $c | $(num "$mr") | $(num "$dr") | $(num "$er") | $(ratio "$mr" "$er") | $(ratio "$dr" "$er") | $(ratio "$dr" "$mr") | $(ms "$(field "$m" p99_ms)") / $(ms "$(field "$d" p99_ms)") / $(ms "$(field "$e" p99_ms)") ms | $(num "$(field "$m" server_cpu_us)") / $(num "$(field "$d" server_cpu_us)") / $(num "$(field "$e" server_cpu_us)") µs |"
   done
   echo
-  echo "Reading the numbers: with one writer every mutation waits for its own fsync, so the durable"
-  echo "store runs at the disk's sync rate. With more writers, the commit thread writes everything queued"
-  echo "in one transaction and one fsync (group commit), so throughput grows with concurrency while each"
-  echo "change is still on disk before it is acknowledged. A registration with a ttl is two mutations (lease"
-  echo "grant, then put), so it waits for two commits."
+  echo "With one writer every durable mutation waits for its own fsync; with more, the commit thread"
+  echo "writes everything queued in one transaction and one fsync (group commit). A registration with a"
+  echo "ttl is two mutations (lease grant, then put), so it waits for two commits."
+  echo
+  echo "## Discover"
+  echo
+  echo "10 services of 100 instances (about 23 KB per answer), 64 concurrent callers on random services"
+  echo "for ${seconds} s after a warm-up."
+  echo
+  echo "| target | calls/s | p50 | p99 | server CPU per call | vs etcd (serializable): calls/s, CPU, p99 |"
+  echo "|---|---:|---:|---:|---:|---|"
+  es=$(bench discover --target "etcd://$etcd" --server-pid "$etcd_pid" --seconds "$seconds")
+  el=$(bench discover --target "etcd://$etcd" --server-pid "$etcd_pid" --seconds "$seconds" --linearizable)
+  m=$(bench discover --target "signpost://$mem" --server-pid "$mem_pid" --seconds "$seconds")
+  d=$(bench discover --target "signpost://$dur" --server-pid "$dur_pid" --seconds "$seconds")
+  for row in "Signpost memory|$m" "Signpost durable|$d" "etcd serializable|$es" "etcd linearizable|$el"; do
+    name=${row%%|*}; r=${row#*|}
+    echo "| $name | $(num "$(field "$r" per_second)") | $(ms "$(field "$r" p50_ms)") ms | $(ms "$(field "$r" p99_ms)") ms | $(num "$(field "$r" server_cpu_us)") µs | $(ratio "$(field "$r" per_second)" "$(field "$es" per_second)")x, $(ratio "$(field "$r" server_cpu_us)" "$(field "$es" server_cpu_us)")x, $(ratio "$(field "$r" p99_ms)" "$(field "$es" p99_ms)")x |"
+  done
+  echo
+  echo "## Watch fan-out"
+  echo
+  echo "W watch streams on one service over 4 connections; for each of $changes changes, the time from"
+  echo "sending the write to the moment every watcher has it."
+  echo
+  echo "| watchers | target | p50 | p99 | max | p99 vs etcd | server RSS after |"
+  echo "|---:|---|---:|---:|---:|---:|---:|"
+  for w in "${watchers[@]}"; do
+    e=$(bench watch --target "etcd://$etcd" --server-pid "$etcd_pid" -w "$w" -k "$changes")
+    m=$(bench watch --target "signpost://$mem" --server-pid "$mem_pid" -w "$w" -k "$changes")
+    d=$(bench watch --target "signpost://$dur" --server-pid "$dur_pid" -w "$w" -k "$changes")
+    for row in "Signpost memory|$m" "Signpost durable|$d" "etcd|$e"; do
+      name=${row%%|*}; r=${row#*|}
+      echo "| $w | $name | $(ms "$(field "$r" p50_ms)") ms | $(ms "$(field "$r" p99_ms)") ms | $(ms "$(field "$r" max_ms)") ms | $(ratio "$(field "$r" p99_ms)" "$(field "$e" p99_ms)") | $(num "$(field "$r" server_rss_mib)") MiB |"
+    done
+  done
+  echo
+  echo "## KeepAlive"
+  echo
+  echo "$leases leases, each holding one instance, refreshed as fast as 64 streams can (one request in"
+  echo "flight per stream) for ${seconds} s. A spurious expiry is a refresh answered \"expired\"; a lost"
+  echo "instance is one missing afterwards. (etcd-client opens one stream per lease; Signpost's streams"
+  echo "carry many leases each.)"
+  echo
+  echo "| target | refreshes/s | vs etcd | spurious expiries | instances lost | server CPU per refresh |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  e=$(bench keepalive --target "etcd://$etcd" --server-pid "$etcd_pid" --leases "$leases" --seconds "$seconds")
+  m=$(bench keepalive --target "signpost://$mem" --server-pid "$mem_pid" --leases "$leases" --seconds "$seconds")
+  d=$(bench keepalive --target "signpost://$dur" --server-pid "$dur_pid" --leases "$leases" --seconds "$seconds")
+  for row in "Signpost memory|$m" "Signpost durable|$d" "etcd|$e"; do
+    name=${row%%|*}; r=${row#*|}
+    echo "| $name | $(num "$(field "$r" per_second)") | $(ratio "$(field "$r" per_second)" "$(field "$e" per_second)") | $(num "$(field "$r" spurious_expiries)") | $(num "$(field "$r" instances_lost)") | $(num "$(field "$r" server_cpu_us)") µs |"
+  done
+  echo
+  echo "## Scale"
+  echo
+  echo "A fresh server of each kind: N instances, each on its own lease, 100 to a service; then watch"
+  echo "streams spread over the services (10 per service); then Discover p99 (16 callers, 3 s, random"
+  echo "services) and the fan-out p99 of changes to watched services."
+  echo
+  echo "| instances | watchers | target | load time | RSS loaded | RSS with watchers | Discover p99 | fan-out p99 |"
+  echo "|---:|---:|---|---:|---:|---:|---:|---:|"
+  for pair in "${scales[@]}"; do
+    read -r n w <<<"$pair"
+    stop "$mem_pid"; stop "$dur_pid"; stop "$etcd_pid"
+    start_signpost memory2 --store memory; mem=$ADDR; mem_pid=$PID
+    start_signpost durable2 --store durable --data-dir "$work/data-scale-$n"; dur=$ADDR; dur_pid=$PID
+    start_etcd "etcd-scale-$n"; etcd=$ADDR; etcd_pid=$PID
+    for row in "Signpost memory|signpost://$mem|$mem_pid" "Signpost durable|signpost://$dur|$dur_pid" "etcd|etcd://$etcd|$etcd_pid"; do
+      IFS='|' read -r name target pid <<<"$row"
+      r=$(bench scale --target "$target" --server-pid "$pid" --instances "$n" --watchers "$w")
+      echo "| $n | $w | $name | $(ms "$(field "$r" load_seconds)") s | $(num "$(field "$r" rss_loaded_mib)") MiB | $(num "$(field "$r" rss_with_watchers_mib)") MiB | $(ms "$(field "$r" discover_p99_ms)") ms | $(ms "$(field "$r" fanout_p99_ms)") ms |"
+    done
+  done
   echo
   echo "## The client crate's balanced channel"
   echo
-  b=$("$bin/signpost-bench" balance --target "signpost://$memory" --callers 32 --seconds "$seconds" --rounds "$rounds" --json)
+  b=$(bench balance --target "signpost://$mem" --callers 32 --seconds "$bal_seconds" --rounds "$bal_rounds")
   echo "\`signpost-bench balance\`: 32 concurrent callers on one greeter backend, through a plain tonic"
-  echo "\`Channel\` to it and through \`client.channel(..)\` balancing over the same backend; median of $rounds"
-  echo "rounds of ${seconds} s each, alternating."
+  echo "\`Channel\` to it and through \`client.channel(..)\` balancing over the same backend; median of"
+  echo "$bal_rounds rounds of ${bal_seconds} s each, alternating. The greeter runs in the load generator's process."
   echo
   echo "| plain channel (calls/s) | balanced channel (calls/s) | balanced / plain |"
   echo "|---:|---:|---:|"
-  echo "| $(field "$b" plain_per_second) | $(field "$b" balanced_per_second) | $(field "$b" ratio) |"
+  echo "| $(num "$(field "$b" plain_per_second)") | $(num "$(field "$b" balanced_per_second)") | $(field "$b" ratio) |"
   echo
-  p=$("$bin/signpost-bench" propagation --target "signpost://$memory" --rounds "$prop_rounds" --json)
-  echo "\`signpost-bench propagation\`: four callers keep a balanced channel busy; $prop_rounds times, a new backend"
-  echo "registers (time to its first routed call) and then deregisters (time from the Deregister call to the"
-  echo "last call it received)."
+  p=$(bench propagation --target "signpost://$mem" --rounds "$prop_rounds")
+  echo "\`signpost-bench propagation\`: four callers keep a balanced channel busy; $prop_rounds times, a new"
+  echo "backend registers (time to its first routed call) and then deregisters (time from the Deregister"
+  echo "call to the last call it received)."
   echo
   echo "| | p50 | p99 |"
   echo "|---|---:|---:|"
-  echo "| Register → first routed call | $(field "$p" register_to_first_p50_ms) ms | $(field "$p" register_to_first_p99_ms) ms |"
-  echo "| Deregister → last routed call | $(field "$p" deregister_to_last_p50_ms) ms | $(field "$p" deregister_to_last_p99_ms) ms |"
+  echo "| Register → first routed call | $(ms "$(field "$p" register_to_first_p50_ms)") ms | $(ms "$(field "$p" register_to_first_p99_ms)") ms |"
+  echo "| Deregister → last routed call | $(ms "$(field "$p" deregister_to_last_p50_ms)") ms | $(ms "$(field "$p" deregister_to_last_p99_ms)") ms |"
   echo
-  echo "Failed calls during the propagation run: $(field "$p" failed_calls)."
+  echo "Failed calls during the propagation run: $(num "$(field "$p" failed_calls)")."
 } > "$out"
 
 cat "$out"

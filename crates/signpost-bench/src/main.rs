@@ -1,146 +1,163 @@
-//! `signpost-bench`: a load generator for Signpost's discovery workloads.
+//! `signpost-bench`: a load generator for service-discovery workloads, defined once and run
+//! against Signpost (`signpost://HOST:PORT`) or against etcd used as a registry the way people do
+//! today (`etcd://HOST:PORT`: a lease per instance, a key per instance under a prefix, prefix range
+//! reads and prefix watches).
 //!
-//! Each workload is defined once and run against a target URL; the summary is one line of text
-//! (or JSON with `--json`) that `bench/compare.sh` collects into `docs/benchmarks.md`.
+//! Each run prints one line (or one JSON object with `--json`) that `bench/compare.sh` collects
+//! into `docs/benchmarks.md`. With `--server-pid`, the server's CPU time per request (from /proc)
+//! and its memory are reported beside throughput, because on one small machine the load generator
+//! competes with the server for the same cores.
 //!
-//! Workloads: `register` — C concurrent clients register N instances over S services with a ttl,
-//! each on its own lease; reports throughput and latency percentiles. `balance` — calls per second
-//! through the client crate's balanced channel against a plain channel to the same backend.
-//! `propagation` — how long a new backend waits for its first routed call, and how long a
-//! deregistered one keeps getting calls.
+//! `etcd-client` is the etcd v3 client the comparison needs (it shares tonic with Signpost).
 
 mod balance;
+mod workloads;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
-use signpost_proto::v1 as pb;
-use signpost_proto::v1::registry_service_client::RegistryServiceClient;
-use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Parser)]
-#[command(name = "signpost-bench", about = "Load generator for Signpost")]
+#[command(name = "signpost-bench", about = "Load generator for Signpost and etcd")]
 struct Cli {
     #[command(subcommand)]
     workload: Workload,
 }
 
+/// What every workload takes.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Common {
+    /// signpost://HOST:PORT or etcd://HOST:PORT
+    #[arg(long)]
+    pub target: String,
+    /// The server's process id, to report its CPU time per request and its memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Workload {
-    /// Concurrent registrations, each with its own lease.
-    Register(RegisterArgs),
+    /// C concurrent clients register N instances over S services, each on its own lease.
+    Register {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, short = 'c', default_value_t = 64)]
+        clients: usize,
+        #[arg(long, short = 'n', default_value_t = 20_000)]
+        count: usize,
+        #[arg(long, default_value_t = 100)]
+        services: usize,
+        /// Lease ttl in seconds.
+        #[arg(long, default_value_t = 60)]
+        ttl: i64,
+    },
+    /// S services of I instances each; C concurrent Discover calls on random services.
+    Discover {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 10)]
+        services: usize,
+        #[arg(long, default_value_t = 100)]
+        instances: usize,
+        #[arg(long, short = 'c', default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// etcd only: linearizable reads instead of serializable ones.
+        #[arg(long)]
+        linearizable: bool,
+    },
+    /// W watch streams on one service; for each of K changes, the time from sending the write to
+    /// the moment all W watchers have it.
+    Watch {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, short = 'w', default_value_t = 1_000)]
+        watchers: usize,
+        #[arg(long, short = 'k', default_value_t = 100)]
+        changes: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+    },
+    /// L leases refreshed as fast as S streams can, for a while; refreshes per second and
+    /// expiries that should not have happened.
+    Keepalive {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1_000)]
+        leases: usize,
+        #[arg(long, default_value_t = 64)]
+        streams: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// Load N instances (each on its own lease) and W watch streams, then report the server's
+    /// memory, Discover p99 and watch fan-out p99.
+    Scale {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 100_000)]
+        instances: usize,
+        #[arg(long, default_value_t = 10_000)]
+        watchers: usize,
+        /// Instances per service.
+        #[arg(long, default_value_t = 100)]
+        per_service: usize,
+    },
     /// Calls per second through a balanced channel against a plain channel to the same backend.
     Balance {
-        #[arg(long)]
-        target: String,
+        #[command(flatten)]
+        common: Common,
         #[arg(long, default_value_t = 32)]
         callers: usize,
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        #[arg(long)]
-        json: bool,
     },
     /// Time from a backend's Register to its first routed call, and from its Deregister to its
     /// last, with callers busy on a balanced channel.
     Propagation {
-        #[arg(long)]
-        target: String,
+        #[command(flatten)]
+        common: Common,
         #[arg(long, default_value_t = 100)]
         rounds: usize,
-        #[arg(long)]
-        json: bool,
     },
 }
 
-#[derive(Debug, clap::Args)]
-struct RegisterArgs {
-    /// signpost://HOST:PORT
-    #[arg(long)]
-    target: String,
-    /// Concurrent clients (each sends one request at a time).
-    #[arg(long, short = 'c', default_value_t = 64)]
-    clients: usize,
-    /// Instances to register in all.
-    #[arg(long, short = 'n', default_value_t = 20_000)]
-    count: usize,
-    /// Services the instances are spread over.
-    #[arg(long, default_value_t = 100)]
-    services: usize,
-    /// Lease ttl in seconds.
-    #[arg(long, default_value_t = 60)]
-    ttl: i64,
-    /// Connections the clients are spread over.
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug)]
-enum Target {
+/// Where the load goes.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) enum Target {
     Signpost(String),
+    Etcd(String),
 }
 
-fn parse_target(target: &str) -> anyhow::Result<Target> {
-    match target.split_once("://") {
-        Some(("signpost", addr)) => Ok(Target::Signpost(format!("http://{addr}"))),
-        _ => bail!("target {target:?} is not of the form signpost://HOST:PORT"),
-    }
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().workload {
-        Workload::Register(args) => register(args).await,
-        Workload::Balance {
-            target,
-            callers,
-            seconds,
-            rounds,
-            json,
-        } => {
-            let Target::Signpost(url) = parse_target(&target)?;
-            balance::balance(url, callers, seconds, rounds, json).await
-        }
-        Workload::Propagation {
-            target,
-            rounds,
-            json,
-        } => {
-            let Target::Signpost(url) = parse_target(&target)?;
-            balance::propagation(url, rounds, json).await
+impl Target {
+    pub(crate) fn parse(target: &str) -> anyhow::Result<Target> {
+        match target.split_once("://") {
+            Some(("signpost", addr)) => Ok(Target::Signpost(format!("http://{addr}"))),
+            Some(("etcd", addr)) => Ok(Target::Etcd(format!("http://{addr}"))),
+            _ => bail!("target {target:?} is not signpost://HOST:PORT or etcd://HOST:PORT"),
         }
     }
-}
-
-async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {url}"))?;
-        out.push(channel);
-    }
-    Ok(out)
 }
 
 /// Latencies in microseconds, sorted; percentiles by nearest rank.
-struct Latencies(Vec<u64>);
+pub(crate) struct Latencies(Vec<u64>);
 
 impl Latencies {
-    fn new(mut samples: Vec<u64>) -> Self {
+    pub(crate) fn new(mut samples: Vec<u64>) -> Self {
         samples.sort_unstable();
         Latencies(samples)
     }
 
-    fn percentile(&self, p: f64) -> f64 {
+    /// In milliseconds.
+    pub(crate) fn percentile(&self, p: f64) -> f64 {
         if self.0.is_empty() {
             return 0.0;
         }
@@ -149,74 +166,82 @@ impl Latencies {
     }
 }
 
-async fn register(args: RegisterArgs) -> anyhow::Result<()> {
-    let Target::Signpost(url) = parse_target(&args.target)?;
-    let channels = channels(&url, args.connections).await?;
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..args.clients.max(1))
-        .map(|c| {
-            let mut client = RegistryServiceClient::new(channels[c % channels.len()].clone());
-            let next = next.clone();
-            let (count, services, ttl) = (args.count, args.services.max(1), args.ttl);
-            tokio::spawn(async move {
-                let mut samples = Vec::new();
-                loop {
-                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if n >= count {
-                        break;
-                    }
-                    let request = pb::RegisterRequest {
-                        instance: Some(pb::Instance {
-                            service: format!("svc-{}", n % services),
-                            id: format!("i-{n}"),
-                            address: "10.0.0.1".into(),
-                            port: 8080,
-                            ..Default::default()
-                        }),
-                        ttl: Some(prost_types::Duration {
-                            seconds: ttl,
-                            nanos: 0,
-                        }),
-                        lease_id: 0,
-                    };
-                    let sent = Instant::now();
-                    client.register(request).await?;
-                    samples.push(sent.elapsed().as_micros() as u64);
-                }
-                Ok::<_, tonic::Status>(samples)
-            })
-        })
-        .collect();
-    let mut samples = Vec::with_capacity(args.count);
-    for task in tasks {
-        samples.extend(
-            task.await
-                .context("client task")?
-                .context("register failed")?,
-        );
-    }
-    let elapsed = started.elapsed();
-    report(&args, elapsed, Latencies::new(samples));
-    Ok(())
+/// A process's CPU time so far (user + system), from /proc; Linux counts it in 1/100 s.
+pub(crate) fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // The command name may hold spaces; fields are counted after its closing parenthesis.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
 }
 
-fn report(args: &RegisterArgs, elapsed: Duration, latencies: Latencies) {
-    let rate = args.count as f64 / elapsed.as_secs_f64();
-    let (p50, p99, max) = (
-        latencies.percentile(50.0),
-        latencies.percentile(99.0),
-        latencies.percentile(100.0),
-    );
-    if args.json {
-        println!(
-            "{{\"workload\":\"register\",\"target\":\"{}\",\"clients\":{},\"count\":{},\"per_second\":{rate:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"max_ms\":{max:.3}}}",
-            args.target, args.clients, args.count
-        );
-    } else {
-        println!(
-            "register {} clients={} count={}: {rate:.0}/s p50={p50:.2}ms p99={p99:.2}ms max={max:.2}ms",
-            args.target, args.clients, args.count
-        );
+/// A process's resident memory in MiB, from /proc.
+pub(crate) fn rss_mib(pid: Option<u32>) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().workload {
+        Workload::Register {
+            common,
+            clients,
+            count,
+            services,
+            ttl,
+        } => workloads::register(common, clients, count, services, ttl).await,
+        Workload::Discover {
+            common,
+            services,
+            instances,
+            clients,
+            seconds,
+            linearizable,
+        } => workloads::discover(common, services, instances, clients, seconds, linearizable).await,
+        Workload::Watch {
+            common,
+            watchers,
+            changes,
+            connections,
+        } => workloads::watch(common, watchers, changes, connections).await,
+        Workload::Keepalive {
+            common,
+            leases,
+            streams,
+            seconds,
+        } => workloads::keepalive(common, leases, streams, seconds).await,
+        Workload::Scale {
+            common,
+            instances,
+            watchers,
+            per_service,
+        } => workloads::scale(common, instances, watchers, per_service).await,
+        Workload::Balance {
+            common,
+            callers,
+            seconds,
+            rounds,
+        } => {
+            let Target::Signpost(url) = Target::parse(&common.target)? else {
+                bail!("balance runs against a signpost:// target");
+            };
+            balance::balance(url, callers, seconds, rounds, common.json).await
+        }
+        Workload::Propagation { common, rounds } => {
+            let Target::Signpost(url) = Target::parse(&common.target)? else {
+                bail!("propagation runs against a signpost:// target");
+            };
+            balance::propagation(url, rounds, common.json).await
+        }
     }
 }
