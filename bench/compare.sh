@@ -231,6 +231,9 @@ etcd_version=$(etcd --version 2>/dev/null | head -1)
   echo "| Deregister → last routed call | $(ms "$(field "$p" deregister_to_last_p50_ms)") ms | $(ms "$(field "$p" deregister_to_last_p99_ms)") ms |"
   echo
   echo "Failed calls during the propagation run: $(num "$(field "$p" failed_calls)")."
+  echo
+  # The reading of the numbers is kept by hand beside this script.
+  $quick || cat bench/analysis.md
 } > "$out"
 
 cat "$out"

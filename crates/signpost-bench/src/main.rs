@@ -19,7 +19,10 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "signpost-bench", about = "Load generator for Signpost and etcd")]
+#[command(
+    name = "signpost-bench",
+    about = "Load generator for Signpost and etcd"
+)]
 struct Cli {
     #[command(subcommand)]
     workload: Workload,

@@ -41,8 +41,7 @@ pub(crate) async fn connect(target: &Target, n: usize) -> anyhow::Result<Vec<Con
                     .await
                     .with_context(|| format!("cannot connect to {url}"))?;
                 Conn::Signpost(
-                    RegistryServiceClient::new(channel)
-                        .max_decoding_message_size(64 * 1024 * 1024),
+                    RegistryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
                 )
             }
             #[cfg(not(feature = "etcd"))]
@@ -88,7 +87,10 @@ impl Conn {
             Conn::Signpost(c) => {
                 let request = pb::RegisterRequest {
                     instance: Some(instance(service, id)),
-                    ttl: (ttl > 0).then_some(prost_types::Duration { seconds: ttl, nanos: 0 }),
+                    ttl: (ttl > 0).then_some(prost_types::Duration {
+                        seconds: ttl,
+                        nanos: 0,
+                    }),
                     lease_id: 0,
                 };
                 Ok(c.register(request).await?.into_inner().lease_id as i64)
@@ -98,8 +100,12 @@ impl Conn {
                 let value = instance(service, id).encode_to_vec();
                 if ttl > 0 {
                     let lease = c.lease_grant(ttl, None).await?.id();
-                    c.put(key(service, id), value, Some(PutOptions::new().with_lease(lease)))
-                        .await?;
+                    c.put(
+                        key(service, id),
+                        value,
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await?;
                     Ok(lease)
                 } else {
                     c.put(key(service, id), value, None).await?;
@@ -125,7 +131,10 @@ impl Conn {
                 if !linearizable {
                     options = options.with_serializable();
                 }
-                Ok(c.get(format!("{PREFIX}{service}/"), Some(options)).await?.kvs().len())
+                Ok(c.get(format!("{PREFIX}{service}/"), Some(options))
+                    .await?
+                    .kvs()
+                    .len())
             }
         }
     }
@@ -134,7 +143,10 @@ impl Conn {
 /// Prints a result line: `name key=value ...`, or one JSON object.
 fn report(common: &Common, workload: &str, fields: &[(&str, f64)]) {
     if common.json {
-        let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v:.3}")).collect();
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("\"{k}\":{v:.3}"))
+            .collect();
         println!(
             "{{\"workload\":\"{workload}\",\"target\":\"{}\",{}}}",
             common.target,
@@ -304,7 +316,11 @@ pub(crate) async fn discover(
     let latencies = Latencies::new(samples);
     report(
         &common,
-        if linearizable { "discover_linearizable" } else { "discover" },
+        if linearizable {
+            "discover_linearizable"
+        } else {
+            "discover"
+        },
         &[
             ("clients", clients as f64),
             ("instances_per_service", instances as f64),
@@ -337,7 +353,10 @@ impl Arrivals {
 
     /// A watcher saw instance id `id`; ids of changes look like `PREFIX<n>`.
     async fn saw(&self, id: &str, prefix: &str) {
-        let Some(n) = id.strip_prefix(prefix).and_then(|n| n.parse::<usize>().ok()) else {
+        let Some(n) = id
+            .strip_prefix(prefix)
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
             return;
         };
         let Some(count) = self.counts.get(n) else {
@@ -356,7 +375,10 @@ impl Arrivals {
             if let Some(at) = self.done.lock().await[n] {
                 return Ok(at);
             }
-            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
                 bail!(
                     "change {n} reached {} of {} watchers in 30 s",
                     self.counts[n].load(Ordering::Relaxed),
@@ -383,7 +405,10 @@ async fn open_watchers(
         tokio::spawn(async move {
             match conn {
                 Conn::Signpost(mut c) => {
-                    let request = pb::WatchRequest { service, ..Default::default() };
+                    let request = pb::WatchRequest {
+                        service,
+                        ..Default::default()
+                    };
                     let mut stream = match c.watch(request).await {
                         Ok(s) => s.into_inner(),
                         Err(e) => return drop(ready.send(Err(e.into())).await),
@@ -403,10 +428,11 @@ async fn open_watchers(
                 #[cfg(feature = "etcd")]
                 Conn::Etcd(mut c) => {
                     let options = WatchOptions::new().with_prefix();
-                    let mut stream = match c.watch(format!("{PREFIX}{service}/"), Some(options)).await {
-                        Ok(s) => s,
-                        Err(e) => return drop(ready.send(Err(e.into())).await),
-                    };
+                    let mut stream =
+                        match c.watch(format!("{PREFIX}{service}/"), Some(options)).await {
+                            Ok(s) => s,
+                            Err(e) => return drop(ready.send(Err(e.into())).await),
+                        };
                     let _ = ready.send(Ok(())).await;
                     while let Ok(Some(message)) = stream.message().await {
                         for event in message.events() {
@@ -500,7 +526,10 @@ pub(crate) async fn keepalive(
                             if stop.load(Ordering::Relaxed) {
                                 break 'run;
                             }
-                            tx.send(pb::KeepAliveRequest { lease_id: *lease as u64 }).await?;
+                            tx.send(pb::KeepAliveRequest {
+                                lease_id: *lease as u64,
+                            })
+                            .await?;
                             let answer = answers.message().await?.context("stream ended")?;
                             refreshes.fetch_add(1, Ordering::Relaxed);
                             if answer.expired {
@@ -583,7 +612,14 @@ pub(crate) async fn scale(
     let mut arrivals = Vec::with_capacity(watched);
     for s in 0..watched {
         let a = Arrivals::new(5, per_watched.max(1));
-        open_watchers(&conns, &format!("scale-{s}"), per_watched.max(1), a.clone(), "fan").await?;
+        open_watchers(
+            &conns,
+            &format!("scale-{s}"),
+            per_watched.max(1),
+            a.clone(),
+            "fan",
+        )
+        .await?;
         arrivals.push(a);
     }
     let rss_watched = rss_mib(common.server_pid).unwrap_or(0.0);
@@ -603,7 +639,9 @@ pub(crate) async fn scale(
             continue;
         }
         let sent = Instant::now();
-        writer.register(&format!("scale-{s}"), &format!("fan{slot}"), 0).await?;
+        writer
+            .register(&format!("scale-{s}"), &format!("fan{slot}"), 0)
+            .await?;
         let all = arrivals[s].wait(slot).await?;
         fan.push(all.duration_since(sent).as_micros() as u64);
     }

@@ -57,13 +57,22 @@ impl<S: Store> Registry<S> {
         self.shutdown.clone()
     }
 
-    fn observe<T>(&self, method: &'static str, started: Instant, result: &Result<T, Status>) {
+    /// Runs a handler body, turns its error into a status (the one place that does), and
+    /// counts the call by method and code.
+    async fn timed<T>(
+        &self,
+        method: &'static str,
+        body: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let result = body.await.map(Response::new).map_err(Status::from);
         if let Some(metrics) = &self.config.metrics {
             let code = result
                 .as_ref()
                 .map_or_else(Status::code, |_| tonic::Code::Ok);
             metrics.rpc(method, code, started);
         }
+        result
     }
 
     fn store_write(&self, op: &'static str, started: Instant) {
@@ -271,14 +280,8 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let started = Instant::now();
-        let result = self
-            .do_register(request.into_inner())
+        self.timed("Register", self.do_register(request.into_inner()))
             .await
-            .map(Response::new)
-            .map_err(Status::from);
-        self.observe("Register", started, &result);
-        result
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -286,14 +289,8 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        let started = Instant::now();
-        let result = self
-            .do_deregister(request.into_inner())
+        self.timed("Deregister", self.do_deregister(request.into_inner()))
             .await
-            .map(Response::new)
-            .map_err(Status::from);
-        self.observe("Deregister", started, &result);
-        result
     }
 
     type KeepAliveStream = ReceiverStream<Result<pb::KeepAliveResponse, Status>>;
@@ -302,10 +299,8 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        let started = Instant::now();
-        let result = Ok(Response::new(self.start_keep_alive(request.into_inner())));
-        self.observe("KeepAlive", started, &result);
-        result
+        let stream = self.start_keep_alive(request.into_inner());
+        self.timed("KeepAlive", async { Ok(stream) }).await
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -313,14 +308,8 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::DiscoverRequest>,
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
-        let started = Instant::now();
-        let result = self
-            .do_discover(request.into_inner())
+        self.timed("Discover", self.do_discover(request.into_inner()))
             .await
-            .map(Response::new)
-            .map_err(Status::from);
-        self.observe("Discover", started, &result);
-        result
     }
 
     type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
@@ -330,13 +319,8 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let started = Instant::now();
-        let result = self
-            .start_watch(request.into_inner())
-            .map(Response::new)
-            .map_err(Status::from);
-        self.observe("Watch", started, &result);
-        result
+        let started = self.start_watch(request.into_inner());
+        self.timed("Watch", async { started }).await
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -344,13 +328,7 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let started = Instant::now();
-        let result = self
-            .do_list_services(request.into_inner())
+        self.timed("ListServices", self.do_list_services(request.into_inner()))
             .await
-            .map(Response::new)
-            .map_err(Status::from);
-        self.observe("ListServices", started, &result);
-        result
     }
 }

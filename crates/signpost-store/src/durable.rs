@@ -27,11 +27,9 @@ use tokio::time::Instant;
 
 use crate::codec::{decode_instance, encode_instance, key_bytes};
 use crate::engine::{CommitLog, Engine, LeaseOp, Pending};
-use crate::model::{
-    Change, Deleted, Instance, InstanceKey, Lease, LeaseId, Revision, ServiceList, Snapshot,
-};
+use crate::model::{Change, Instance, LeaseId, Revision};
 use crate::state::State;
-use crate::{ChangeFeed, Error, HealthUpdate, MemoryConfig, Result, Store, Watch};
+use crate::{Error, MemoryConfig, Result};
 
 /// The most changes applied in memory and not yet on disk at any moment.
 pub const MAX_IN_FLIGHT: u64 = 4_096;
@@ -324,57 +322,4 @@ impl Committer {
     }
 }
 
-impl Store for DurableStore {
-    async fn put(&self, instance: Instance, lease: Option<LeaseId>) -> Result<Arc<Instance>> {
-        self.engine.put(instance, lease).await
-    }
-
-    async fn delete(&self, key: &InstanceKey) -> Result<Deleted> {
-        self.engine.delete(key).await
-    }
-
-    async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
-        self.engine.grant_lease(ttl).await
-    }
-
-    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Lease>> {
-        self.engine.keep_alive(lease).await
-    }
-
-    async fn revoke_lease(&self, lease: LeaseId) -> Result<bool> {
-        self.engine.revoke_lease(lease).await
-    }
-
-    async fn list(&self, namespace: &str, service: &str) -> Result<Snapshot> {
-        self.engine.list(namespace, service)
-    }
-
-    async fn list_services(&self, namespace: &str) -> Result<ServiceList> {
-        self.engine.list_services(namespace)
-    }
-
-    async fn watch(
-        &self,
-        namespace: &str,
-        service: &str,
-        after: Option<Revision>,
-    ) -> Result<Watch> {
-        self.engine.watch(namespace, service, after)
-    }
-
-    async fn set_health(&self, update: HealthUpdate) -> Result<Option<Arc<Instance>>> {
-        self.engine.set_health(update).await
-    }
-
-    async fn evict(&self, key: &InstanceKey, create_revision: Revision) -> Result<Deleted> {
-        self.engine.evict(key, create_revision).await
-    }
-
-    async fn counts(&self) -> Result<crate::Counts> {
-        self.engine.counts()
-    }
-
-    async fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
-        self.engine.watch_checks()
-    }
-}
+crate::engine::store_on_engine!(DurableStore);

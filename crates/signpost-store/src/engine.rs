@@ -374,3 +374,83 @@ async fn expire_leases(engine: Weak<Engine>, wake: Arc<Notify>) {
         }
     }
 }
+
+/// Implements [`Store`](crate::Store) for a backend that is an [`Engine`] in a field named
+/// `engine`: the memory and durable backends differ only in how the engine was built.
+macro_rules! store_on_engine {
+    ($backend:ty) => {
+        impl $crate::Store for $backend {
+            async fn put(
+                &self,
+                instance: $crate::Instance,
+                lease: Option<$crate::LeaseId>,
+            ) -> $crate::Result<std::sync::Arc<$crate::Instance>> {
+                self.engine.put(instance, lease).await
+            }
+
+            async fn delete(&self, key: &$crate::InstanceKey) -> $crate::Result<$crate::Deleted> {
+                self.engine.delete(key).await
+            }
+
+            async fn grant_lease(&self, ttl: std::time::Duration) -> $crate::Result<$crate::Lease> {
+                self.engine.grant_lease(ttl).await
+            }
+
+            async fn keep_alive(
+                &self,
+                lease: $crate::LeaseId,
+            ) -> $crate::Result<Option<$crate::Lease>> {
+                self.engine.keep_alive(lease).await
+            }
+
+            async fn revoke_lease(&self, lease: $crate::LeaseId) -> $crate::Result<bool> {
+                self.engine.revoke_lease(lease).await
+            }
+
+            async fn list(
+                &self,
+                namespace: &str,
+                service: &str,
+            ) -> $crate::Result<$crate::Snapshot> {
+                self.engine.list(namespace, service)
+            }
+
+            async fn list_services(&self, namespace: &str) -> $crate::Result<$crate::ServiceList> {
+                self.engine.list_services(namespace)
+            }
+
+            async fn watch(
+                &self,
+                namespace: &str,
+                service: &str,
+                after: Option<$crate::Revision>,
+            ) -> $crate::Result<$crate::Watch> {
+                self.engine.watch(namespace, service, after)
+            }
+
+            async fn set_health(
+                &self,
+                update: $crate::HealthUpdate,
+            ) -> $crate::Result<Option<std::sync::Arc<$crate::Instance>>> {
+                self.engine.set_health(update).await
+            }
+
+            async fn evict(
+                &self,
+                key: &$crate::InstanceKey,
+                create_revision: $crate::Revision,
+            ) -> $crate::Result<$crate::Deleted> {
+                self.engine.evict(key, create_revision).await
+            }
+
+            async fn counts(&self) -> $crate::Result<$crate::Counts> {
+                self.engine.counts()
+            }
+
+            async fn watch_checks(&self) -> $crate::Result<($crate::Snapshot, $crate::ChangeFeed)> {
+                self.engine.watch_checks()
+            }
+        }
+    };
+}
+pub(crate) use store_on_engine;

@@ -1,16 +1,13 @@
 //! The memory backend: all state in one process, gone when it stops.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 
 use crate::engine::Engine;
-use crate::model::{
-    Deleted, Instance, InstanceKey, Lease, LeaseId, Revision, ServiceList, Snapshot,
-};
+use crate::model::Revision;
 use crate::state::State;
-use crate::{ChangeFeed, HealthUpdate, Result, Store, Watch};
 
 /// Tuning for a [`MemoryStore`] (and the in-memory side of the durable store).
 #[derive(Debug, Clone)]
@@ -65,65 +62,13 @@ impl MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
-    async fn put(&self, instance: Instance, lease: Option<LeaseId>) -> Result<Arc<Instance>> {
-        self.engine.put(instance, lease).await
-    }
-
-    async fn delete(&self, key: &InstanceKey) -> Result<Deleted> {
-        self.engine.delete(key).await
-    }
-
-    async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
-        self.engine.grant_lease(ttl).await
-    }
-
-    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Lease>> {
-        self.engine.keep_alive(lease).await
-    }
-
-    async fn revoke_lease(&self, lease: LeaseId) -> Result<bool> {
-        self.engine.revoke_lease(lease).await
-    }
-
-    async fn list(&self, namespace: &str, service: &str) -> Result<Snapshot> {
-        self.engine.list(namespace, service)
-    }
-
-    async fn list_services(&self, namespace: &str) -> Result<ServiceList> {
-        self.engine.list_services(namespace)
-    }
-
-    async fn watch(
-        &self,
-        namespace: &str,
-        service: &str,
-        after: Option<Revision>,
-    ) -> Result<Watch> {
-        self.engine.watch(namespace, service, after)
-    }
-
-    async fn set_health(&self, update: HealthUpdate) -> Result<Option<Arc<Instance>>> {
-        self.engine.set_health(update).await
-    }
-
-    async fn evict(&self, key: &InstanceKey, create_revision: Revision) -> Result<Deleted> {
-        self.engine.evict(key, create_revision).await
-    }
-
-    async fn counts(&self) -> Result<crate::Counts> {
-        self.engine.counts()
-    }
-
-    async fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
-        self.engine.watch_checks()
-    }
-}
+crate::engine::store_on_engine!(MemoryStore);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Change, ChangeFeed, FeedItem, RemovalCause, WatchStart};
+    use crate::{Change, ChangeFeed, FeedItem, Instance, RemovalCause, Store, WatchStart};
+    use std::time::Duration;
     use tokio::time::Instant;
 
     fn instance(service: &str, id: &str) -> Instance {
