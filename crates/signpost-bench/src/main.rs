@@ -8,10 +8,16 @@
 //! and its memory are reported beside throughput, because on one small machine the load generator
 //! competes with the server for the same cores.
 //!
-//! `etcd-client` is the etcd v3 client the comparison needs (it shares tonic with Signpost).
+//! `etcd-client` is the etcd v3 client the comparison needs (it shares tonic with Signpost);
+//! `mimalloc` keeps the generator's own allocations cheap.
 
 mod balance;
 mod workloads;
+
+/// The same allocator as the server: decoding answers allocates as much as building them did,
+/// and the generator should be the last thing to run out of CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Duration;
 
