@@ -196,8 +196,21 @@ impl Engine {
     }
 
     pub(crate) async fn delete(&self, key: &InstanceKey) -> Result<Deleted> {
+        self.remove(key, RemovalCause::Deregistered, None).await
+    }
+
+    /// Removes an instance for `cause`; with `create_revision`, only that registration of it.
+    async fn remove(
+        &self,
+        key: &InstanceKey,
+        cause: RemovalCause,
+        create_revision: Option<Revision>,
+    ) -> Result<Deleted> {
         self.mutate(1, |state, _| {
-            let found = state.delete(key, RemovalCause::Deregistered);
+            if create_revision.is_some_and(|r| state.create_revision(key) != Some(r)) {
+                return Ok(Applied::nothing(state.deleted(None)));
+            }
+            let found = state.delete(key, cause);
             let changes = found.iter().map(|(_, c)| c.clone()).collect();
             Ok(Applied {
                 value: state.deleted(found),
@@ -237,19 +250,8 @@ impl Engine {
         key: &InstanceKey,
         create_revision: Revision,
     ) -> Result<Deleted> {
-        self.mutate(1, |state, _| {
-            if state.create_revision(key) != Some(create_revision) {
-                return Ok(Applied::nothing(state.deleted(None)));
-            }
-            let found = state.delete(key, RemovalCause::Unhealthy);
-            let changes = found.iter().map(|(_, c)| c.clone()).collect();
-            Ok(Applied {
-                value: state.deleted(found),
-                changes,
-                leases: Vec::new(),
-            })
-        })
-        .await
+        self.remove(key, RemovalCause::Unhealthy, Some(create_revision))
+            .await
     }
 
     pub(crate) fn counts(&self) -> Result<crate::Counts> {

@@ -67,9 +67,10 @@ pub struct ServicesArgs {
     common: Common,
 }
 
+/// Which instances of a service: the filter `ls` and `watch` share.
 #[derive(Debug, clap::Args)]
-pub struct LsArgs {
-    /// The service to list.
+pub struct FilterArgs {
+    /// The service.
     service: String,
     /// Only instances with all these tags (comma-separated).
     #[arg(long, value_delimiter = ',')]
@@ -80,6 +81,12 @@ pub struct LsArgs {
     /// Include critical instances.
     #[arg(long)]
     all: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    filter: FilterArgs,
     #[command(flatten)]
     common: Common,
 }
@@ -131,15 +138,8 @@ pub struct DeregisterArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
-    /// The service to watch.
-    service: String,
-    #[arg(long, value_delimiter = ',')]
-    tags: Vec<String>,
-    #[arg(long, default_value = "")]
-    selector: String,
-    /// Include critical instances.
-    #[arg(long)]
-    all: bool,
+    #[command(flatten)]
+    filter: FilterArgs,
     #[command(flatten)]
     common: Common,
 }
@@ -150,12 +150,12 @@ fn parse_meta(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not key=value"))
 }
 
-fn filter(common: &Common, service: &str, tags: &[String], selector: &str, all: bool) -> Filter {
-    let mut filter = Filter::service(service)
+fn filter(common: &Common, args: &FilterArgs) -> Filter {
+    let mut filter = Filter::service(args.service.clone())
         .namespace(common.namespace.clone())
-        .selector(selector)
-        .include_unhealthy(all);
-    for tag in tags {
+        .selector(args.selector.clone())
+        .include_unhealthy(args.all);
+    for tag in &args.tags {
         filter = filter.tag(tag.clone());
     }
     filter
@@ -280,13 +280,7 @@ pub async fn services(args: ServicesArgs) -> anyhow::Result<()> {
 }
 
 pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
-    let filter = filter(
-        &args.common,
-        &args.service,
-        &args.tags,
-        &args.selector,
-        args.all,
-    );
+    let filter = filter(&args.common, &args.filter);
     let instances = args.common.client()?.discover(filter).await?;
     match args.common.format {
         Format::Json => {
@@ -295,7 +289,7 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
         }
         Format::Table => {
             if instances.is_empty() {
-                say!("no instances of {:?} match", args.service);
+                say!("no instances of {:?} match", args.filter.service);
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = instances
@@ -514,13 +508,7 @@ fn print_event(
 }
 
 pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
-    let filter = filter(
-        &args.common,
-        &args.service,
-        &args.tags,
-        &args.selector,
-        args.all,
-    );
+    let filter = filter(&args.common, &args.filter);
     let client = args.common.client()?;
     let mut updates = client.watch(filter);
     // What we have shown, so a reset after a reconnect prints only what really changed.
