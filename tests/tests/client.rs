@@ -587,3 +587,49 @@ async fn an_instance_that_moves_is_followed_to_its_new_address() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_behind_a_channel_ends_when_the_last_clone_is_dropped() {
+    let metrics = Arc::new(signpost_server::metrics::Metrics::new());
+    let config = Config {
+        metrics: Some(metrics.clone()),
+        ..Config::default()
+    };
+    let server = TestServer::start_with(config, MemoryConfig::default()).await;
+    let client = test_client(server.url());
+    let open_watches = || {
+        let metrics = metrics.clone();
+        let store = server.store.clone();
+        async move {
+            let text = metrics.render(&*store).await;
+            text.lines()
+                .find_map(|l| l.strip_prefix("signpost_watch_streams "))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .unwrap_or(-1)
+        }
+    };
+    let until = |want: i64, what: &'static str| {
+        let open_watches = open_watches.clone();
+        within(what, async move {
+            while open_watches().await != want {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    let balanced = client.channel("svc");
+    let copy = balanced.clone();
+    let raw = balanced.channel();
+    until(1, "the channel's watch is open").await;
+    drop(balanced);
+    drop(copy);
+    // A tonic Channel clone still holds the balancer: the watch must stay.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        open_watches().await,
+        1,
+        "still in use through a Channel clone"
+    );
+    drop(raw);
+    until(0, "the watch ends with the last clone").await;
+}
