@@ -609,7 +609,6 @@ async fn the_watch_behind_a_channel_ends_when_the_last_clone_is_dropped() {
         }
     };
     let until = |want: i64, what: &'static str| {
-        let open_watches = open_watches.clone();
         within(what, async move {
             while open_watches().await != want {
                 tokio::time::sleep(Duration::from_millis(10)).await;
