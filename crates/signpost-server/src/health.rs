@@ -296,7 +296,12 @@ pub(crate) async fn run<S: Store>(
                         }
                     }
                     FeedItem::Lagged => continue 'subscribe,
-                    FeedItem::Closed => return,
+                    // A shared backend hands the checks to another server: wait to get them back.
+                    FeedItem::Closed => {
+                        tracing::info!("health checks stopped on this server");
+                        checks.reconcile(&[], Instant::now());
+                        continue 'subscribe;
+                    }
                 },
                 _ = sleep_until(next_due) => {
                     for job in checks.take_due(Instant::now()) {

@@ -102,6 +102,7 @@ pub async fn serve<S: Store>(
 ) -> Result<(), ServeError> {
     let (max_request, max_response) = (config.max_request_size, config.max_response_size);
     let health_checks = config.health_checks.clone();
+    let store_serving = store.serving();
     let registry = Registry::new(store.clone(), config);
     let streams = registry.shutdown_token();
     // The health checker is owned here: it stops with the server and is awaited below.
@@ -111,6 +112,9 @@ pub async fn serve<S: Store>(
     health
         .set_serving::<RegistryServiceServer<Registry<S>>>()
         .await;
+    if let Some(serving) = store_serving {
+        tokio::spawn(follow_backend::<S>(serving, health.clone(), streams.clone()));
+    }
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -155,4 +159,32 @@ pub async fn serve<S: Store>(
         let _ = checker.await;
     }
     Ok(())
+}
+
+/// Mirrors the backend's availability in the health status, so that load balancers and clients
+/// stop sending to a server whose backend (etcd) it cannot reach.
+async fn follow_backend<S>(
+    mut serving: tokio::sync::watch::Receiver<Result<(), String>>,
+    health: tonic_health::server::HealthReporter,
+    stop: tokio_util::sync::CancellationToken,
+) where
+    S: Store,
+{
+    loop {
+        let status = match &*serving.borrow_and_update() {
+            Ok(()) => ServingStatus::Serving,
+            Err(_) => ServingStatus::NotServing,
+        };
+        health.set_service_status("", status).await;
+        health
+            .set_service_status(
+                <RegistryServiceServer<Registry<S>> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = serving.changed() => if changed.is_err() { return },
+        }
+    }
 }

@@ -33,9 +33,22 @@ impl ChangeFeed {
         ChangeFeed { rx }
     }
 
+    /// What a backend publishes when the changes it published so far cannot be continued (the
+    /// etcd backend after its etcd history was compacted under it): every subscriber gets
+    /// [`FeedItem::Lagged`] at that point in the feed, and reads a fresh snapshot.
+    pub(crate) fn reset_marker(revision: crate::Revision) -> Arc<Change> {
+        Arc::new(Change {
+            revision,
+            events: Vec::new(),
+        })
+    }
+
     /// Waits for the next item.
     pub async fn next(&mut self) -> FeedItem {
         match self.rx.recv().await {
+            // A change without events is how a backend tells every subscriber at once that its
+            // history broke (see `ChangeFeed::reset_marker`): for each of them, that is a lag.
+            Ok(change) if change.events.is_empty() => FeedItem::Lagged,
             Ok(change) => FeedItem::Change(change),
             Err(broadcast::error::RecvError::Lagged(_)) => FeedItem::Lagged,
             Err(broadcast::error::RecvError::Closed) => FeedItem::Closed,

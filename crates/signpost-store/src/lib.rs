@@ -9,6 +9,9 @@
 //! - [`DurableStore`]: the same engine with every change committed to an embedded database
 //!   ([redb](https://docs.rs/redb): pure Rust, ACID, a stable file format, no server to run) before
 //!   it is acknowledged; one node that survives restarts and crashes.
+//! - [`EtcdStore`] (feature `etcd`, on by default): several servers over one etcd cluster, each
+//!   serving reads and watches from a replica its etcd watch keeps current. It is built on
+//!   [etcd-client](https://docs.rs/etcd-client), the maintained Rust client of etcd's v3 API.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -38,6 +41,8 @@ mod codec;
 pub mod conformance;
 mod durable;
 mod engine;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod error;
 mod feed;
 mod memory;
@@ -50,6 +55,8 @@ use std::time::Duration;
 
 pub use durable::{DATA_FILE, DurableStore, LOCK_FILE, MAX_IN_FLIGHT};
 pub use error::{Error, Result};
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdConfig, EtcdStore};
 pub use feed::{ChangeFeed, FeedItem};
 pub use memory::{MemoryConfig, MemoryStore};
 pub use model::{
@@ -199,5 +206,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every instance with a health check (all namespaces), and a feed of what follows, with
     /// the same no-gap guarantee as [`watch`](Store::watch).
+    ///
+    /// A backend shared by several servers answers on one of them at a time (the others wait
+    /// here), and closes the feed when that server must stop checking.
     fn watch_checks(&self) -> impl Future<Output = Result<(Snapshot, ChangeFeed)>> + Send;
+
+    /// Whether the backend can serve, as it changes (`Err` with the reason when it cannot), for
+    /// the server's health status. `None` for a backend that is up whenever the process is.
+    fn serving(&self) -> Option<tokio::sync::watch::Receiver<std::result::Result<(), String>>> {
+        None
+    }
 }

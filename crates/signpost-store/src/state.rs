@@ -116,7 +116,45 @@ impl State {
         (state, orphans)
     }
 
-    fn get(&self, key: &InstanceKey) -> Option<&Arc<Instance>> {
+    /// A replica of a state kept elsewhere (etcd): `instances` as of `revision`, no history yet.
+    pub(crate) fn replica(
+        revision: Revision,
+        history_limit: usize,
+        instances: impl IntoIterator<Item = Instance>,
+    ) -> Self {
+        let mut state = State::new(revision, 1, history_limit);
+        for instance in instances {
+            state.link(Arc::new(instance));
+        }
+        state
+    }
+
+    /// Applies a change that was decided elsewhere (the etcd backend follows etcd's own
+    /// revisions): each event's `current` replaces the instance, or its `prev` is unlinked.
+    pub(crate) fn apply(&mut self, revision: Revision, events: Vec<Event>) -> Arc<Change> {
+        for event in &events {
+            match (&event.current, &event.prev) {
+                (Some(current), _) => self.link(current.clone()),
+                (None, Some(prev)) => {
+                    self.unlink(&prev.key());
+                }
+                (None, None) => {}
+            }
+        }
+        self.commit_at(revision, events)
+    }
+
+    fn link(&mut self, instance: Arc<Instance>) {
+        let key = instance.key();
+        self.namespaces
+            .entry(key.namespace)
+            .or_default()
+            .entry(key.service)
+            .or_default()
+            .insert(key.id, instance);
+    }
+
+    pub(crate) fn get(&self, key: &InstanceKey) -> Option<&Arc<Instance>> {
         self.namespaces
             .get(&key.namespace)?
             .get(&key.service)?
@@ -452,11 +490,12 @@ impl State {
     }
 
     fn commit(&mut self, events: Vec<Event>) -> Arc<Change> {
-        self.revision += 1;
-        let change = Arc::new(Change {
-            revision: self.revision,
-            events,
-        });
+        self.commit_at(self.revision + 1, events)
+    }
+
+    fn commit_at(&mut self, revision: Revision, events: Vec<Event>) -> Arc<Change> {
+        self.revision = revision;
+        let change = Arc::new(Change { revision, events });
         self.history.push_back(change.clone());
         while self.history.len() > self.history_limit {
             if let Some(dropped) = self.history.pop_front() {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use signpost_store::{DurableStore, MemoryConfig, MemoryStore, Store};
+use signpost_store::{DurableStore, EtcdConfig, EtcdStore, MemoryConfig, MemoryStore, Store};
 use tokio::net::TcpListener;
 
 /// Signpost: service discovery for gRPC.
@@ -62,6 +62,9 @@ enum StoreKind {
     Durable,
     /// Everything in memory: fast, and forgotten when the server stops.
     Memory,
+    /// In an etcd cluster (--etcd-endpoints): run several servers over one cluster; any of them
+    /// answers any client.
+    Etcd,
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +80,14 @@ struct ServeArgs {
     /// The durable store's directory; created if missing. Only one server may use it at a time.
     #[arg(long, env = "SIGNPOST_DATA_DIR", default_value = "./signpost-data")]
     data_dir: PathBuf,
+
+    /// The etcd cluster's client URLs for --store etcd, comma-separated.
+    #[arg(long, env = "SIGNPOST_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+
+    /// Every etcd key Signpost writes starts with this; registries sharing a cluster need their own.
+    #[arg(long, env = "SIGNPOST_ETCD_PREFIX", default_value = "/signpost/")]
+    etcd_prefix: String,
 
     /// How often an idle Watch stream gets a progress message (e.g. 5s, 500ms, 1m).
     #[arg(long, env = "SIGNPOST_WATCH_PROGRESS_INTERVAL", default_value = "5s", value_parser = duration::parse)]
@@ -181,6 +192,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         StoreKind::Durable => {
             let store = DurableStore::open(&args.data_dir, memory)?;
             tracing::info!(%addr, store = "durable", data_dir = %args.data_dir.display(), "signpost listening on {addr}");
+            run_server(Arc::new(store), listener, &args).await
+        }
+        StoreKind::Etcd => {
+            let endpoints = args.etcd_endpoints.join(",");
+            let store = EtcdStore::connect(EtcdConfig {
+                endpoints: args.etcd_endpoints.clone(),
+                prefix: args.etcd_prefix.clone(),
+                history_limit: args.history_size,
+                ..EtcdConfig::default()
+            })
+            .await?;
+            tracing::info!(%addr, store = "etcd", etcd = %endpoints, prefix = %args.etcd_prefix, "signpost listening on {addr}");
             run_server(Arc::new(store), listener, &args).await
         }
     }

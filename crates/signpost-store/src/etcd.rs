@@ -1,0 +1,1019 @@
+//! The etcd backend: several stateless Signpost servers over one etcd cluster.
+//!
+//! etcd holds the truth: one key per instance (the protobuf record of [`codec`](crate::codec)),
+//! Signpost leases are etcd leases and Signpost revisions are etcd revisions, so any server can
+//! answer any client and a watch resumed on another server continues from the same numbers.
+//!
+//! Each server follows the whole prefix with one etcd watch into a local replica (the same
+//! [`State`] the other backends use, driven by etcd's revisions instead of its own). Reads,
+//! Discover and every Watch stream are served from that replica and its change history, so a
+//! thousand watchers cost etcd one watch, and a write returns once the replica has seen it
+//! (read-your-writes on the server that took it).
+//!
+//! Why an instance went away is not something etcd records: a lease expiry and a delete look the
+//! same in its watch. A deregister or an eviction therefore also writes the cause to one marker key
+//! in the same transaction, so every server's watch sees the delete and the marker at one revision;
+//! a delete without the marker is a lease expiry or revoke. The marker is a single key overwritten
+//! each time, so it takes no space however many instances come and go.
+//!
+//! When etcd compacts past what the replica has seen (it was cut off for a while), the replica
+//! loads a fresh copy and every subscriber of its feed gets a lag, which the server turns into a
+//! reset of each watch: never a gap.
+//!
+//! Active health checks must run on one server at a time: [`Store::watch_checks`] answers only on
+//! the server that holds the checker key (put on a short etcd lease), and its feed closes when that
+//! server loses it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue,
+    PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use crate::codec::{decode_instance, encode_instance, key_bytes};
+use crate::feed::ChangeFeed;
+use crate::model::{
+    Change, Counts, Deleted, Event, Health, Instance, InstanceKey, Lease, LeaseId, RemovalCause,
+    Revision, ServiceList, Snapshot,
+};
+use crate::state::State;
+use crate::{Error, HealthUpdate, Result, Store, Watch, WatchStart};
+
+/// How to reach etcd and where under it Signpost keeps its keys.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// `http://host:port` of one or more cluster members.
+    pub endpoints: Vec<String>,
+    /// Every key Signpost writes starts with this; several registries can share one cluster
+    /// under different prefixes.
+    pub prefix: String,
+    /// How many changes each server keeps for watches that resume from a revision.
+    pub history_limit: usize,
+    /// How many changes the feed holds for each subscriber before it counts as lagging.
+    pub feed_capacity: usize,
+    /// Longest wait for one etcd request.
+    pub request_timeout: Duration,
+    /// How long [`EtcdStore::connect`] waits for etcd before giving up.
+    pub startup_timeout: Duration,
+    /// The ttl of the lease on the checker key: a server that dies hands the health checks over
+    /// to another one after about this long.
+    pub checker_ttl: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/signpost/".into(),
+            history_limit: 10_000,
+            feed_capacity: 4_096,
+            request_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(10),
+            checker_ttl: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The keys under the prefix.
+#[derive(Debug, Clone)]
+struct Keys {
+    /// Everything Signpost writes; the replica's watch covers this range.
+    all: Vec<u8>,
+    /// Instance keys start with this, followed by [`key_bytes`].
+    instances: Vec<u8>,
+    /// The removal-cause marker.
+    removal: Vec<u8>,
+    /// Held by the server that runs the health checks.
+    checker: Vec<u8>,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let all = prefix.as_bytes().to_vec();
+        let with = |suffix: &str| [prefix.as_bytes(), suffix.as_bytes()].concat();
+        Keys {
+            instances: with("instances/"),
+            removal: with("removal"),
+            checker: with("checker"),
+            all,
+        }
+    }
+
+    fn instance(&self, key: &InstanceKey) -> Vec<u8> {
+        [self.instances.as_slice(), &key_bytes(key)].concat()
+    }
+
+    fn instance_key(&self, etcd_key: &[u8]) -> Option<InstanceKey> {
+        let rest = std::str::from_utf8(etcd_key.strip_prefix(self.instances.as_slice())?).ok()?;
+        let mut parts = rest.splitn(3, '\0');
+        Some(InstanceKey {
+            namespace: parts.next()?.to_owned(),
+            service: parts.next()?.to_owned(),
+            id: parts.next()?.to_owned(),
+        })
+    }
+}
+
+fn cause_bytes(cause: RemovalCause) -> &'static [u8] {
+    match cause {
+        RemovalCause::Deregistered => b"deregistered",
+        RemovalCause::Expired => b"expired",
+        RemovalCause::Unhealthy => b"unhealthy",
+    }
+}
+
+fn cause_from(bytes: &[u8]) -> RemovalCause {
+    match bytes {
+        b"deregistered" => RemovalCause::Deregistered,
+        b"unhealthy" => RemovalCause::Unhealthy,
+        _ => RemovalCause::Expired,
+    }
+}
+
+fn unavailable(e: etcd_client::Error) -> Error {
+    Error::Unavailable(format!("etcd: {e}"))
+}
+
+fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::NotFound || status.message().contains("lease not found")
+        }
+        etcd_client::Error::LeaseKeepAliveError(reason) => reason.contains("lease not found"),
+        _ => false,
+    }
+}
+
+fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> Result<Revision> {
+    header
+        .and_then(|h| Revision::try_from(h.revision()).ok())
+        .ok_or_else(|| Error::Unavailable("etcd answered without a revision".into()))
+}
+
+fn to_etcd(revision: Revision) -> i64 {
+    i64::try_from(revision).unwrap_or(i64::MAX)
+}
+
+/// An instance as the replica holds it: the record, with the store-owned fields etcd keeps.
+fn instance_from(kv: &KeyValue) -> Result<Instance> {
+    let mut instance = decode_instance(kv.value())?;
+    instance.create_revision = u64::try_from(kv.create_revision()).unwrap_or(0);
+    instance.mod_revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
+    instance.lease_id = u64::try_from(kv.lease()).ok().filter(|id| *id != 0);
+    Ok(instance)
+}
+
+/// What the replica task and the store share.
+#[derive(Debug)]
+struct Replica {
+    state: RwLock<State>,
+    feed: broadcast::Sender<Arc<Change>>,
+    /// The replica's revision, for writers waiting to see their own change.
+    applied: watch::Sender<Revision>,
+    /// `Err` with the reason while etcd cannot be followed.
+    health: watch::Sender<std::result::Result<(), String>>,
+}
+
+impl Replica {
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // Changes are built before the lock is taken: poisoning cannot leave half a change.
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn check(&self) -> Result<()> {
+        match &*self.health.borrow() {
+            Ok(()) => Ok(()),
+            Err(reason) => Err(Error::Unavailable(format!("etcd unreachable: {reason}"))),
+        }
+    }
+
+    /// Replaces the whole state (a first load, or after etcd compacted past the replica) and
+    /// tells every subscriber to start over.
+    fn load(&self, state: State) {
+        let revision = state.revision();
+        let mut guard = self
+            .state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard = state;
+        let _ = self.feed.send(ChangeFeed::reset_marker(revision));
+        drop(guard);
+        self.applied.send_replace(revision);
+    }
+
+    fn apply(&self, revision: Revision, events: Vec<Event>) {
+        let mut guard = self
+            .state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let change = guard.apply(revision, events);
+        // Published under the lock, so that a watch that reads a start and subscribes under the
+        // read lock sees each change in one or the other.
+        let _ = self.feed.send(change);
+        drop(guard);
+        self.applied.send_replace(revision);
+    }
+
+    fn set_health(&self, health: std::result::Result<(), String>) {
+        self.health.send_if_modified(|current| {
+            let changed = *current != health;
+            if changed {
+                match &health {
+                    Ok(()) => tracing::info!("following etcd"),
+                    Err(reason) => tracing::warn!(%reason, "etcd unreachable"),
+                }
+            }
+            *current = health;
+            changed
+        });
+    }
+}
+
+/// A store on an etcd cluster. Cheap to clone: clones share one replica and one connection.
+#[derive(Debug, Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    keys: Keys,
+    config: EtcdConfig,
+    replica: Arc<Replica>,
+    follower: JoinHandle<()>,
+    /// Granted ttls, so that a refresh can answer one without asking etcd again.
+    ttls: Mutex<HashMap<LeaseId, Duration>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.config.endpoints)
+            .field("prefix", &self.config.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+impl EtcdStore {
+    /// Connects to etcd and loads the replica; fails with [`Error::Unavailable`] when etcd cannot
+    /// be reached within `startup_timeout`. Must be called inside a Tokio runtime.
+    pub async fn connect(config: EtcdConfig) -> Result<Self> {
+        if config.endpoints.is_empty() {
+            return Err(Error::Invalid {
+                field: "etcd endpoints",
+                reason: "at least one is needed".into(),
+            });
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(config.request_timeout)
+            // A member that vanishes without closing the connection must still end the watch.
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            // A member cut off from its quorum must not answer reads or watches from stale data.
+            .with_require_leader(true);
+        let client = Client::connect(&config.endpoints, Some(options))
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot connect to etcd at {}: {e}",
+                    config.endpoints.join(",")
+                ))
+            })?;
+        let keys = Keys::new(&config.prefix);
+        let (feed, _) = broadcast::channel(config.feed_capacity.max(1));
+        let replica = Arc::new(Replica {
+            state: RwLock::new(State::replica(0, config.history_limit, [])),
+            feed,
+            applied: watch::Sender::new(0),
+            health: watch::Sender::new(Err("not connected yet".into())),
+        });
+        let follower = tokio::spawn(follow(
+            Arc::downgrade(&replica),
+            client.clone(),
+            keys.clone(),
+            config.history_limit,
+        ));
+        let store = EtcdStore {
+            inner: Arc::new(Inner {
+                client,
+                keys,
+                replica,
+                follower,
+                ttls: Mutex::new(HashMap::new()),
+                config,
+            }),
+        };
+        let mut health = store.inner.replica.health.subscribe();
+        let ready = tokio::time::timeout(
+            store.inner.config.startup_timeout,
+            health.wait_for(|h| h.is_ok()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if !ready {
+            let reason = match &*health.borrow() {
+                Err(reason) => reason.clone(),
+                Ok(()) => "no answer".into(),
+            };
+            return Err(Error::Unavailable(format!(
+                "cannot reach etcd at {} within {:?}: {reason}",
+                store.inner.config.endpoints.join(","),
+                store.inner.config.startup_timeout
+            )));
+        }
+        Ok(store)
+    }
+
+    /// The etcd client this store uses, for tools that need to look at etcd directly.
+    pub fn client(&self) -> Client {
+        self.inner.client.clone()
+    }
+
+    fn replica(&self) -> &Replica {
+        &self.inner.replica
+    }
+
+    /// Waits until the replica has applied `revision` (a write this server just made).
+    async fn seen(&self, revision: Revision) -> Result<()> {
+        let mut applied = self.replica().applied.subscribe();
+        match tokio::time::timeout(
+            self.inner.config.request_timeout,
+            applied.wait_for(|r| *r >= revision),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(format!(
+                "the change at revision {revision} was written to etcd but has not come back on \
+                 this server's watch yet"
+            ))),
+        }
+    }
+
+    /// The instance at `key` as the replica holds it at `revision`, or as etcd does when the
+    /// replica has moved on already.
+    fn stored(&self, key: &InstanceKey, revision: Revision) -> Option<Arc<Instance>> {
+        self.replica()
+            .read()
+            .get(key)
+            .filter(|i| i.mod_revision == revision)
+            .cloned()
+    }
+
+    async fn fetch(&self, key: &[u8]) -> Result<Option<Arc<Instance>>> {
+        let mut kv = self.inner.client.kv_client();
+        let resp = kv.get(key, None).await.map_err(unavailable)?;
+        resp.kvs()
+            .first()
+            .map(|kv| instance_from(kv).map(Arc::new))
+            .transpose()
+    }
+
+    /// Runs `attempt` against what the replica holds for `key`, and again against what etcd
+    /// holds when the replica was behind (the compare in the transaction failed).
+    async fn read_modify_write<T, F, Fut>(
+        &self,
+        key: &InstanceKey,
+        mut attempt: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Option<Arc<Instance>>) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>>>,
+    {
+        let mut prev = self.replica().read().get(key).cloned();
+        for _ in 0..16 {
+            if let Some(done) = attempt(prev).await? {
+                return Ok(done);
+            }
+            prev = self.fetch(&self.inner.keys.instance(key)).await?;
+        }
+        Err(Error::Unavailable(format!(
+            "instance {}/{}/{} is being changed too often to update it",
+            key.namespace, key.service, key.id
+        )))
+    }
+
+    /// One attempt at an upsert over `prev`; `None` when the instance changed meanwhile.
+    async fn try_put(
+        &self,
+        etcd_key: &[u8],
+        instance: &Instance,
+        lease: Option<LeaseId>,
+        prev: Option<Arc<Instance>>,
+    ) -> Result<Option<Revision>> {
+            let mut next = instance.clone();
+            next.lease_id = lease;
+            next.created_at = match &prev {
+                Some(p) => p.created_at,
+                None => Some(std::time::SystemTime::now()),
+            };
+            (next.health, next.health_output, next.health_checked_at) =
+                match (&next.check, &prev) {
+                    (None, _) => (Health::Passing, String::new(), None),
+                    (Some(check), Some(p)) if p.check.as_ref() == Some(check) => {
+                        (p.health, p.health_output.clone(), p.health_checked_at)
+                    }
+                    (Some(_), _) => (Health::Critical, "not checked yet".to_owned(), None),
+                };
+            let lease_id = match lease {
+                Some(id) => Some(i64::try_from(id).map_err(|_| Error::LeaseNotFound(id))?),
+                None => None,
+            };
+            let options = lease_id.map(|id| PutOptions::new().with_lease(id));
+            let txn = Txn::new()
+                .when([Self::unchanged(&etcd_key, prev.as_deref())])
+                .and_then([TxnOp::put(etcd_key, encode_instance(&next), options)]);
+            let mut kv = self.inner.client.kv_client();
+            match kv.txn(txn).await {
+                Ok(resp) if resp.succeeded() => Ok(Some(revision_of(resp.header())?)),
+                Ok(_) => Ok(None),
+                Err(e) if lease.is_some() && is_lease_not_found(&e) => {
+                    Err(Error::LeaseNotFound(lease.unwrap_or_default()))
+                }
+                Err(e) => Err(unavailable(e)),
+            }
+        }
+
+    /// One attempt at recording a verdict over `prev`: `Some(None)` when there is nothing to
+    /// record, `None` when the instance changed meanwhile.
+    async fn try_set_health(
+        &self,
+        etcd_key: &[u8],
+        update: &HealthUpdate,
+        prev: Option<Arc<Instance>>,
+    ) -> Result<Option<Option<Revision>>> {
+            let Some(prev) = prev.filter(|p| {
+                p.create_revision == update.create_revision
+                    && p.check.as_ref() == Some(&update.check)
+                    && p.health != update.health
+            }) else {
+                return Ok(Some(None));
+            };
+            let mut next = (*prev).clone();
+            next.health = update.health;
+            next.health_output = update.output.clone();
+            next.health_checked_at = Some(update.checked_at);
+            let txn = Txn::new()
+                .when([Self::unchanged(&etcd_key, Some(&prev))])
+                .and_then([TxnOp::put(
+                    etcd_key,
+                    encode_instance(&next),
+                    Some(PutOptions::new().with_ignore_lease()),
+                )]);
+            let mut kv = self.inner.client.kv_client();
+            let resp = kv.txn(txn).await.map_err(unavailable)?;
+            if !resp.succeeded() {
+                return Ok(None);
+            }
+            Ok(Some(Some(revision_of(resp.header())?)))
+        }
+
+    /// A compare that holds when `key` is still what `prev` says.
+    fn unchanged(etcd_key: &[u8], prev: Option<&Instance>) -> Compare {
+        match prev {
+            Some(p) => Compare::mod_revision(etcd_key, CompareOp::Equal, to_etcd(p.mod_revision)),
+            None => Compare::version(etcd_key, CompareOp::Equal, 0),
+        }
+    }
+
+    async fn remove(
+        &self,
+        key: &InstanceKey,
+        cause: RemovalCause,
+        create_revision: Option<Revision>,
+    ) -> Result<Deleted> {
+        self.replica().check()?;
+        let keys = &self.inner.keys;
+        let etcd_key = keys.instance(key);
+        let condition = match create_revision {
+            Some(r) => Compare::create_revision(etcd_key.as_slice(), CompareOp::Equal, to_etcd(r)),
+            None => Compare::version(etcd_key.as_slice(), CompareOp::Greater, 0),
+        };
+        let txn = Txn::new().when([condition]).and_then([
+            TxnOp::delete(
+                etcd_key.as_slice(),
+                Some(DeleteOptions::new().with_prev_key()),
+            ),
+            TxnOp::put(keys.removal.as_slice(), cause_bytes(cause), None),
+        ]);
+        let mut kv = self.inner.client.kv_client();
+        let resp = kv.txn(txn).await.map_err(unavailable)?;
+        if !resp.succeeded() {
+            return Ok(Deleted {
+                prev: None,
+                revision: self.replica().read().revision(),
+            });
+        }
+        let revision = revision_of(resp.header())?;
+        let prev = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
+            _ => None,
+        });
+        self.seen(revision).await?;
+        Ok(Deleted {
+            prev: prev
+                .map(|kv| instance_from(&kv).map(Arc::new))
+                .transpose()?,
+            revision,
+        })
+    }
+
+    fn remember_ttl(&self, id: LeaseId, ttl: Duration) {
+        let mut ttls = self
+            .inner
+            .ttls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // A cache, not a registry of leases: dropping it costs one lookup per lease.
+        if ttls.len() >= 100_000 {
+            ttls.clear();
+        }
+        ttls.insert(id, ttl);
+    }
+
+    fn known_ttl(&self, id: LeaseId) -> Option<Duration> {
+        self.inner
+            .ttls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&id)
+            .copied()
+    }
+
+    /// Becomes the server that runs the health checks, waiting for as long as another one is.
+    /// The returned watch turns false when this server is no longer it.
+    async fn campaign(&self) -> Result<watch::Receiver<bool>> {
+        let ttl = self.inner.config.checker_ttl.max(Duration::from_secs(1));
+        let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let key = self.inner.keys.checker.clone();
+        loop {
+            self.replica().check()?;
+            let mut leases = self.inner.client.lease_client();
+            let lease = leases.grant(secs, None).await.map_err(unavailable)?.id();
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.as_slice(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.as_slice(),
+                    format!("pid {}", std::process::id()),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let mut kv = self.inner.client.kv_client();
+            let won = kv.txn(txn).await.map_err(unavailable)?.succeeded();
+            if won {
+                let (keeper, stream) = leases.keep_alive(lease).await.map_err(unavailable)?;
+                let (held_tx, held) = watch::channel(true);
+                tokio::spawn(hold(keeper, stream, ttl, held_tx, leases, lease));
+                tracing::info!("this server runs the health checks");
+                return Ok(held);
+            }
+            let _ = leases.revoke(lease).await;
+            tokio::time::sleep(ttl / 3).await;
+        }
+    }
+}
+
+/// Keeps the checker lease alive until it cannot; then says so and gives the lease up.
+async fn hold(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut stream: etcd_client::LeaseKeepAliveStream,
+    ttl: Duration,
+    held: watch::Sender<bool>,
+    mut leases: etcd_client::LeaseClient,
+    lease: i64,
+) {
+    loop {
+        tokio::select! {
+            _ = held.closed() => break,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        let refreshed = async {
+            keeper.keep_alive().await.ok()?;
+            let resp = stream.message().await.ok()??;
+            (resp.ttl() > 0).then_some(())
+        };
+        if tokio::time::timeout(ttl / 3, refreshed)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            tracing::warn!("lost the checker key: health checks move to another server");
+            break;
+        }
+    }
+    held.send_replace(false);
+    let _ = leases.revoke(lease).await;
+}
+
+/// Follows etcd into the replica for as long as the store lives.
+async fn follow(replica: Weak<Replica>, client: Client, keys: Keys, history_limit: usize) {
+    let mut loaded = false;
+    let mut strikes = 0u32;
+    loop {
+        let Some(shared) = replica.upgrade() else {
+            return;
+        };
+        let result = async {
+            if !loaded {
+                load(&shared, &client, &keys, history_limit).await?;
+                loaded = true;
+            }
+            let from = shared.read().revision() + 1;
+            stream(&shared, &client, &keys, from).await
+        }
+        .await;
+        match result {
+            Ok(Followed::Compacted) => {
+                tracing::warn!("etcd compacted past this server's replica: reloading");
+                loaded = false;
+            }
+            Err(e) => {
+                // A watch that breaks after working is most often one member going away: the
+                // next attempt reaches another at once, and nobody needs to see the blip.
+                strikes = if shared.health.borrow().is_ok() {
+                    1
+                } else {
+                    strikes + 1
+                };
+                tracing::debug!(error = %e, strikes, "etcd watch failed");
+                if strikes > 1 {
+                    shared.set_health(Err(e.to_string()));
+                }
+                drop(shared);
+                let pause = Duration::from_millis(100) * 2u32.pow(strikes.min(5)) / 2;
+                tokio::time::sleep(pause.min(Duration::from_secs(2))).await;
+            }
+        }
+    }
+}
+
+enum Followed {
+    /// etcd no longer has the changes after the replica's revision.
+    Compacted,
+}
+
+/// Reads every instance into a new replica state. On the first load, the state is read as of
+/// `history_limit` revisions ago when etcd still has that, so that the watch that follows fills
+/// the history and watches resumed from another server's revisions can be replayed here too.
+async fn load(
+    replica: &Replica,
+    client: &Client,
+    keys: &Keys,
+    history_limit: usize,
+) -> Result<(), etcd_client::Error> {
+    let mut kv = client.kv_client();
+    let prefix = || GetOptions::new().with_prefix();
+    let mut resp = kv.get(keys.instances.as_slice(), Some(prefix())).await?;
+    let mut revision = resp.header().map_or(0, |h| h.revision());
+    let back = revision.saturating_sub(i64::try_from(history_limit).unwrap_or(i64::MAX));
+    if replica.read().revision() == 0 && back > 0 {
+        // When etcd has compacted that far already, start from now with no history.
+        if let Ok(older) = kv
+            .get(
+                keys.instances.as_slice(),
+                Some(prefix().with_revision(back)),
+            )
+            .await
+        {
+            resp = older;
+            revision = back;
+        }
+    }
+    let mut instances = Vec::with_capacity(resp.kvs().len());
+    for kv in resp.kvs() {
+        match instance_from(kv) {
+            Ok(instance) => instances.push(instance),
+            Err(e) => tracing::error!(key = ?String::from_utf8_lossy(kv.key()), error = %e, "skipping an unreadable instance record"),
+        }
+    }
+    let revision = Revision::try_from(revision).unwrap_or(0);
+    replica.load(State::replica(revision, history_limit, instances));
+    Ok(())
+}
+
+/// Applies etcd's changes from revision `from` on, until the watch fails or is compacted.
+async fn stream(
+    replica: &Replica,
+    client: &Client,
+    keys: &Keys,
+    from: Revision,
+) -> Result<Followed, etcd_client::Error> {
+    let mut watches = client.watch_client();
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(to_etcd(from))
+        .with_progress_notify();
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        watches.watch(keys.all.as_slice(), Some(options)),
+    )
+    .await
+    .map_err(|_| etcd_client::Error::WatchError("no etcd member answered within 2s".into()))??;
+    while let Some(resp) = stream.message().await? {
+        if resp.compact_revision() > 0 {
+            return Ok(Followed::Compacted);
+        }
+        if resp.canceled() {
+            return Err(etcd_client::Error::WatchError(format!(
+                "etcd cancelled the watch: {}",
+                resp.cancel_reason()
+            )));
+        }
+        if resp.created() {
+            replica.set_health(Ok(()));
+        }
+        // etcd never splits one revision's events over two responses.
+        let events = resp.events();
+        let mut start = 0;
+        while start < events.len() {
+            let revision = events[start].kv().map_or(0, |kv| kv.mod_revision());
+            let end = events[start..]
+                .iter()
+                .position(|e| e.kv().map_or(0, |kv| kv.mod_revision()) != revision)
+                .map_or(events.len(), |n| start + n);
+            apply_revision(replica, keys, revision, &events[start..end]);
+            start = end;
+        }
+    }
+    Err(etcd_client::Error::WatchError(
+        "etcd ended the watch stream".into(),
+    ))
+}
+
+/// Turns the etcd events of one revision into a change of the replica.
+fn apply_revision(replica: &Replica, keys: &Keys, revision: i64, events: &[etcd_client::Event]) {
+    let Ok(revision) = Revision::try_from(revision) else {
+        return;
+    };
+    let cause = events
+        .iter()
+        .filter_map(|e| e.kv())
+        .find(|kv| kv.key() == keys.removal.as_slice())
+        .map_or(RemovalCause::Expired, |kv| cause_from(kv.value()));
+    let mut changes = Vec::new();
+    {
+        let state = replica.read();
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            let Some(key) = keys.instance_key(kv.key()) else {
+                continue;
+            };
+            let prev = state.get(&key).cloned();
+            match event.event_type() {
+                EventType::Put => match instance_from(kv) {
+                    Ok(current) => changes.push(Event {
+                        prev,
+                        current: Some(Arc::new(current)),
+                        removal: None,
+                    }),
+                    Err(e) => tracing::error!(?key, error = %e, "ignoring an unreadable instance record"),
+                },
+                EventType::Delete => {
+                    if prev.is_some() {
+                        changes.push(Event {
+                            prev,
+                            current: None,
+                            removal: Some(cause),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if !changes.is_empty() {
+        replica.apply(revision, changes);
+    }
+}
+
+impl Store for EtcdStore {
+    async fn put(&self, instance: Instance, lease: Option<LeaseId>) -> Result<Arc<Instance>> {
+        self.replica().check()?;
+        let key = instance.key();
+        let etcd_key = self.inner.keys.instance(&key);
+        let revision = self
+            .read_modify_write(&key, |prev| self.try_put(&etcd_key, &instance, lease, prev))
+            .await?;
+        self.seen(revision).await?;
+        match self.stored(&key, revision) {
+            Some(stored) => Ok(stored),
+            // Changed again already; what this write stored is in etcd's history only.
+            None => Err(Error::Unavailable(format!(
+                "instance {}/{}/{} changed again while it was being registered",
+                key.namespace, key.service, key.id
+            ))),
+        }
+    }
+
+    async fn delete(&self, key: &InstanceKey) -> Result<Deleted> {
+        self.remove(key, RemovalCause::Deregistered, None).await
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+        self.replica().check()?;
+        if ttl.is_zero() {
+            return Err(Error::Invalid {
+                field: "ttl",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        // etcd counts in whole seconds; round up so a lease never lives shorter than asked.
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let mut leases = self.inner.client.lease_client();
+        let resp = leases
+            .grant(i64::try_from(secs).unwrap_or(i64::MAX), None)
+            .await
+            .map_err(unavailable)?;
+        let id = LeaseId::try_from(resp.id())
+            .map_err(|_| Error::Unavailable(format!("etcd granted lease {}", resp.id())))?;
+        // etcd may raise a ttl below its minimum; the granted one is what clients must follow.
+        let ttl = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(secs));
+        self.remember_ttl(id, ttl);
+        Ok(Lease { id, ttl })
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Lease>> {
+        self.replica().check()?;
+        let Ok(id) = i64::try_from(lease) else {
+            return Ok(None);
+        };
+        let mut leases = self.inner.client.lease_client();
+        match leases.keep_alive(id).await {
+            Ok(_) => {}
+            Err(e) if is_lease_not_found(&e) => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        }
+        if let Some(ttl) = self.known_ttl(lease) {
+            return Ok(Some(Lease { id: lease, ttl }));
+        }
+        // Granted through another server: ask etcd once.
+        let resp = leases.time_to_live(id, None).await.map_err(unavailable)?;
+        let Ok(granted) = u64::try_from(resp.granted_ttl()) else {
+            return Ok(None);
+        };
+        if resp.ttl() <= 0 {
+            return Ok(None);
+        }
+        let ttl = Duration::from_secs(granted);
+        self.remember_ttl(lease, ttl);
+        Ok(Some(Lease { id: lease, ttl }))
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<bool> {
+        self.replica().check()?;
+        let Ok(id) = i64::try_from(lease) else {
+            return Ok(false);
+        };
+        let mut leases = self.inner.client.lease_client();
+        match leases.revoke(id).await {
+            Ok(_) => {
+                self.inner
+                    .ttls
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .remove(&lease);
+                Ok(true)
+            }
+            Err(e) if is_lease_not_found(&e) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn list(&self, namespace: &str, service: &str) -> Result<Snapshot> {
+        self.replica().check()?;
+        Ok(self.replica().read().list(namespace, service))
+    }
+
+    async fn list_services(&self, namespace: &str) -> Result<ServiceList> {
+        self.replica().check()?;
+        Ok(self.replica().read().list_services(namespace))
+    }
+
+    async fn watch(
+        &self,
+        namespace: &str,
+        service: &str,
+        after: Option<Revision>,
+    ) -> Result<Watch> {
+        self.replica().check()?;
+        if let Some(after) = after {
+            // A client moving over from another server may have seen a revision this one has
+            // not applied yet; a moment's wait turns what would be a reset into a replay.
+            let mut applied = self.replica().applied.subscribe();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                applied.wait_for(|r| *r >= after),
+            )
+            .await;
+        }
+        let state = self.replica().read();
+        let feed = ChangeFeed::new(self.replica().feed.subscribe());
+        let start = match after.and_then(|revision| state.replay_after(revision)) {
+            Some(changes) => WatchStart::Replay {
+                changes,
+                revision: state.revision(),
+            },
+            None => WatchStart::Snapshot(state.list(namespace, service)),
+        };
+        Ok(Watch { start, feed })
+    }
+
+    async fn set_health(&self, update: HealthUpdate) -> Result<Option<Arc<Instance>>> {
+        self.replica().check()?;
+        let etcd_key = self.inner.keys.instance(&update.key);
+        let written = self
+            .read_modify_write(&update.key, |prev| {
+                self.try_set_health(&etcd_key, &update, prev)
+            })
+            .await?;
+        let Some(revision) = written else {
+            return Ok(None);
+        };
+        self.seen(revision).await?;
+        Ok(self.stored(&update.key, revision))
+    }
+
+    async fn evict(&self, key: &InstanceKey, create_revision: Revision) -> Result<Deleted> {
+        self.remove(key, RemovalCause::Unhealthy, Some(create_revision))
+            .await
+    }
+
+    async fn counts(&self) -> Result<Counts> {
+        self.replica().check()?;
+        Ok(self.replica().read().counts())
+    }
+
+    async fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
+        let mut held = self.campaign().await?;
+        let state = self.replica().read();
+        let mut source = ChangeFeed::new(self.replica().feed.subscribe());
+        let snapshot = state.checked();
+        drop(state);
+        // The checker's own feed, which closes when this server stops being the checker.
+        let (tx, rx) = broadcast::channel(self.inner.config.feed_capacity.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = held.wait_for(|h| !*h) => return,
+                    item = source.next() => match item {
+                        crate::FeedItem::Change(change) => { let _ = tx.send(change); }
+                        crate::FeedItem::Lagged => { let _ = tx.send(ChangeFeed::reset_marker(0)); }
+                        crate::FeedItem::Closed => return,
+                    },
+                }
+                if tx.receiver_count() == 0 {
+                    return;
+                }
+            }
+        });
+        Ok((snapshot, ChangeFeed::new(rx)))
+    }
+
+    fn serving(&self) -> Option<watch::Receiver<std::result::Result<(), String>>> {
+        Some(self.replica().health.subscribe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_keys_round_trip_under_the_prefix() {
+        let keys = Keys::new("/signpost/");
+        let key = InstanceKey {
+            namespace: "prod".into(),
+            service: "pay".into(),
+            id: "10.0.0.1:80/a".into(),
+        };
+        let etcd_key = keys.instance(&key);
+        assert!(etcd_key.starts_with(b"/signpost/instances/"));
+        assert_eq!(keys.instance_key(&etcd_key), Some(key));
+        assert_eq!(keys.instance_key(&keys.removal), None);
+        assert_eq!(keys.instance_key(b"/other/instances/a\0b\0c"), None);
+    }
+
+    #[test]
+    fn removal_causes_survive_the_marker() {
+        for cause in [
+            RemovalCause::Deregistered,
+            RemovalCause::Expired,
+            RemovalCause::Unhealthy,
+        ] {
+            assert_eq!(cause_from(cause_bytes(cause)), cause);
+        }
+    }
+}
