@@ -4,6 +4,7 @@
 //! Tests live in `tests/tests/*.rs`; tests of the `signpost` binary as a process live beside the
 //! binary (`crates/signpost/tests/`), where cargo can hand them its path.
 
+pub mod etcd;
 pub mod http;
 pub mod process;
 pub mod proxy;

@@ -435,7 +435,7 @@ impl EtcdStore {
             };
             let options = lease_id.map(|id| PutOptions::new().with_lease(id));
             let txn = Txn::new()
-                .when([Self::unchanged(&etcd_key, prev.as_deref())])
+                .when([Self::unchanged(etcd_key, prev.as_deref())])
                 .and_then([TxnOp::put(etcd_key, encode_instance(&next), options)]);
             let mut kv = self.inner.client.kv_client();
             match kv.txn(txn).await {
@@ -468,7 +468,7 @@ impl EtcdStore {
             next.health_output = update.output.clone();
             next.health_checked_at = Some(update.checked_at);
             let txn = Txn::new()
-                .when([Self::unchanged(&etcd_key, Some(&prev))])
+                .when([Self::unchanged(etcd_key, Some(&prev))])
                 .and_then([TxnOp::put(
                     etcd_key,
                     encode_instance(&next),
