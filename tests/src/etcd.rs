@@ -147,6 +147,31 @@ impl Etcd {
         }
     }
 
+    /// The index of the member that is the raft leader now.
+    pub async fn leader(&self) -> usize {
+        crate::within("finding etcd's leader", async {
+            loop {
+                for (i, member) in self.members.iter().enumerate() {
+                    if member.child.is_none() {
+                        continue;
+                    }
+                    let Ok(mut client) =
+                        etcd_client::Client::connect([self.endpoint(i)], None).await
+                    else {
+                        continue;
+                    };
+                    if let Ok(status) = client.status().await
+                        && status.header().map(|h| h.member_id()) == Some(status.leader())
+                    {
+                        return i;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+    }
+
     /// A client of the whole cluster.
     pub async fn client(&self) -> etcd_client::Client {
         must(

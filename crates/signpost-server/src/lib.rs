@@ -113,7 +113,11 @@ pub async fn serve<S: Store>(
         .set_serving::<RegistryServiceServer<Registry<S>>>()
         .await;
     if let Some(serving) = store_serving {
-        tokio::spawn(follow_backend::<S>(serving, health.clone(), streams.clone()));
+        tokio::spawn(follow_backend::<S>(
+            serving,
+            health.clone(),
+            streams.clone(),
+        ));
     }
 
     let reflection = || {

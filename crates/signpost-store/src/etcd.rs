@@ -385,11 +385,7 @@ impl EtcdStore {
 
     /// Runs `attempt` against what the replica holds for `key`, and again against what etcd
     /// holds when the replica was behind (the compare in the transaction failed).
-    async fn read_modify_write<T, F, Fut>(
-        &self,
-        key: &InstanceKey,
-        mut attempt: F,
-    ) -> Result<T>
+    async fn read_modify_write<T, F, Fut>(&self, key: &InstanceKey, mut attempt: F) -> Result<T>
     where
         F: FnMut(Option<Arc<Instance>>) -> Fut,
         Fut: std::future::Future<Output = Result<Option<T>>>,
@@ -415,38 +411,37 @@ impl EtcdStore {
         lease: Option<LeaseId>,
         prev: Option<Arc<Instance>>,
     ) -> Result<Option<Revision>> {
-            let mut next = instance.clone();
-            next.lease_id = lease;
-            next.created_at = match &prev {
-                Some(p) => p.created_at,
-                None => Some(std::time::SystemTime::now()),
-            };
-            (next.health, next.health_output, next.health_checked_at) =
-                match (&next.check, &prev) {
-                    (None, _) => (Health::Passing, String::new(), None),
-                    (Some(check), Some(p)) if p.check.as_ref() == Some(check) => {
-                        (p.health, p.health_output.clone(), p.health_checked_at)
-                    }
-                    (Some(_), _) => (Health::Critical, "not checked yet".to_owned(), None),
-                };
-            let lease_id = match lease {
-                Some(id) => Some(i64::try_from(id).map_err(|_| Error::LeaseNotFound(id))?),
-                None => None,
-            };
-            let options = lease_id.map(|id| PutOptions::new().with_lease(id));
-            let txn = Txn::new()
-                .when([Self::unchanged(etcd_key, prev.as_deref())])
-                .and_then([TxnOp::put(etcd_key, encode_instance(&next), options)]);
-            let mut kv = self.inner.client.kv_client();
-            match kv.txn(txn).await {
-                Ok(resp) if resp.succeeded() => Ok(Some(revision_of(resp.header())?)),
-                Ok(_) => Ok(None),
-                Err(e) if lease.is_some() && is_lease_not_found(&e) => {
-                    Err(Error::LeaseNotFound(lease.unwrap_or_default()))
-                }
-                Err(e) => Err(unavailable(e)),
+        let mut next = instance.clone();
+        next.lease_id = lease;
+        next.created_at = match &prev {
+            Some(p) => p.created_at,
+            None => Some(std::time::SystemTime::now()),
+        };
+        (next.health, next.health_output, next.health_checked_at) = match (&next.check, &prev) {
+            (None, _) => (Health::Passing, String::new(), None),
+            (Some(check), Some(p)) if p.check.as_ref() == Some(check) => {
+                (p.health, p.health_output.clone(), p.health_checked_at)
             }
+            (Some(_), _) => (Health::Critical, "not checked yet".to_owned(), None),
+        };
+        let lease_id = match lease {
+            Some(id) => Some(i64::try_from(id).map_err(|_| Error::LeaseNotFound(id))?),
+            None => None,
+        };
+        let options = lease_id.map(|id| PutOptions::new().with_lease(id));
+        let txn = Txn::new()
+            .when([Self::unchanged(etcd_key, prev.as_deref())])
+            .and_then([TxnOp::put(etcd_key, encode_instance(&next), options)]);
+        let mut kv = self.inner.client.kv_client();
+        match kv.txn(txn).await {
+            Ok(resp) if resp.succeeded() => Ok(Some(revision_of(resp.header())?)),
+            Ok(_) => Ok(None),
+            Err(e) if lease.is_some() && is_lease_not_found(&e) => {
+                Err(Error::LeaseNotFound(lease.unwrap_or_default()))
+            }
+            Err(e) => Err(unavailable(e)),
         }
+    }
 
     /// One attempt at recording a verdict over `prev`: `Some(None)` when there is nothing to
     /// record, `None` when the instance changed meanwhile.
@@ -456,31 +451,31 @@ impl EtcdStore {
         update: &HealthUpdate,
         prev: Option<Arc<Instance>>,
     ) -> Result<Option<Option<Revision>>> {
-            let Some(prev) = prev.filter(|p| {
-                p.create_revision == update.create_revision
-                    && p.check.as_ref() == Some(&update.check)
-                    && p.health != update.health
-            }) else {
-                return Ok(Some(None));
-            };
-            let mut next = (*prev).clone();
-            next.health = update.health;
-            next.health_output = update.output.clone();
-            next.health_checked_at = Some(update.checked_at);
-            let txn = Txn::new()
-                .when([Self::unchanged(etcd_key, Some(&prev))])
-                .and_then([TxnOp::put(
-                    etcd_key,
-                    encode_instance(&next),
-                    Some(PutOptions::new().with_ignore_lease()),
-                )]);
-            let mut kv = self.inner.client.kv_client();
-            let resp = kv.txn(txn).await.map_err(unavailable)?;
-            if !resp.succeeded() {
-                return Ok(None);
-            }
-            Ok(Some(Some(revision_of(resp.header())?)))
+        let Some(prev) = prev.filter(|p| {
+            p.create_revision == update.create_revision
+                && p.check.as_ref() == Some(&update.check)
+                && p.health != update.health
+        }) else {
+            return Ok(Some(None));
+        };
+        let mut next = (*prev).clone();
+        next.health = update.health;
+        next.health_output = update.output.clone();
+        next.health_checked_at = Some(update.checked_at);
+        let txn = Txn::new()
+            .when([Self::unchanged(etcd_key, Some(&prev))])
+            .and_then([TxnOp::put(
+                etcd_key,
+                encode_instance(&next),
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
+        let mut kv = self.inner.client.kv_client();
+        let resp = kv.txn(txn).await.map_err(unavailable)?;
+        if !resp.succeeded() {
+            return Ok(None);
         }
+        Ok(Some(Some(revision_of(resp.header())?)))
+    }
 
     /// A compare that holds when `key` is still what `prev` says.
     fn unchanged(etcd_key: &[u8], prev: Option<&Instance>) -> Compare {
@@ -565,7 +560,11 @@ impl EtcdStore {
             let mut leases = self.inner.client.lease_client();
             let lease = leases.grant(secs, None).await.map_err(unavailable)?.id();
             let txn = Txn::new()
-                .when([Compare::create_revision(key.as_slice(), CompareOp::Equal, 0)])
+                .when([Compare::create_revision(
+                    key.as_slice(),
+                    CompareOp::Equal,
+                    0,
+                )])
                 .and_then([TxnOp::put(
                     key.as_slice(),
                     format!("pid {}", std::process::id()),
@@ -627,13 +626,14 @@ async fn follow(replica: Weak<Replica>, client: Client, keys: Keys, history_limi
         let Some(shared) = replica.upgrade() else {
             return;
         };
+        let mut created = false;
         let result = async {
             if !loaded {
                 load(&shared, &client, &keys, history_limit).await?;
                 loaded = true;
             }
             let from = shared.read().revision() + 1;
-            stream(&shared, &client, &keys, from).await
+            stream(&shared, &client, &keys, from, &mut created).await
         }
         .await;
         match result {
@@ -644,11 +644,7 @@ async fn follow(replica: Weak<Replica>, client: Client, keys: Keys, history_limi
             Err(e) => {
                 // A watch that breaks after working is most often one member going away: the
                 // next attempt reaches another at once, and nobody needs to see the blip.
-                strikes = if shared.health.borrow().is_ok() {
-                    1
-                } else {
-                    strikes + 1
-                };
+                strikes = if created { 1 } else { strikes + 1 };
                 tracing::debug!(error = %e, strikes, "etcd watch failed");
                 if strikes > 1 {
                     shared.set_health(Err(e.to_string()));
@@ -697,7 +693,9 @@ async fn load(
     for kv in resp.kvs() {
         match instance_from(kv) {
             Ok(instance) => instances.push(instance),
-            Err(e) => tracing::error!(key = ?String::from_utf8_lossy(kv.key()), error = %e, "skipping an unreadable instance record"),
+            Err(e) => {
+                tracing::error!(key = ?String::from_utf8_lossy(kv.key()), error = %e, "skipping an unreadable instance record")
+            }
         }
     }
     let revision = Revision::try_from(revision).unwrap_or(0);
@@ -711,19 +709,33 @@ async fn stream(
     client: &Client,
     keys: &Keys,
     from: Revision,
+    created: &mut bool,
 ) -> Result<Followed, etcd_client::Error> {
     let mut watches = client.watch_client();
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(to_etcd(from))
         .with_progress_notify();
+    // Without a reachable member the call neither fails nor answers: bound the wait for the
+    // watch to be created, so that an outage is noticed and reported.
+    let no_answer = || etcd_client::Error::WatchError("no etcd member answered within 2s".into());
     let mut stream = tokio::time::timeout(
         Duration::from_secs(2),
         watches.watch(keys.all.as_slice(), Some(options)),
     )
     .await
-    .map_err(|_| etcd_client::Error::WatchError("no etcd member answered within 2s".into()))??;
-    while let Some(resp) = stream.message().await? {
+    .map_err(|_| no_answer())??;
+    let mut first = Some(
+        tokio::time::timeout(Duration::from_secs(2), stream.message())
+            .await
+            .map_err(|_| no_answer())??,
+    );
+    loop {
+        let next = match first.take() {
+            Some(created) => created,
+            None => stream.message().await?,
+        };
+        let Some(resp) = next else { break };
         if resp.compact_revision() > 0 {
             return Ok(Followed::Compacted);
         }
@@ -734,6 +746,7 @@ async fn stream(
             )));
         }
         if resp.created() {
+            *created = true;
             replica.set_health(Ok(()));
         }
         // etcd never splits one revision's events over two responses.
@@ -780,7 +793,9 @@ fn apply_revision(replica: &Replica, keys: &Keys, revision: i64, events: &[etcd_
                         current: Some(Arc::new(current)),
                         removal: None,
                     }),
-                    Err(e) => tracing::error!(?key, error = %e, "ignoring an unreadable instance record"),
+                    Err(e) => {
+                        tracing::error!(?key, error = %e, "ignoring an unreadable instance record")
+                    }
                 },
                 EventType::Delete => {
                     if prev.is_some() {
@@ -913,11 +928,8 @@ impl Store for EtcdStore {
             // A client moving over from another server may have seen a revision this one has
             // not applied yet; a moment's wait turns what would be a reset into a replay.
             let mut applied = self.replica().applied.subscribe();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                applied.wait_for(|r| *r >= after),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), applied.wait_for(|r| *r >= after))
+                .await;
         }
         let state = self.replica().read();
         let feed = ChangeFeed::new(self.replica().feed.subscribe());

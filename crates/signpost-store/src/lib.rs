@@ -41,9 +41,9 @@ mod codec;
 pub mod conformance;
 mod durable;
 mod engine;
+mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
-mod error;
 mod feed;
 mod memory;
 pub mod model;

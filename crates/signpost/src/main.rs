@@ -82,7 +82,12 @@ struct ServeArgs {
     data_dir: PathBuf,
 
     /// The etcd cluster's client URLs for --store etcd, comma-separated.
-    #[arg(long, env = "SIGNPOST_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "SIGNPOST_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     etcd_endpoints: Vec<String>,
 
     /// Every etcd key Signpost writes starts with this; registries sharing a cluster need their own.
