@@ -5,8 +5,7 @@
 #   bench/compare.sh            # full run (about ten minutes on two cores)
 #   bench/compare.sh --quick    # a few seconds per workload, to check the harness works
 #
-# Needs etcd (Debian: etcd-server) and protoc (protobuf-compiler, for the etcd client); installs
-# both with apt-get when missing and run as root.
+# Needs etcd (Debian: etcd-server); installs it with apt-get when missing and run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +16,6 @@ $quick && out=$(mktemp)
 
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
-command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "bench/compare.sh needs ${need[*]} (apt-get install -y ${need[*]})" >&2
@@ -101,6 +99,7 @@ fi
 start_signpost memory --store memory; mem=$ADDR; mem_pid=$PID
 start_signpost durable --store durable --data-dir "$work/data"; dur=$ADDR; dur_pid=$PID
 start_etcd etcd; etcd=$ADDR; etcd_pid=$PID
+start_signpost onetcd --store etcd --etcd-endpoints "http://$etcd" --etcd-prefix /signpost-bench/; onetcd=$ADDR; onetcd_pid=$PID
 
 etcd_version=$(etcd --version 2>/dev/null | head -1)
 {
@@ -171,6 +170,31 @@ etcd_version=$(etcd --version 2>/dev/null | head -1)
     done
   done
   echo
+  echo "## Signpost on etcd"
+  echo
+  echo "The same workloads through a Signpost server running \`--store etcd\` and directly against the"
+  echo "etcd it uses (the same etcd process as above; Signpost and etcd both on core 0)."
+  echo
+  echo "| workload | Signpost on etcd | etcd directly | Signpost on etcd / etcd |"
+  echo "|---|---:|---:|---:|"
+  c=${writers[-1]}
+  s=$(bench register --target "signpost://$onetcd" --server-pid "$onetcd_pid" -c "$c" -n "$n_many")
+  e=$(bench register --target "etcd://$etcd" --server-pid "$etcd_pid" -c "$c" -n "$n_many")
+  echo "| Register, $c writers (reg/s) | $(num "$(field "$s" per_second)") | $(num "$(field "$e" per_second)") | $(ratio "$(field "$s" per_second)" "$(field "$e" per_second)") |"
+  echo "| Register p99 | $(ms "$(field "$s" p99_ms)") ms | $(ms "$(field "$e" p99_ms)") ms | $(ratio "$(field "$s" p99_ms)" "$(field "$e" p99_ms)") |"
+  s=$(bench discover --target "signpost://$onetcd" --server-pid "$onetcd_pid" --seconds "$seconds")
+  e=$(bench discover --target "etcd://$etcd" --server-pid "$etcd_pid" --seconds "$seconds")
+  echo "| Discover (calls/s) | $(num "$(field "$s" per_second)") | $(num "$(field "$e" per_second)") | $(ratio "$(field "$s" per_second)" "$(field "$e" per_second)") |"
+  echo "| Discover p99 | $(ms "$(field "$s" p99_ms)") ms | $(ms "$(field "$e" p99_ms)") ms | $(ratio "$(field "$s" p99_ms)" "$(field "$e" p99_ms)") |"
+  w=${watchers[0]}
+  s=$(bench watch --target "signpost://$onetcd" --server-pid "$onetcd_pid" -w "$w" -k "$changes")
+  e=$(bench watch --target "etcd://$etcd" --server-pid "$etcd_pid" -w "$w" -k "$changes")
+  echo "| Watch fan-out to $w watchers, p99 | $(ms "$(field "$s" p99_ms)") ms | $(ms "$(field "$e" p99_ms)") ms | $(ratio "$(field "$s" p99_ms)" "$(field "$e" p99_ms)") |"
+  echo
+  echo "Signpost on etcd answers Discover from the replica its one etcd watch keeps, so a read costs etcd"
+  echo "nothing; a registration is an etcd lease grant and a transaction, then the wait for the change to"
+  echo "come back on the watch (so that the server that took it can read it at once)."
+  echo
   echo "## KeepAlive"
   echo
   echo "$leases leases, each holding one instance, refreshed as fast as 64 streams can (one request in"
@@ -198,7 +222,7 @@ etcd_version=$(etcd --version 2>/dev/null | head -1)
   echo "|---:|---:|---|---:|---:|---:|---:|---:|"
   for pair in "${scales[@]}"; do
     read -r n w <<<"$pair"
-    stop "$mem_pid"; stop "$dur_pid"; stop "$etcd_pid"
+    stop "$mem_pid"; stop "$dur_pid"; stop "$onetcd_pid"; stop "$etcd_pid"
     start_signpost memory2 --store memory; mem=$ADDR; mem_pid=$PID
     start_signpost durable2 --store durable --data-dir "$work/data-scale-$n"; dur=$ADDR; dur_pid=$PID
     start_etcd "etcd-scale-$n"; etcd=$ADDR; etcd_pid=$PID
