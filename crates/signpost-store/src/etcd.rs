@@ -250,6 +250,8 @@ struct Inner {
     follower: JoinHandle<()>,
     /// Granted ttls, so that a refresh can answer one without asking etcd again.
     ttls: Mutex<HashMap<LeaseId, Duration>>,
+    /// While this server holds the checker key: true until it loses it.
+    checker: tokio::sync::Mutex<Option<watch::Receiver<bool>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -314,6 +316,7 @@ impl EtcdStore {
                 replica,
                 follower,
                 ttls: Mutex::new(HashMap::new()),
+                checker: tokio::sync::Mutex::new(None),
                 config,
             }),
         };
@@ -410,7 +413,7 @@ impl EtcdStore {
         instance: &Instance,
         lease: Option<LeaseId>,
         prev: Option<Arc<Instance>>,
-    ) -> Result<Option<Revision>> {
+    ) -> Result<Option<Instance>> {
         let mut next = instance.clone();
         next.lease_id = lease;
         next.created_at = match &prev {
@@ -434,7 +437,12 @@ impl EtcdStore {
             .and_then([TxnOp::put(etcd_key, encode_instance(&next), options)]);
         let mut kv = self.inner.client.kv_client();
         match kv.txn(txn).await {
-            Ok(resp) if resp.succeeded() => Ok(Some(revision_of(resp.header())?)),
+            Ok(resp) if resp.succeeded() => {
+                let revision = revision_of(resp.header())?;
+                next.mod_revision = revision;
+                next.create_revision = prev.map_or(revision, |p| p.create_revision);
+                Ok(Some(next))
+            }
             Ok(_) => Ok(None),
             Err(e) if lease.is_some() && is_lease_not_found(&e) => {
                 Err(Error::LeaseNotFound(lease.unwrap_or_default()))
@@ -552,6 +560,17 @@ impl EtcdStore {
     /// Becomes the server that runs the health checks, waiting for as long as another one is.
     /// The returned watch turns false when this server is no longer it.
     async fn campaign(&self) -> Result<watch::Receiver<bool>> {
+        // Held from an earlier call (the checker re-subscribes after a lag): keep it.
+        let mut checker = self.inner.checker.lock().await;
+        if let Some(held) = checker.as_ref().filter(|held| *held.borrow()) {
+            return Ok(held.clone());
+        }
+        let held = self.win_checker().await?;
+        *checker = Some(held.clone());
+        Ok(held)
+    }
+
+    async fn win_checker(&self) -> Result<watch::Receiver<bool>> {
         let ttl = self.inner.config.checker_ttl.max(Duration::from_secs(1));
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         let key = self.inner.keys.checker.clone();
@@ -819,18 +838,15 @@ impl Store for EtcdStore {
         self.replica().check()?;
         let key = instance.key();
         let etcd_key = self.inner.keys.instance(&key);
-        let revision = self
+        let written = self
             .read_modify_write(&key, |prev| self.try_put(&etcd_key, &instance, lease, prev))
             .await?;
-        self.seen(revision).await?;
-        match self.stored(&key, revision) {
-            Some(stored) => Ok(stored),
-            // Changed again already; what this write stored is in etcd's history only.
-            None => Err(Error::Unavailable(format!(
-                "instance {}/{}/{} changed again while it was being registered",
-                key.namespace, key.service, key.id
-            ))),
-        }
+        self.seen(written.mod_revision).await?;
+        // The replica's copy when it still is this write (the same value every reader gets);
+        // the one written when the instance has changed again since.
+        Ok(self
+            .stored(&key, written.mod_revision)
+            .unwrap_or_else(|| Arc::new(written)))
     }
 
     async fn delete(&self, key: &InstanceKey) -> Result<Deleted> {
@@ -980,14 +996,12 @@ impl Store for EtcdStore {
             loop {
                 tokio::select! {
                     _ = held.wait_for(|h| !*h) => return,
+                    _ = tx.closed() => return,
                     item = source.next() => match item {
                         crate::FeedItem::Change(change) => { let _ = tx.send(change); }
                         crate::FeedItem::Lagged => { let _ = tx.send(ChangeFeed::reset_marker(0)); }
                         crate::FeedItem::Closed => return,
                     },
-                }
-                if tx.receiver_count() == 0 {
-                    return;
                 }
             }
         });
