@@ -491,7 +491,7 @@ async fn an_etcd_outage_is_unavailable_and_not_serving_until_etcd_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_checks_move_to_another_server_when_the_checker_dies() {
+async fn health_checks_move_to_another_server_when_the_checker_dies_and_evictions_say_why() {
     let Some(etcd) = Etcd::start(1).await else {
         return;
     };
@@ -513,7 +513,10 @@ async fn health_checks_move_to_another_server_when_the_checker_dies() {
             seconds: 0,
             nanos: 500_000_000,
         }),
-        deregister_critical_after: None,
+        deregister_critical_after: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
         successes_before_passing: 1,
         failures_before_critical: 1,
     });
@@ -540,4 +543,8 @@ async fn health_checks_move_to_another_server_when_the_checker_dies() {
         health_of(v) == Some(pb::HealthStatus::Critical)
     })
     .await;
+    // Critical for longer than allowed: evicted, and the reason survives the trip through etcd.
+    view.until("evicted", |v| removal_of(v, "w1").is_some())
+        .await;
+    assert_eq!(removal_of(&view, "w1"), Some(pb::RemovalReason::Unhealthy));
 }
