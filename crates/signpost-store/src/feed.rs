@@ -36,6 +36,7 @@ impl ChangeFeed {
     /// What a backend publishes when the changes it published so far cannot be continued (the
     /// etcd backend after its etcd history was compacted under it): every subscriber gets
     /// [`FeedItem::Lagged`] at that point in the feed, and reads a fresh snapshot.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn reset_marker(revision: crate::Revision) -> Arc<Change> {
         Arc::new(Change {
             revision,

@@ -105,17 +105,12 @@ impl State {
                     }
                 }
             }
-            state
-                .namespaces
-                .entry(key.namespace)
-                .or_default()
-                .entry(key.service)
-                .or_default()
-                .insert(key.id, Arc::new(instance));
+            state.link(Arc::new(instance));
         }
         (state, orphans)
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     /// A replica of a state kept elsewhere (etcd): `instances` as of `revision`, no history yet.
     pub(crate) fn replica(
         revision: Revision,
@@ -129,6 +124,7 @@ impl State {
         state
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     /// Applies a change that was decided elsewhere (the etcd backend follows etcd's own
     /// revisions): each event's `current` replaces the instance, or its `prev` is unlinked.
     pub(crate) fn apply(&mut self, revision: Revision, events: Vec<Event>) -> Arc<Change> {
@@ -214,12 +210,7 @@ impl State {
         }
 
         let instance = Arc::new(instance);
-        self.namespaces
-            .entry(key.namespace)
-            .or_default()
-            .entry(key.service)
-            .or_default()
-            .insert(key.id, instance.clone());
+        self.link(instance.clone());
         let change = self.commit(vec![Event {
             prev,
             current: Some(instance.clone()),
@@ -254,12 +245,7 @@ impl State {
         next.health_checked_at = Some(checked_at);
         next.mod_revision = revision;
         let next = Arc::new(next);
-        self.namespaces
-            .entry(key.namespace.clone())
-            .or_default()
-            .entry(key.service.clone())
-            .or_default()
-            .insert(key.id.clone(), next.clone());
+        self.link(next.clone());
         let change = self.commit(vec![Event {
             prev: Some(prev),
             current: Some(next.clone()),
