@@ -11,11 +11,24 @@ pub enum Error {
     /// A feature the request asks for that this server does not offer.
     #[error("{0}")]
     Unimplemented(String),
+    /// No access token, or one the server does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A known token without the grant the request needs; names the verb and namespace only.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A limit was reached; names the limit and its value.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error(transparent)]
     Store(#[from] signpost_store::Error),
 }
 
 impl Error {
+    pub(crate) fn limit(name: &str, value: impl std::fmt::Display, context: &str) -> Self {
+        Error::ResourceExhausted(format!("limit {name} ({value}) reached{context}"))
+    }
+
     pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Invalid {
             field: field.into(),
@@ -33,6 +46,9 @@ impl From<Error> for Status {
                 Status::invalid_argument(message)
             }
             Error::Unimplemented(_) => Status::unimplemented(message),
+            Error::Unauthenticated(_) => Status::unauthenticated(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(message),
             Error::Store(Store::LeaseNotFound(_)) => Status::not_found(message),
             Error::Store(Store::Unavailable(_) | Store::Open { .. }) => {
                 Status::unavailable(message)

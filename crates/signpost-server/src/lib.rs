@@ -24,6 +24,7 @@
 //! # }
 //! ```
 
+pub mod auth;
 mod convert;
 mod error;
 mod filter;
@@ -43,6 +44,7 @@ use signpost_proto::v1::registry_service_server::RegistryServiceServer;
 use signpost_store::Store;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 pub use convert::{DEFAULT_WEIGHT, MAX_CHECK_INTERVAL, MIN_CHECK_INTERVAL};
@@ -66,6 +68,62 @@ pub struct Config {
     pub health_checks: Option<HealthConfig>,
     /// Where RPCs, watches and store writes are counted; `None` counts nothing.
     pub metrics: Option<Arc<metrics::Metrics>>,
+    /// Accepted access tokens; `None` serves everyone (the server warns about it at start-up).
+    pub auth: Option<Arc<auth::Tokens>>,
+    /// A token may only update or deregister instances it registered itself.
+    pub strict_ownership: bool,
+    /// What one client may take of the server.
+    pub limits: Limits,
+    /// TLS, and with a client CA, mutual TLS. `None` serves plaintext.
+    pub tls: Option<Tls>,
+    /// Serve `grpc.reflection` (for grpcurl); off hides the API's shape from strangers.
+    pub reflection: bool,
+    /// The longest a unary call may run (the client's `grpc-timeout` can only shorten it).
+    pub request_timeout: Duration,
+}
+
+/// Limits that keep one client from exhausting the server. Reaching one is `RESOURCE_EXHAUSTED`
+/// with its name and value. The defaults leave room for 100,000 instances and their watchers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_instances_per_service: u64,
+    pub max_instances_per_namespace: u64,
+    /// Live leases (not enforced on etcd, whose leases the store does not count).
+    pub max_leases: u64,
+    /// Watch streams open on this server.
+    pub max_watches: usize,
+    /// Watch streams open on one client connection.
+    pub max_watches_per_connection: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_instances_per_service: 100_000,
+            max_instances_per_namespace: 1_000_000,
+            max_leases: 1_000_000,
+            max_watches: 200_000,
+            max_watches_per_connection: 20_000,
+        }
+    }
+}
+
+/// PEM-encoded TLS material for the server.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// With it, clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("Tls")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Config {
@@ -77,6 +135,12 @@ impl Default for Config {
             max_response_size: 64 * 1024 * 1024,
             health_checks: Some(HealthConfig::default()),
             metrics: None,
+            auth: None,
+            strict_ownership: false,
+            limits: Limits::default(),
+            tls: None,
+            reflection: true,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -101,6 +165,16 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (max_request, max_response) = (config.max_request_size, config.max_response_size);
+    let (tls, with_reflection, request_timeout) = (
+        config.tls.clone(),
+        config.reflection,
+        config.request_timeout,
+    );
+    if config.auth.is_none() {
+        tracing::warn!(
+            "no --auth-tokens: anyone who can reach this server can register, deregister and discover"
+        );
+    }
     let health_checks = config.health_checks.clone();
     let store_serving = store.serving();
     let registry = Registry::new(store.clone(), config);
@@ -125,8 +199,14 @@ pub async fn serve<S: Store>(
             .register_encoded_file_descriptor_set(signpost_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = if with_reflection {
+        (
+            Some(reflection().build_v1()?),
+            Some(reflection().build_v1alpha()?),
+        )
+    } else {
+        (None, None)
+    };
 
     let registry = RegistryServiceServer::new(registry)
         .max_decoding_message_size(max_request)
@@ -149,12 +229,23 @@ pub async fn serve<S: Store>(
     // incoming connections are configured here. Without TCP_NODELAY, answers to requests larger
     // than a segment wait ~40 ms on delayed ACKs.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(tls.cert_pem, tls.key_pem));
+        if let Some(ca) = tls.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        server = server.tls_config(config)?;
+    }
+    server
+        // Bounds unary calls; streams are bounded by their clients and by shutdown.
+        .timeout(request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(registry)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -1,18 +1,21 @@
 //! `signpost.v1.RegistryService` over a [`Store`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_server::RegistryService;
 use signpost_store::{InstanceKey, Store};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Config;
+use crate::auth::{Principal, Verb};
 use crate::convert::{duration_from_pb, duration_to_pb, instance_from_pb, instance_to_pb};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
@@ -30,6 +33,9 @@ pub struct Registry<S> {
     store: Arc<S>,
     config: Arc<Config>,
     shutdown: CancellationToken,
+    watches: Arc<Semaphore>,
+    /// Open watch streams per client connection (keyed by its remote address).
+    per_connection: Arc<Mutex<HashMap<SocketAddr, usize>>>,
 }
 
 impl<S> Clone for Registry<S> {
@@ -38,17 +44,93 @@ impl<S> Clone for Registry<S> {
             store: self.store.clone(),
             config: self.config.clone(),
             shutdown: self.shutdown.clone(),
+            watches: self.watches.clone(),
+            per_connection: self.per_connection.clone(),
         }
     }
+}
+
+/// A watch stream's places under the limits; dropping it frees them.
+#[derive(Debug)]
+pub(crate) struct WatchSlots {
+    _total: OwnedSemaphorePermit,
+    connection: Option<(SocketAddr, Arc<Mutex<HashMap<SocketAddr, usize>>>)>,
+}
+
+impl Drop for WatchSlots {
+    fn drop(&mut self) {
+        if let Some((addr, counts)) = &self.connection {
+            let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = counts.get_mut(addr) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(addr);
+                }
+            }
+        }
+    }
+}
+
+/// Whether `principal` (when the server checks tokens) may `verb` in `namespace`.
+fn allow(principal: Option<&Principal>, verb: Verb, namespace: &str) -> Result<()> {
+    principal.map_or(Ok(()), |p| p.check(verb, namespace))
 }
 
 impl<S: Store> Registry<S> {
     pub fn new(store: Arc<S>, config: Config) -> Self {
         Registry {
             store,
+            watches: Arc::new(Semaphore::new(config.limits.max_watches)),
+            per_connection: Arc::default(),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         }
+    }
+
+    /// The token a request carries, when the server checks tokens. Checked before anything
+    /// else, so that a stranger learns nothing, not even whether the request was well formed.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<Principal>> {
+        let Some(tokens) = &self.config.auth else {
+            return Ok(None);
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        tokens.authenticate(header).map(Some)
+    }
+
+    /// Takes a place for one more watch stream, or says which limit is full.
+    fn watch_slots(&self, remote: Option<SocketAddr>) -> Result<WatchSlots> {
+        let limits = &self.config.limits;
+        let total = self
+            .watches
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::limit("max_watches", limits.max_watches, ""))?;
+        let connection = match remote {
+            None => None,
+            Some(addr) => {
+                let mut counts = self
+                    .per_connection
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let n = counts.entry(addr).or_insert(0);
+                if *n >= limits.max_watches_per_connection {
+                    return Err(Error::limit(
+                        "max_watches_per_connection",
+                        limits.max_watches_per_connection,
+                        "",
+                    ));
+                }
+                *n += 1;
+                Some((addr, self.per_connection.clone()))
+            }
+        };
+        Ok(WatchSlots {
+            _total: total,
+            connection,
+        })
     }
 
     /// Cancelling this token ends every Watch and KeepAlive stream with `UNAVAILABLE`, so that a
@@ -81,12 +163,48 @@ impl<S: Store> Registry<S> {
         }
     }
 
-    async fn do_register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse> {
+    async fn do_register(
+        &self,
+        principal: Option<Principal>,
+        req: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse> {
         let instance = req
             .instance
             .ok_or_else(|| Error::invalid("instance", "is required"))?;
-        let instance = instance_from_pb("instance", instance)?;
+        let mut instance = instance_from_pb("instance", instance)?;
+        allow(principal.as_ref(), Verb::Write, &instance.namespace)?;
         let ttl = req.ttl.map(|d| duration_from_pb("ttl", d)).transpose()?;
+        let existing = self.store.get(&instance.key()).await?;
+        self.check_owner(principal.as_ref(), existing.as_deref())?;
+        instance.owner = principal.map(|p| p.name.to_string());
+        let limits = &self.config.limits;
+        if existing.is_none() || ttl.is_some() {
+            let sizes = self
+                .store
+                .sizes(&instance.namespace, &instance.service)
+                .await?;
+            if existing.is_none() {
+                let at = format!(" in {}/{}", instance.namespace, instance.service);
+                if sizes.service_instances >= limits.max_instances_per_service {
+                    return Err(Error::limit(
+                        "max_instances_per_service",
+                        limits.max_instances_per_service,
+                        &at,
+                    ));
+                }
+                if sizes.namespace_instances >= limits.max_instances_per_namespace {
+                    let at = format!(" in namespace {}", instance.namespace);
+                    return Err(Error::limit(
+                        "max_instances_per_namespace",
+                        limits.max_instances_per_namespace,
+                        &at,
+                    ));
+                }
+            }
+            if ttl.is_some() && sizes.leases >= limits.max_leases {
+                return Err(Error::limit("max_leases", limits.max_leases, ""));
+            }
+        }
         let lease = match (ttl, req.lease_id) {
             (Some(_), id) if id != 0 => {
                 return Err(Error::invalid(
@@ -141,15 +259,44 @@ impl<S: Store> Registry<S> {
         })
     }
 
-    async fn do_deregister(&self, req: pb::DeregisterRequest) -> Result<pb::DeregisterResponse> {
+    /// Under strict ownership, only the token that registered an instance may change it.
+    fn check_owner(
+        &self,
+        principal: Option<&Principal>,
+        existing: Option<&signpost_store::Instance>,
+    ) -> Result<()> {
+        let (Some(principal), Some(existing)) = (principal, existing) else {
+            return Ok(());
+        };
+        match &existing.owner {
+            Some(owner) if self.config.strict_ownership && **owner != *principal.name => {
+                Err(Error::PermissionDenied(format!(
+                    "instance {}/{}/{} was registered with another token (strict ownership)",
+                    existing.namespace, existing.service, existing.id
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn do_deregister(
+        &self,
+        principal: Option<Principal>,
+        req: pb::DeregisterRequest,
+    ) -> Result<pb::DeregisterResponse> {
         let namespace = validate::namespace("namespace", req.namespace)?;
         validate::service("service", &req.service)?;
         validate::id("id", &req.id)?;
+        allow(principal.as_ref(), Verb::Write, &namespace)?;
         let key = InstanceKey {
             namespace,
             service: req.service,
             id: req.id,
         };
+        if self.config.strict_ownership && principal.is_some() {
+            let existing = self.store.get(&key).await?;
+            self.check_owner(principal.as_ref(), existing.as_deref())?;
+        }
         let started = Instant::now();
         let deleted = self.store.delete(&key).await?;
         self.store_write("delete", started);
@@ -159,7 +306,11 @@ impl<S: Store> Registry<S> {
         })
     }
 
-    async fn do_discover(&self, req: pb::DiscoverRequest) -> Result<pb::DiscoverResponse> {
+    async fn do_discover(
+        &self,
+        principal: Option<Principal>,
+        req: pb::DiscoverRequest,
+    ) -> Result<pb::DiscoverResponse> {
         let filter = Filter::new(
             req.namespace,
             req.service,
@@ -167,6 +318,7 @@ impl<S: Store> Registry<S> {
             &req.selector,
             req.include_unhealthy,
         )?;
+        allow(principal.as_ref(), Verb::Read, &filter.namespace)?;
         let snapshot = self.store.list(&filter.namespace, &filter.service).await?;
         Ok(pb::DiscoverResponse {
             instances: snapshot
@@ -181,9 +333,11 @@ impl<S: Store> Registry<S> {
 
     async fn do_list_services(
         &self,
+        principal: Option<Principal>,
         req: pb::ListServicesRequest,
     ) -> Result<pb::ListServicesResponse> {
         let namespace = validate::namespace("namespace", req.namespace)?;
+        allow(principal.as_ref(), Verb::Read, &namespace)?;
         let list = self.store.list_services(&namespace).await?;
         Ok(pb::ListServicesResponse {
             services: list
@@ -201,8 +355,11 @@ impl<S: Store> Registry<S> {
 
     fn start_watch(
         &self,
-        req: pb::WatchRequest,
+        request: Request<pb::WatchRequest>,
     ) -> Result<ReceiverStream<Result<pb::WatchResponse, Status>>> {
+        let principal = self.authenticate(&request)?;
+        let remote = request.remote_addr();
+        let req = request.into_inner();
         let filter = Filter::new(
             req.namespace,
             req.service,
@@ -210,6 +367,8 @@ impl<S: Store> Registry<S> {
             &req.selector,
             req.include_unhealthy,
         )?;
+        allow(principal.as_ref(), Verb::Read, &filter.namespace)?;
+        let slots = self.watch_slots(remote)?;
         let (tx, rx) = mpsc::channel(self.config.watch_buffer.max(1));
         let task = WatchTask {
             store: self.store.clone(),
@@ -219,6 +378,7 @@ impl<S: Store> Registry<S> {
             shutdown: self.shutdown.clone(),
             metrics: self.config.metrics.clone(),
             tx,
+            _slots: slots,
         };
         // The task owns the sending half: it ends when the client goes away (the receiver is
         // dropped), on shutdown, or when the store fails.
@@ -280,8 +440,11 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.timed("Register", self.do_register(request.into_inner()))
-            .await
+        self.timed("Register", async {
+            let principal = self.authenticate(&request)?;
+            self.do_register(principal, request.into_inner()).await
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -289,8 +452,11 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        self.timed("Deregister", self.do_deregister(request.into_inner()))
-            .await
+        self.timed("Deregister", async {
+            let principal = self.authenticate(&request)?;
+            self.do_deregister(principal, request.into_inner()).await
+        })
+        .await
     }
 
     type KeepAliveStream = ReceiverStream<Result<pb::KeepAliveResponse, Status>>;
@@ -299,8 +465,13 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        let stream = self.start_keep_alive(request.into_inner());
-        self.timed("KeepAlive", async { Ok(stream) }).await
+        self.timed("KeepAlive", async {
+            if let Some(principal) = self.authenticate(&request)? {
+                principal.check_any(Verb::Write)?;
+            }
+            Ok(self.start_keep_alive(request.into_inner()))
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -308,8 +479,11 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::DiscoverRequest>,
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
-        self.timed("Discover", self.do_discover(request.into_inner()))
-            .await
+        self.timed("Discover", async {
+            let principal = self.authenticate(&request)?;
+            self.do_discover(principal, request.into_inner()).await
+        })
+        .await
     }
 
     type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
@@ -319,7 +493,7 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let started = self.start_watch(request.into_inner());
+        let started = self.start_watch(request);
         self.timed("Watch", async { started }).await
     }
 
@@ -328,7 +502,10 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        self.timed("ListServices", self.do_list_services(request.into_inner()))
-            .await
+        self.timed("ListServices", async {
+            let principal = self.authenticate(&request)?;
+            self.do_list_services(principal, request.into_inner()).await
+        })
+        .await
     }
 }

@@ -30,6 +30,8 @@ pub(crate) struct WatchTask<S> {
     pub(crate) shutdown: CancellationToken,
     pub(crate) metrics: Option<Arc<Metrics>>,
     pub(crate) tx: WatchSender,
+    /// The stream's places under the watch limits, given back when the task ends.
+    pub(crate) _slots: crate::service::WatchSlots,
 }
 
 /// Counts an open stream for as long as it lives.

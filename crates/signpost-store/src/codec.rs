@@ -47,6 +47,9 @@ struct StoredInstance {
     /// Unix time in nanoseconds; 0 for unknown.
     #[prost(uint64, tag = "17")]
     created_at_nanos: u64,
+    /// Empty for none.
+    #[prost(string, tag = "18")]
+    owner: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -126,6 +129,7 @@ pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
         health_output: i.health_output.clone(),
         health_checked_at_nanos: unix_nanos(i.health_checked_at),
         created_at_nanos: unix_nanos(i.created_at),
+        owner: i.owner.clone().unwrap_or_default(),
     }
     .encode_to_vec()
 }
@@ -171,6 +175,7 @@ pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
         health_output: s.health_output,
         health_checked_at: from_unix_nanos(s.health_checked_at_nanos),
         created_at: from_unix_nanos(s.created_at_nanos),
+        owner: (!s.owner.is_empty()).then_some(s.owner),
     })
 }
 
@@ -204,6 +209,7 @@ mod tests {
             health_output: "HTTP 500".into(),
             health_checked_at: Some(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
             lease_id: Some(99),
+            owner: Some("payments".into()),
             created_at: Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             create_revision: 5,
             mod_revision: 9,

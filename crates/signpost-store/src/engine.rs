@@ -254,6 +254,14 @@ impl Engine {
             .await
     }
 
+    pub(crate) fn get(&self, key: &InstanceKey) -> Result<Option<Arc<Instance>>> {
+        Ok(self.read()?.get(key).cloned())
+    }
+
+    pub(crate) fn sizes(&self, namespace: &str, service: &str) -> Result<crate::Sizes> {
+        Ok(self.read()?.sizes(namespace, service))
+    }
+
     pub(crate) fn counts(&self) -> Result<crate::Counts> {
         Ok(self.read()?.counts())
     }
@@ -443,6 +451,17 @@ macro_rules! store_on_engine {
                 create_revision: $crate::Revision,
             ) -> $crate::Result<$crate::Deleted> {
                 self.engine.evict(key, create_revision).await
+            }
+
+            async fn get(
+                &self,
+                key: &$crate::InstanceKey,
+            ) -> $crate::Result<Option<std::sync::Arc<$crate::Instance>>> {
+                self.engine.get(key)
+            }
+
+            async fn sizes(&self, namespace: &str, service: &str) -> $crate::Result<$crate::Sizes> {
+                self.engine.sizes(namespace, service)
             }
 
             async fn counts(&self) -> $crate::Result<$crate::Counts> {

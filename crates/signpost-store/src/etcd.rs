@@ -979,6 +979,16 @@ impl Store for EtcdStore {
             .await
     }
 
+    async fn get(&self, key: &InstanceKey) -> Result<Option<Arc<Instance>>> {
+        self.replica().check()?;
+        Ok(self.replica().read().get(key).cloned())
+    }
+
+    async fn sizes(&self, namespace: &str, service: &str) -> Result<crate::Sizes> {
+        self.replica().check()?;
+        Ok(self.replica().read().sizes(namespace, service))
+    }
+
     async fn counts(&self) -> Result<Counts> {
         self.replica().check()?;
         Ok(self.replica().read().counts())

@@ -61,7 +61,7 @@ pub use feed::{ChangeFeed, FeedItem};
 pub use memory::{MemoryConfig, MemoryStore};
 pub use model::{
     Change, Counts, Deleted, Event, Health, HealthCheck, Instance, InstanceKey, Lease, LeaseId,
-    Probe, RemovalCause, Revision, ServiceList, ServiceSummary, Snapshot,
+    Probe, RemovalCause, Revision, ServiceList, ServiceSummary, Sizes, Snapshot,
 };
 
 impl Default for Instance {
@@ -77,6 +77,7 @@ impl Default for Instance {
             weight: 100,
             zone: String::new(),
             check: None,
+            owner: None,
             health: Health::Passing,
             health_output: String::new(),
             health_checked_at: None,
@@ -200,6 +201,13 @@ pub trait Store: Send + Sync + 'static {
         key: &InstanceKey,
         create_revision: Revision,
     ) -> impl Future<Output = Result<Deleted>> + Send;
+
+    /// One instance, if it is registered.
+    fn get(&self, key: &InstanceKey) -> impl Future<Output = Result<Option<Arc<Instance>>>> + Send;
+
+    /// How many instances `namespace` and its `service` hold, and how many leases are live.
+    /// Backends that do not track leases (etcd, whose leases are its own) answer 0 for them.
+    fn sizes(&self, namespace: &str, service: &str) -> impl Future<Output = Result<Sizes>> + Send;
 
     /// How much the store holds, for metrics.
     fn counts(&self) -> impl Future<Output = Result<Counts>> + Send;

@@ -69,6 +69,8 @@ pub struct Instance {
     pub weight: u32,
     pub zone: String,
     pub check: Option<HealthCheck>,
+    /// The access token that registered it, when the server enforces ownership.
+    pub owner: Option<String>,
 
     pub health: Health,
     /// The probe result behind the last health change (empty without a check), and when it came.
@@ -174,6 +176,14 @@ pub struct Counts {
     /// Leases that ran out since the store started (revoked ones not counted).
     pub leases_expired: u64,
     pub revision: Revision,
+}
+
+/// How full one namespace and one service are, and how many leases are live, for limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sizes {
+    pub namespace_instances: u64,
+    pub service_instances: u64,
+    pub leases: u64,
 }
 
 /// The answer to a deregister.

@@ -271,6 +271,18 @@ impl State {
         }
     }
 
+    pub(crate) fn sizes(&self, namespace: &str, service: &str) -> crate::Sizes {
+        let services = self.namespaces.get(namespace);
+        crate::Sizes {
+            namespace_instances: services
+                .map_or(0, |s| s.values().map(|ids| ids.len() as u64).sum()),
+            service_instances: services
+                .and_then(|s| s.get(service))
+                .map_or(0, |ids| ids.len() as u64),
+            leases: self.leases.len() as u64,
+        }
+    }
+
     /// Every instance that carries a health check, in all namespaces.
     pub(crate) fn checked(&self) -> Snapshot {
         let instances = self
