@@ -11,7 +11,10 @@ use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_client::RegistryServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use crate::keepalive::KeepAlives;
@@ -20,14 +23,52 @@ use crate::watcher::{View, Watcher};
 use crate::{Error, Filter, Instance, Result};
 
 /// Settings for a [`Client`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientBuilder {
     addresses: Vec<String>,
     connect_timeout: Duration,
     request_timeout: Duration,
     backoff_base: Duration,
     backoff_max: Duration,
+    ca_pem: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    tls_domain: Option<String>,
+    token: Option<String>,
 }
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys and tokens stay out of logs.
+        f.debug_struct("ClientBuilder")
+            .field("addresses", &self.addresses)
+            .field("tls", &(self.ca_pem.is_some() || self.identity.is_some()))
+            .field("client_certificate", &self.identity.is_some())
+            .field("token", &self.token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends the access token with every call.
+#[derive(Clone)]
+pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Auth(token)" } else { "Auth(none)" })
+    }
+}
+
+/// A generated client on one registry connection, with the access token attached.
+pub(crate) type Rpc = RegistryServiceClient<InterceptedService<Channel, Auth>>;
 
 impl Default for ClientBuilder {
     fn default() -> Self {
@@ -37,6 +78,10 @@ impl Default for ClientBuilder {
             request_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            ca_pem: None,
+            identity: None,
+            tls_domain: None,
+            token: None,
         }
     }
 }
@@ -68,6 +113,52 @@ impl ClientBuilder {
         self
     }
 
+    /// Trusts this CA (PEM) for the registry's certificate, and speaks TLS to every registry
+    /// (`https://` addresses do too).
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents this certificate (PEM chain and key) to registries that require mutual TLS.
+    pub fn identity(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// The name to check the registry's certificate against, when it is not the address's host.
+    pub fn tls_domain(mut self, name: impl Into<String>) -> Self {
+        self.tls_domain = Some(name.into());
+        self
+    }
+
+    /// Sends `authorization: Bearer TOKEN` with every call.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    fn tls(&self) -> Option<ClientTlsConfig> {
+        let wanted = self.ca_pem.is_some()
+            || self.identity.is_some()
+            || self.tls_domain.is_some()
+            || self.addresses.iter().any(|a| a.starts_with("https://"));
+        if !wanted {
+            return None;
+        }
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca_pem {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.tls_domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        Some(tls)
+    }
+
     /// Builds the client. No connection is made until the first call.
     pub fn build(self) -> Result<Client> {
         if self.addresses.is_empty() {
@@ -75,9 +166,25 @@ impl ClientBuilder {
                 "at least one registry address is required".into(),
             ));
         }
+        let auth = match &self.token {
+            None => Auth(None),
+            Some(token) => Auth(Some(
+                MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                    Error::InvalidArgument(
+                        "the access token may only hold visible ASCII characters".into(),
+                    )
+                })?,
+            )),
+        };
+        let tls = self.tls();
         let mut registries = Vec::with_capacity(self.addresses.len());
         for address in &self.addresses {
-            let endpoint = Endpoint::from_shared(address.clone())
+            // A TLS registry is addressed with https, whatever the caller wrote.
+            let address = match (&tls, address.strip_prefix("http://")) {
+                (Some(_), Some(rest)) => format!("https://{rest}"),
+                _ => address.clone(),
+            };
+            let mut endpoint = Endpoint::from_shared(address.clone())
                 .map_err(|e| Error::InvalidAddress {
                     address: address.clone(),
                     reason: e.to_string(),
@@ -88,11 +195,20 @@ impl ClientBuilder {
                 .http2_keep_alive_interval(Duration::from_secs(20))
                 .keep_alive_timeout(Duration::from_secs(10))
                 .keep_alive_while_idle(true);
+            if let Some(tls) = &tls {
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|e| Error::InvalidAddress {
+                        address: address.clone(),
+                        reason: format!("TLS settings: {e}"),
+                    })?;
+            }
             registries.push((address.clone(), endpoint.connect_lazy()));
         }
         Ok(Client {
             conn: Arc::new(Connections {
                 registries,
+                auth,
                 active: AtomicUsize::new(0),
                 backoff: (self.backoff_base, self.backoff_max),
             }),
@@ -107,16 +223,20 @@ impl ClientBuilder {
 #[derive(Debug)]
 pub(crate) struct Connections {
     registries: Vec<(String, Channel)>,
+    auth: Auth,
     active: AtomicUsize,
     pub(crate) backoff: (Duration, Duration),
 }
 
 impl Connections {
-    pub(crate) fn current(&self) -> (usize, RegistryServiceClient<Channel>) {
+    pub(crate) fn current(&self) -> (usize, Rpc) {
         let index = self.active.load(Ordering::Relaxed) % self.registries.len();
         (
             index,
-            RegistryServiceClient::new(self.registries[index].1.clone()),
+            RegistryServiceClient::with_interceptor(
+                self.registries[index].1.clone(),
+                self.auth.clone(),
+            ),
         )
     }
 
@@ -153,7 +273,7 @@ impl Connections {
     /// One unary call, trying each registry once while they are unreachable.
     pub(crate) async fn unary<T, F, Fut>(&self, call: F) -> Result<T>
     where
-        F: Fn(RegistryServiceClient<Channel>) -> Fut,
+        F: Fn(Rpc) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
         let mut last = None;

@@ -50,6 +50,7 @@ use tonic_health::ServingStatus;
 pub use convert::{DEFAULT_WEIGHT, MAX_CHECK_INTERVAL, MIN_CHECK_INTERVAL};
 pub use error::Error;
 pub use health::HealthConfig;
+pub use auth::Tokens;
 pub use service::{MAX_TTL, MIN_TTL, Registry};
 pub use validate::DEFAULT_NAMESPACE;
 

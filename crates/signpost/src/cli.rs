@@ -2,6 +2,7 @@
 //! `signpost-client`, print a table (or JSON with `-o json`), and fail with one clear line.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -50,14 +51,44 @@ pub struct Common {
         env = "SIGNPOST_NAMESPACE"
     )]
     pub namespace: String,
+    /// The access token (sent as `authorization: Bearer TOKEN`).
+    #[arg(long, env = "SIGNPOST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Speak TLS and trust this CA (PEM) for the registry's certificate.
+    #[arg(long, env = "SIGNPOST_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Present this certificate (PEM) to a registry that requires mutual TLS; needs --client-key.
+    #[arg(long, env = "SIGNPOST_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The key of --client-cert (PEM).
+    #[arg(long, env = "SIGNPOST_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Check the registry's certificate against this name instead of the address's host.
+    #[arg(long, env = "SIGNPOST_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
 }
 
 impl Common {
     fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::builder()
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let mut builder = Client::builder()
             .registry(self.registry.clone())
-            .connect_timeout(Duration::from_secs(3))
-            .build()?)
+            .connect_timeout(Duration::from_secs(3));
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
+        }
+        if let Some(ca) = &self.ca_cert {
+            builder = builder.ca_certificate(read(ca)?);
+        }
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            builder = builder.identity(read(cert)?, read(key)?);
+        }
+        if let Some(domain) = &self.tls_domain {
+            builder = builder.tls_domain(domain.clone());
+        }
+        Ok(builder.build()?)
     }
 }
 

@@ -111,6 +111,54 @@ struct ServeArgs {
     #[arg(long, env = "SIGNPOST_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "SIGNPOST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "SIGNPOST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Require clients to present a certificate signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "SIGNPOST_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Access tokens and their grants (TOML). Without it, anyone who can connect may do anything.
+    #[arg(long, env = "SIGNPOST_AUTH_TOKENS")]
+    auth_tokens: Option<PathBuf>,
+
+    /// A token may only update or deregister the instances it registered.
+    #[arg(long, env = "SIGNPOST_STRICT_OWNERSHIP", requires = "auth_tokens")]
+    strict_ownership: bool,
+
+    /// Do not serve gRPC reflection.
+    #[arg(long, env = "SIGNPOST_NO_REFLECTION")]
+    no_reflection: bool,
+
+    /// The longest a unary call may run.
+    #[arg(long, env = "SIGNPOST_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
+    request_timeout: Duration,
+
+    /// At most this many instances in one service.
+    #[arg(long, env = "SIGNPOST_MAX_INSTANCES_PER_SERVICE", default_value_t = signpost_server::Limits::default().max_instances_per_service)]
+    max_instances_per_service: u64,
+
+    /// At most this many instances in one namespace.
+    #[arg(long, env = "SIGNPOST_MAX_INSTANCES_PER_NAMESPACE", default_value_t = signpost_server::Limits::default().max_instances_per_namespace)]
+    max_instances_per_namespace: u64,
+
+    /// At most this many live leases (not enforced with --store etcd).
+    #[arg(long, env = "SIGNPOST_MAX_LEASES", default_value_t = signpost_server::Limits::default().max_leases)]
+    max_leases: u64,
+
+    /// At most this many open Watch streams.
+    #[arg(long, env = "SIGNPOST_MAX_WATCHES", default_value_t = signpost_server::Limits::default().max_watches)]
+    max_watches: usize,
+
+    /// At most this many open Watch streams on one client connection.
+    #[arg(long, env = "SIGNPOST_MAX_WATCHES_PER_CONNECTION", default_value_t = signpost_server::Limits::default().max_watches_per_connection)]
+    max_watches_per_connection: usize,
+
     /// Log format: human-readable text or one JSON object per line. Filter with RUST_LOG.
     #[arg(long, value_enum, env = "SIGNPOST_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -220,9 +268,46 @@ async fn run_server<S: Store>(
     args: &ServeArgs,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(signpost_server::metrics::Metrics::new());
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(signpost_server::Tls {
+            cert_pem: read(cert, "TLS certificate")?,
+            key_pem: read(key, "TLS key")?,
+            client_ca_pem: args
+                .tls_client_ca
+                .as_ref()
+                .map(|ca| read(ca, "client CA"))
+                .transpose()?,
+        }),
+        _ => None,
+    };
+    let auth = match &args.auth_tokens {
+        Some(path) => {
+            let tokens = signpost_server::auth::Tokens::load(path)?;
+            for name in &tokens.in_clear {
+                tracing::warn!(token = %name, "token \"{name}\" is written in clear in the token file: store its sha256 instead");
+            }
+            Some(Arc::new(tokens))
+        }
+        None => None,
+    };
     let config = signpost_server::Config {
         watch_progress_interval: args.watch_progress_interval,
         metrics: Some(metrics.clone()),
+        tls,
+        auth,
+        strict_ownership: args.strict_ownership,
+        reflection: !args.no_reflection,
+        request_timeout: args.request_timeout,
+        limits: signpost_server::Limits {
+            max_instances_per_service: args.max_instances_per_service,
+            max_instances_per_namespace: args.max_instances_per_namespace,
+            max_leases: args.max_leases,
+            max_watches: args.max_watches,
+            max_watches_per_connection: args.max_watches_per_connection,
+        },
         ..signpost_server::Config::default()
     };
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
