@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod http;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -53,9 +53,14 @@ impl std::fmt::Debug for ClientBuilder {
 pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Auth {
-    fn call(&mut self, mut request: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -63,7 +68,11 @@ impl Interceptor for Auth {
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Auth(token)" } else { "Auth(none)" })
+        f.write_str(if self.0.is_some() {
+            "Auth(token)"
+        } else {
+            "Auth(none)"
+        })
     }
 }
 
@@ -136,6 +145,41 @@ impl ClientBuilder {
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
+    }
+
+    /// Takes the token and TLS files from the environment, as the `signpost` CLI does:
+    /// `SIGNPOST_TOKEN`, `SIGNPOST_CA_CERT`, `SIGNPOST_CLIENT_CERT` with `SIGNPOST_CLIENT_KEY`, and
+    /// `SIGNPOST_TLS_DOMAIN`. Unset variables change nothing; a file that cannot be read is an error.
+    pub fn security_from_env(mut self) -> Result<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let file = |name: &str| -> Result<Option<Vec<u8>>> {
+            var(name)
+                .map(|path| {
+                    std::fs::read(&path).map_err(|e| {
+                        Error::InvalidArgument(format!("{name}: cannot read {path}: {e}"))
+                    })
+                })
+                .transpose()
+        };
+        if let Some(token) = var("SIGNPOST_TOKEN") {
+            self = self.token(token);
+        }
+        if let Some(ca) = file("SIGNPOST_CA_CERT")? {
+            self = self.ca_certificate(ca);
+        }
+        match (file("SIGNPOST_CLIENT_CERT")?, file("SIGNPOST_CLIENT_KEY")?) {
+            (Some(cert), Some(key)) => self = self.identity(cert, key),
+            (None, None) => {}
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "SIGNPOST_CLIENT_CERT and SIGNPOST_CLIENT_KEY go together".into(),
+                ));
+            }
+        }
+        if let Some(domain) = var("SIGNPOST_TLS_DOMAIN") {
+            self = self.tls_domain(domain);
+        }
+        Ok(self)
     }
 
     fn tls(&self) -> Option<ClientTlsConfig> {

@@ -29,6 +29,7 @@ mod convert;
 mod error;
 mod filter;
 mod health;
+mod limits;
 pub mod metrics;
 mod probe;
 pub mod selector;
@@ -47,10 +48,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+pub use auth::Tokens;
 pub use convert::{DEFAULT_WEIGHT, MAX_CHECK_INTERVAL, MIN_CHECK_INTERVAL};
 pub use error::Error;
 pub use health::HealthConfig;
-pub use auth::Tokens;
 pub use service::{MAX_TTL, MIN_TTL, Registry};
 pub use validate::DEFAULT_NAMESPACE;
 
@@ -242,6 +243,7 @@ pub async fn serve<S: Store>(
     server
         // Bounds unary calls; streams are bounded by their clients and by shutdown.
         .timeout(request_timeout)
+        .layer(limits::RequestSizeLayer { limit: max_request })
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)

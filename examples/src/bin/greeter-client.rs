@@ -30,7 +30,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = Client::new(args.registry)?;
+    let client = Client::builder()
+        .registry(args.registry)
+        .security_from_env()?
+        .build()?;
     let greeters = client.channel("greeter");
     greeters.wait_for_ready(Duration::from_secs(10)).await?;
     let mut greeter = GreeterServiceClient::new(greeters.channel());

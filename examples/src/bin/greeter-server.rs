@@ -43,7 +43,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.address, args.port))?;
     let id = format!("greeter-{}", bound.port());
-    let client = Client::new(args.registry.clone())?;
+    let client = Client::builder()
+        .registry(args.registry.clone())
+        .security_from_env()?
+        .build()?;
     let registration = client
         .register(
             RegistrationBuilder::new("greeter")
