@@ -368,12 +368,10 @@ async fn a_denial_says_nothing_about_whether_the_service_exists() {
     assert_eq!((a.code(), a.message()), (b.code(), b.message()));
 }
 
-type Authorized = RegistryServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
->;
+type AddToken =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Authorized =
+    RegistryServiceClient<tonic::service::interceptor::InterceptedService<Channel, AddToken>>;
 
 async fn authorized(server: &TestServer, token: &str) -> Authorized {
     let channel = Channel::from_shared(server.url())
@@ -382,9 +380,7 @@ async fn authorized(server: &TestServer, token: &str) -> Authorized {
         .await
         .unwrap();
     let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    let add: Box<
-        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-    > = Box::new(move |mut r: tonic::Request<()>| {
+    let add: AddToken = Box::new(move |mut r: tonic::Request<()>| {
         r.metadata_mut().insert("authorization", header.clone());
         Ok(r)
     });

@@ -310,6 +310,8 @@ impl Connections {
                 reason: root_cause(&status),
             },
             Code::InvalidArgument => Error::InvalidArgument(status.message().to_owned()),
+            Code::Unauthenticated => Error::Unauthenticated(status.message().to_owned()),
+            Code::PermissionDenied => Error::PermissionDenied(status.message().to_owned()),
             _ => Error::Status(status),
         }
     }

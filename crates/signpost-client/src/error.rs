@@ -12,8 +12,15 @@ pub enum Error {
     /// No registry could be reached; retrying later may succeed.
     #[error("cannot reach registry at {address}: {reason}")]
     Unavailable { address: String, reason: String },
-    /// The registry answered with an error status.
-    #[error("registry error: {0}")]
+    /// The registry wants an access token ([`ClientBuilder::token`](crate::ClientBuilder::token)),
+    /// or does not know the one sent.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    /// The token does not grant this; the message names the verb and namespace.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The registry answered with another error status.
+    #[error("registry error: {} ({:?})", .0.message(), .0.code())]
     Status(#[from] tonic::Status),
     /// The registration or channel was stopped.
     #[error("stopped")]

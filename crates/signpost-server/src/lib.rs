@@ -8,6 +8,12 @@
 //! and turns store changes into ADDED / UPDATED / REMOVED events. Errors become `tonic::Status` in
 //! one place (`error`). Nothing here knows which store backend it runs on.
 //!
+//! Security sits in front of every handler: [`auth`] checks access tokens (the token file is
+//! TOML, read with [toml](https://docs.rs/toml); tokens are kept as SHA-256 hashes, computed with
+//! RustCrypto's [sha2](https://docs.rs/sha2)), [`Limits`] are checked where the request is
+//! understood, TLS is tonic's own (rustls), and `limits` turns tonic's answer to an oversized
+//! request into the `RESOURCE_EXHAUSTED` every other limit answers.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use signpost_server::{Config, serve};

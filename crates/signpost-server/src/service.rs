@@ -34,8 +34,7 @@ pub struct Registry<S> {
     config: Arc<Config>,
     shutdown: CancellationToken,
     watches: Arc<Semaphore>,
-    /// Open watch streams per client connection (keyed by its remote address).
-    per_connection: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+    per_connection: PerConnection,
 }
 
 impl<S> Clone for Registry<S> {
@@ -50,11 +49,14 @@ impl<S> Clone for Registry<S> {
     }
 }
 
+/// Open watch streams per client connection (keyed by its remote address).
+type PerConnection = Arc<Mutex<HashMap<SocketAddr, usize>>>;
+
 /// A watch stream's places under the limits; dropping it frees them.
 #[derive(Debug)]
 pub(crate) struct WatchSlots {
     _total: OwnedSemaphorePermit,
-    connection: Option<(SocketAddr, Arc<Mutex<HashMap<SocketAddr, usize>>>)>,
+    connection: Option<(SocketAddr, PerConnection)>,
 }
 
 impl Drop for WatchSlots {
