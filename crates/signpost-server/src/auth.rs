@@ -240,6 +240,16 @@ impl Tokens {
         Ok(Tokens { entries, in_clear })
     }
 
+    /// How many tokens the file holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Never true for a loaded file (an empty one is refused).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// The principal for an `authorization` header value, or why there is none.
     pub(crate) fn authenticate(&self, header: Option<&str>) -> Result<Principal, Error> {
         let Some(header) = header else {

@@ -293,6 +293,18 @@ async fn run_server<S: Store>(
         }
         None => None,
     };
+    let tls_mode = match &tls {
+        None => "off",
+        Some(t) if t.client_ca_pem.is_some() => "mutual",
+        Some(_) => "on",
+    };
+    tracing::info!(
+        tls = tls_mode,
+        tokens = auth.as_ref().map_or(0, |a| a.len()),
+        strict_ownership = args.strict_ownership,
+        reflection = !args.no_reflection,
+        "security settings"
+    );
     let config = signpost_server::Config {
         watch_progress_interval: args.watch_progress_interval,
         metrics: Some(metrics.clone()),

@@ -208,3 +208,55 @@ fn the_readme_health_check_walkthrough_shows_an_instance_turn_critical() {
         "{out}"
     );
 }
+
+#[test]
+fn reflection_and_health_need_no_token_and_reflection_can_be_turned_off() {
+    let Some(grpcurl) = require_program("grpcurl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        "[[token]]\nname = \"ops\"\nsecret = \"ops-secret\"\nread = [\"*\"]\n",
+    )
+    .expect("token file");
+    let tokens = tokens.to_str().expect("utf-8 path");
+
+    let guarded = ServerProcess::start(
+        Path::new(EXE),
+        &["--store", "memory", "--auth-tokens", tokens],
+    );
+    let addr = guarded.addr.to_string();
+    let (ok, out, err) = run(Command::new(&grpcurl).args(["-plaintext", &addr, "list"]));
+    assert!(
+        ok && out.contains("signpost.v1.RegistryService"),
+        "{out}{err}"
+    );
+    let (ok, out, err) =
+        run(Command::new(&grpcurl).args(["-plaintext", &addr, "grpc.health.v1.Health/Check"]));
+    assert!(ok && out.contains("SERVING"), "{out}{err}");
+    // The registry itself wants a token, and takes one as grpcurl sends it.
+    let discover = |header: Option<&str>| {
+        let mut command = Command::new(&grpcurl);
+        command.arg("-plaintext");
+        if let Some(h) = header {
+            command.args(["-H", h]);
+        }
+        run(command.args([
+            "-d",
+            r#"{"service":"pay"}"#,
+            &addr,
+            "signpost.v1.RegistryService/Discover",
+        ]))
+    };
+    let (ok, _, err) = discover(None);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, out, err) = discover(Some("authorization: Bearer ops-secret"));
+    assert!(ok, "{out}{err}");
+
+    let hidden = ServerProcess::start(Path::new(EXE), &["--store", "memory", "--no-reflection"]);
+    let (ok, _, err) =
+        run(Command::new(&grpcurl).args(["-plaintext", &hidden.addr.to_string(), "list"]));
+    assert!(!ok, "reflection was served with --no-reflection: {err}");
+}
