@@ -26,7 +26,7 @@ fi
 
 cargo build --release --quiet -p signpost
 cargo build --release --quiet -p signpost-bench --features etcd
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
 pids=()
 cleanup() {

@@ -174,3 +174,22 @@ pub fn run(command: &mut Command) -> (bool, String, String) {
         err.join().unwrap_or_default(),
     )
 }
+
+/// The shell lines of a README block between `<!-- NAME:start -->` and `<!-- NAME:end -->`,
+/// without the code fences, as the README's tests run them.
+pub fn readme_block(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let start = readme
+        .find(&format!("<!-- {name}:start -->"))
+        .unwrap_or_else(|| panic!("README has no {name}:start marker"));
+    let end = readme
+        .find(&format!("<!-- {name}:end -->"))
+        .unwrap_or_else(|| panic!("README has no {name}:end marker"));
+    readme[start..end]
+        .lines()
+        .filter(|l| !l.starts_with("```") && !l.starts_with("<!--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

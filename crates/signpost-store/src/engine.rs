@@ -14,7 +14,7 @@ use crate::model::{
     Snapshot,
 };
 use crate::state::State;
-use crate::{Error, HealthUpdate, Result, Watch, WatchStart};
+use crate::{Error, HealthUpdate, Result, Watch};
 
 /// How many leases one expiry pass takes, so that a mass expiry commits in bounded batches.
 const EXPIRY_BATCH: usize = 256;
@@ -347,13 +347,7 @@ impl Engine {
         // the start or still to come on the feed (or both, and the reader skips the repeat).
         let state = self.read()?;
         let feed = ChangeFeed::new(self.feed.subscribe());
-        let start = match after.and_then(|revision| state.replay_after(revision)) {
-            Some(changes) => WatchStart::Replay {
-                changes,
-                revision: state.revision(),
-            },
-            None => WatchStart::Snapshot(state.list(namespace, service)),
-        };
+        let start = state.watch_start(namespace, service, after);
         Ok(Watch { start, feed })
     }
 }

@@ -42,7 +42,7 @@ use crate::model::{
     Revision, ServiceList, Snapshot,
 };
 use crate::state::State;
-use crate::{Error, HealthUpdate, Result, Store, Watch, WatchStart};
+use crate::{Error, HealthUpdate, Result, Store, Watch};
 
 /// How to reach etcd and where under it Signpost keeps its keys.
 #[derive(Debug, Clone)]
@@ -694,6 +694,7 @@ async fn load(
     let prefix = || GetOptions::new().with_prefix();
     let mut resp = kv.get(keys.instances.as_slice(), Some(prefix())).await?;
     let mut revision = resp.header().map_or(0, |h| h.revision());
+    let mut current = true;
     let back = revision.saturating_sub(i64::try_from(history_limit).unwrap_or(i64::MAX));
     if replica.read().revision() == 0 && back > 0 {
         // When etcd has compacted that far already, start from now with no history.
@@ -706,6 +707,7 @@ async fn load(
         {
             resp = older;
             revision = back;
+            current = false;
         }
     }
     let mut instances = Vec::with_capacity(resp.kvs().len());
@@ -718,6 +720,11 @@ async fn load(
         }
     }
     let revision = Revision::try_from(revision).unwrap_or(0);
+    // A state read as of now is one to serve at once (the watchers this reload resets read it
+    // straight away); one read from the past waits for the watch to catch up.
+    if current {
+        replica.set_health(Ok(()));
+    }
     replica.load(State::replica(revision, history_limit, instances));
     Ok(())
 }
@@ -749,10 +756,22 @@ async fn stream(
             .await
             .map_err(|_| no_answer())??,
     );
+    let (mut requests, mut responses) = stream.split();
+    // The replica is only current (and the store healthy) once etcd says this watch has caught
+    // up; etcd ignores a progress request while the watch is still replaying, so ask until then.
+    let mut synced = false;
+    let mut ask = tokio::time::interval(Duration::from_millis(200));
+    ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let next = match first.take() {
             Some(created) => created,
-            None => stream.message().await?,
+            None => tokio::select! {
+                next = responses.message() => next?,
+                _ = ask.tick(), if !synced => {
+                    requests.request_progress().await?;
+                    continue;
+                }
+            },
         };
         let Some(resp) = next else { break };
         if resp.compact_revision() > 0 {
@@ -766,7 +785,15 @@ async fn stream(
         }
         if resp.created() {
             *created = true;
-            replica.set_health(Ok(()));
+        } else if resp.events().is_empty() {
+            // A progress notification: the watch has caught up. Its revision is not used to move
+            // the replica on: etcd before 3.4.25 / 3.5.8 could send one ahead of events still
+            // queued for the watch (etcd issue 15220), and a replica that claimed that revision
+            // would hand out snapshots missing those events.
+            if !synced {
+                synced = true;
+                replica.set_health(Ok(()));
+            }
         }
         // etcd never splits one revision's events over two responses.
         let events = resp.events();
@@ -949,13 +976,7 @@ impl Store for EtcdStore {
         }
         let state = self.replica().read();
         let feed = ChangeFeed::new(self.replica().feed.subscribe());
-        let start = match after.and_then(|revision| state.replay_after(revision)) {
-            Some(changes) => WatchStart::Replay {
-                changes,
-                revision: state.revision(),
-            },
-            None => WatchStart::Snapshot(state.list(namespace, service)),
-        };
+        let start = state.watch_start(namespace, service, after);
         Ok(Watch { start, feed })
     }
 

@@ -477,6 +477,23 @@ impl State {
         }
     }
 
+    /// Where a watch of `namespace`/`service` starts: a replay of the changes after `after` when
+    /// they are all kept, else a snapshot. Read under the same lock as the feed's subscription.
+    pub(crate) fn watch_start(
+        &self,
+        namespace: &str,
+        service: &str,
+        after: Option<Revision>,
+    ) -> crate::WatchStart {
+        match after.and_then(|revision| self.replay_after(revision)) {
+            Some(changes) => crate::WatchStart::Replay {
+                changes,
+                revision: self.revision,
+            },
+            None => crate::WatchStart::Snapshot(self.list(namespace, service)),
+        }
+    }
+
     /// The changes after `revision`, or `None` when some of them are no longer kept (or the
     /// revision is one this store never reached).
     pub(crate) fn replay_after(&self, revision: Revision) -> Option<Vec<Arc<Change>>> {

@@ -10,25 +10,9 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use signpost_tests::DEADLINE;
-use signpost_tests::process::{ServerProcess, require_program, run};
+use signpost_tests::process::{ServerProcess, readme_block, require_program, run};
 
 const EXE: &str = env!("CARGO_BIN_EXE_signpost");
-
-fn readme_block(name: &str) -> String {
-    let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
-    let readme = std::fs::read_to_string(&readme_path).unwrap_or_else(|e| panic!("README.md: {e}"));
-    let start = readme
-        .find(&format!("<!-- {name}:start -->"))
-        .expect("block start marker");
-    let end = readme
-        .find(&format!("<!-- {name}:end -->"))
-        .expect("block end marker");
-    readme[start..end]
-        .lines()
-        .filter(|l| !l.starts_with("```") && !l.starts_with("<!--"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 #[test]
 fn the_readme_walkthrough_runs_verbatim_against_the_binary() {

@@ -6,26 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use signpost_tests::process::{ServerProcess, require_program, run};
+use signpost_tests::process::{ServerProcess, readme_block, require_program, run};
 
 const EXE: &str = env!("CARGO_BIN_EXE_signpost");
-
-fn readme_block(name: &str) -> String {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
-            .expect("README.md");
-    let start = readme
-        .find(&format!("<!-- {name}:start -->"))
-        .expect("block start");
-    let end = readme
-        .find(&format!("<!-- {name}:end -->"))
-        .expect("block end");
-    readme[start..end]
-        .lines()
-        .filter(|l| !l.starts_with("```") && !l.starts_with("<!--"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 fn bash(dir: &Path, script: &str) -> (bool, String, String) {
     run(Command::new("bash")
