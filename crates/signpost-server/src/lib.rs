@@ -42,6 +42,7 @@ pub mod selector;
 mod service;
 mod validate;
 mod watch;
+mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -216,9 +217,7 @@ pub async fn serve<S: Store>(
         (None, None)
     };
 
-    let registry = RegistryServiceServer::new(registry)
-        .max_decoding_message_size(max_request)
-        .max_encoding_message_size(max_response);
+    let registry = wire::RegistryServer::new(registry, max_request, max_response);
 
     let stop_streams = streams.clone();
     let shutdown = async move {

@@ -308,11 +308,13 @@ impl<S: Store> Registry<S> {
         })
     }
 
-    async fn do_discover(
+    /// The instances a Discover asks for, each turned into `T`, and the revision they were read at.
+    async fn do_discover<T>(
         &self,
         principal: Option<Principal>,
         req: pb::DiscoverRequest,
-    ) -> Result<pb::DiscoverResponse> {
+        each: impl Fn(&signpost_store::Instance) -> T,
+    ) -> Result<(Vec<T>, u64)> {
         let filter = Filter::new(
             req.namespace,
             req.service,
@@ -322,15 +324,31 @@ impl<S: Store> Registry<S> {
         )?;
         allow(principal.as_ref(), Verb::Read, &filter.namespace)?;
         let snapshot = self.store.list(&filter.namespace, &filter.service).await?;
-        Ok(pb::DiscoverResponse {
-            instances: snapshot
-                .instances
-                .iter()
-                .filter(|i| filter.matches(i))
-                .map(|i| instance_to_pb(i))
-                .collect(),
-            revision: snapshot.revision,
+        let instances = snapshot
+            .instances
+            .iter()
+            .filter(|i| filter.matches(i))
+            .map(|i| each(i))
+            .collect();
+        Ok((instances, snapshot.revision))
+    }
+
+    /// Discover as the server answers it: from each instance's cached encoding (see `wire`).
+    pub(crate) async fn discover_encoded(
+        &self,
+        request: Request<pb::DiscoverRequest>,
+    ) -> Result<Response<crate::wire::DiscoverResponse>, Status> {
+        self.timed("Discover", async {
+            let principal = self.authenticate(&request)?;
+            let (instances, revision) = self
+                .do_discover(principal, request.into_inner(), crate::wire::encoded)
+                .await?;
+            Ok(crate::wire::DiscoverResponse {
+                instances,
+                revision,
+            })
         })
+        .await
     }
 
     async fn do_list_services(
@@ -483,7 +501,13 @@ impl<S: Store> RegistryService for Registry<S> {
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
         self.timed("Discover", async {
             let principal = self.authenticate(&request)?;
-            self.do_discover(principal, request.into_inner()).await
+            let (instances, revision) = self
+                .do_discover(principal, request.into_inner(), instance_to_pb)
+                .await?;
+            Ok(pb::DiscoverResponse {
+                instances,
+                revision,
+            })
         })
         .await
     }

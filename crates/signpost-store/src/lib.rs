@@ -60,8 +60,8 @@ pub use etcd::{EtcdConfig, EtcdStore};
 pub use feed::{ChangeFeed, FeedItem};
 pub use memory::{MemoryConfig, MemoryStore};
 pub use model::{
-    Change, Counts, Deleted, Event, Health, HealthCheck, Instance, InstanceKey, Lease, LeaseId,
-    Probe, RemovalCause, Revision, ServiceList, ServiceSummary, Sizes, Snapshot,
+    Change, Counts, Deleted, Encoded, Event, Health, HealthCheck, Instance, InstanceKey, Lease,
+    LeaseId, Probe, RemovalCause, Revision, ServiceList, ServiceSummary, Sizes, Snapshot,
 };
 
 impl Default for Instance {
@@ -85,6 +85,7 @@ impl Default for Instance {
             created_at: None,
             create_revision: 0,
             mod_revision: 0,
+            encoded: Default::default(),
         }
     }
 }

@@ -81,6 +81,45 @@ pub struct Instance {
     pub created_at: Option<std::time::SystemTime>,
     pub create_revision: Revision,
     pub mod_revision: Revision,
+    /// Room for the server to keep this version's API encoding, made once and then shared by
+    /// every answer that carries it. Not part of the instance's value.
+    pub encoded: Encoded,
+}
+
+/// A once-made encoding of one version of an instance (see [`Instance::encoded`]). Cloning an
+/// instance makes a new version, so a clone starts empty; it compares equal to any other.
+#[derive(Default)]
+pub struct Encoded(std::sync::OnceLock<prost::bytes::Bytes>);
+
+impl Encoded {
+    /// The encoding, made by `encode` the first time it is asked for.
+    pub fn get_or_init(&self, encode: impl FnOnce() -> prost::bytes::Bytes) -> prost::bytes::Bytes {
+        self.0.get_or_init(encode).clone()
+    }
+}
+
+impl Clone for Encoded {
+    fn clone(&self) -> Self {
+        Encoded::default()
+    }
+}
+
+impl PartialEq for Encoded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Encoded {}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Encoded(cached)"
+        } else {
+            "Encoded(none)"
+        })
+    }
 }
 
 impl Instance {
