@@ -3,7 +3,7 @@
 use signpost_proto::v1 as pb;
 use signpost_store::{Event, Instance};
 
-use crate::convert::{instance_to_pb, removal_to_pb};
+use crate::convert::removal_to_pb;
 use crate::error::{Error, Result};
 use crate::selector::Selector;
 use crate::validate;
@@ -52,7 +52,7 @@ impl Filter {
 
     /// What a store event means to a view through this filter, if anything: an instance entering
     /// the view is ADDED, one changing inside it UPDATED, one leaving it REMOVED with the reason.
-    pub(crate) fn view_event(&self, event: &Event, revision: u64) -> Option<pb::Event> {
+    pub(crate) fn view_event(&self, event: &Event, revision: u64) -> Option<crate::wire::Event> {
         let was = event.prev.as_deref().filter(|i| self.matches(i));
         let is = event.current.as_deref().filter(|i| self.matches(i));
         let (kind, instance, reason) = match (was, is) {
@@ -72,9 +72,9 @@ impl Filter {
                 (pb::EventType::Removed, before, reason)
             }
         };
-        Some(pb::Event {
+        Some(crate::wire::Event {
             r#type: kind.into(),
-            instance: Some(instance_to_pb(instance)),
+            instance: crate::wire::encoded(instance),
             reason: reason.into(),
             revision,
         })

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_server::RegistryService;
 use signpost_store::{InstanceKey, Store};
@@ -48,6 +49,9 @@ impl<S> Clone for Registry<S> {
         }
     }
 }
+
+/// The messages of one Watch stream, as the server sends them.
+pub(crate) type EncodedWatchStream = ReceiverStream<Result<crate::wire::WatchResponse, Status>>;
 
 /// Open watch streams per client connection (keyed by its remote address).
 type PerConnection = Arc<Mutex<HashMap<SocketAddr, usize>>>;
@@ -333,6 +337,15 @@ impl<S: Store> Registry<S> {
         Ok((instances, snapshot.revision))
     }
 
+    /// Watch as the server answers it: events carry each instance's cached encoding.
+    pub(crate) async fn watch_encoded(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<EncodedWatchStream>, Status> {
+        let started = self.start_watch(request);
+        self.timed("Watch", async { started }).await
+    }
+
     /// Discover as the server answers it: from each instance's cached encoding (see `wire`).
     pub(crate) async fn discover_encoded(
         &self,
@@ -373,10 +386,7 @@ impl<S: Store> Registry<S> {
         })
     }
 
-    fn start_watch(
-        &self,
-        request: Request<pb::WatchRequest>,
-    ) -> Result<ReceiverStream<Result<pb::WatchResponse, Status>>> {
+    fn start_watch(&self, request: Request<pb::WatchRequest>) -> Result<EncodedWatchStream> {
         let principal = self.authenticate(&request)?;
         let remote = request.remote_addr();
         let req = request.into_inner();
@@ -512,15 +522,24 @@ impl<S: Store> RegistryService for Registry<S> {
         .await
     }
 
-    type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
+    /// The generated types, for callers of this trait directly; the server itself answers
+    /// Watch from encodings (`watch_encoded`), and this decodes what that sends.
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>,
+    >;
 
     #[tracing::instrument(skip_all, level = "debug")]
     async fn watch(
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let started = self.start_watch(request);
-        self.timed("Watch", async { started }).await
+        let encoded = self.watch_encoded(request).await?.into_inner();
+        let decoded = encoded.map(|message| {
+            let message = message?;
+            pb::WatchResponse::decode(prost::Message::encode_to_vec(&message).as_slice())
+                .map_err(|e| Status::internal(format!("cannot re-read a watch message: {e}")))
+        });
+        Ok(Response::new(Box::pin(decoded)))
     }
 
     #[tracing::instrument(skip_all, level = "debug")]

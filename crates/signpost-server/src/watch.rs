@@ -16,11 +16,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::convert::instance_to_pb;
 use crate::filter::Filter;
 use crate::metrics::Metrics;
+use crate::wire::{Event, WatchResponse, encoded};
 
-pub(crate) type WatchSender = mpsc::Sender<Result<pb::WatchResponse, Status>>;
+pub(crate) type WatchSender = mpsc::Sender<Result<WatchResponse, Status>>;
 
 pub(crate) struct WatchTask<S> {
     pub(crate) store: Arc<S>,
@@ -161,39 +161,39 @@ impl<S: Store> WatchTask<S> {
         }
     }
 
-    fn reset(&self, snapshot: Snapshot) -> pb::WatchResponse {
+    fn reset(&self, snapshot: Snapshot) -> WatchResponse {
         let events = snapshot
             .instances
             .iter()
             .filter(|i| self.filter.matches(i))
-            .map(|i| pb::Event {
+            .map(|i| Event {
                 r#type: pb::EventType::Added.into(),
-                instance: Some(instance_to_pb(i)),
+                instance: encoded(i),
                 reason: pb::RemovalReason::Unspecified.into(),
                 revision: i.mod_revision,
             })
             .collect();
-        pb::WatchResponse {
+        WatchResponse {
             revision: snapshot.revision,
             reset: true,
             events,
         }
     }
 
-    fn changes_message(&self, change: &Change) -> Option<pb::WatchResponse> {
-        let events: Vec<pb::Event> = change
+    fn changes_message(&self, change: &Change) -> Option<WatchResponse> {
+        let events: Vec<Event> = change
             .events
             .iter()
             .filter_map(|e| self.filter.view_event(e, change.revision))
             .collect();
-        (!events.is_empty()).then_some(pb::WatchResponse {
+        (!events.is_empty()).then_some(WatchResponse {
             revision: change.revision,
             reset: false,
             events,
         })
     }
 
-    async fn send(&self, message: pb::WatchResponse) -> Result<(), Stop> {
+    async fn send(&self, message: WatchResponse) -> Result<(), Stop> {
         if let Some(m) = &self.metrics {
             m.events_sent(message.events.len());
         }
@@ -204,8 +204,8 @@ impl<S: Store> WatchTask<S> {
     }
 }
 
-fn progress(revision: Revision) -> pb::WatchResponse {
-    pb::WatchResponse {
+fn progress(revision: Revision) -> WatchResponse {
+    WatchResponse {
         revision,
         reset: false,
         events: Vec::new(),

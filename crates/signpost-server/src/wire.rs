@@ -1,13 +1,16 @@
-//! Discover answered from each instance's encoding, made once per version of the instance.
+//! Discover and Watch answered from each instance's encoding, made once per version of the
+//! instance.
 //!
 //! A Discover answer is mostly instances, and the same versions of the same instances go out in
 //! answer after answer. Building a `pb::Instance` for each (a dozen strings and a map, copied) and
-//! encoding it every time was most of Discover's cost. Here each stored instance keeps its encoding
+//! encoding it every time was most of Discover's cost, and a change fanned out to ten thousand
+//! watchers was converted ten thousand times. Here each stored instance keeps its encoding
 //! ([`signpost_store::Encoded`]) and an answer is those bytes laid end to end.
 //!
-//! The answer type is wire-identical to `signpost.v1.DiscoverResponse`: field 1 is length-delimited
-//! whether its declared type is `Instance` or `bytes`, so clients decode it as the generated type.
-//! [`RegistryServer`] routes Discover here and every other method to the generated server.
+//! The answer types are wire-identical to `signpost.v1.DiscoverResponse` and `WatchResponse`: a
+//! length-delimited field is the same whether its declared type is `Instance` or `bytes`, and an
+//! enum is an int32, so clients decode them as the generated types. [`RegistryServer`] routes
+//! Discover and Watch here and every other method to the generated server.
 
 use std::convert::Infallible;
 
@@ -17,7 +20,7 @@ use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_server::RegistryServiceServer;
 use signpost_store::{Instance, Store};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
-use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 
 use crate::Registry;
 use crate::convert::instance_to_pb;
@@ -32,6 +35,33 @@ pub(crate) struct DiscoverResponse {
     pub(crate) revision: u64,
 }
 
+/// `signpost.v1.Event` with its instance already encoded.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct Event {
+    /// A `signpost.v1.EventType`.
+    #[prost(int32, tag = "1")]
+    pub(crate) r#type: i32,
+    /// An encoded `signpost.v1.Instance`.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub(crate) instance: Bytes,
+    /// A `signpost.v1.RemovalReason`.
+    #[prost(int32, tag = "3")]
+    pub(crate) reason: i32,
+    #[prost(uint64, tag = "4")]
+    pub(crate) revision: u64,
+}
+
+/// `signpost.v1.WatchResponse` with its events' instances already encoded.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct WatchResponse {
+    #[prost(uint64, tag = "1")]
+    pub(crate) revision: u64,
+    #[prost(bool, tag = "2")]
+    pub(crate) reset: bool,
+    #[prost(message, repeated, tag = "3")]
+    pub(crate) events: Vec<Event>,
+}
+
 /// The encoding of one version of an instance, made the first time an answer needs it.
 pub(crate) fn encoded(instance: &Instance) -> Bytes {
     instance
@@ -40,6 +70,7 @@ pub(crate) fn encoded(instance: &Instance) -> Bytes {
 }
 
 const DISCOVER: &str = "/signpost.v1.RegistryService/Discover";
+const WATCH: &str = "/signpost.v1.RegistryService/Watch";
 
 /// `signpost.v1.RegistryService`: the generated server, with Discover served from encodings.
 #[derive(Debug)]
@@ -90,6 +121,19 @@ impl<S: Store> UnaryService<pb::DiscoverRequest> for Discover<S> {
     }
 }
 
+struct Watch<S: Store>(Registry<S>);
+
+impl<S: Store> ServerStreamingService<pb::WatchRequest> for Watch<S> {
+    type Response = WatchResponse;
+    type ResponseStream = crate::service::EncodedWatchStream;
+    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<pb::WatchRequest>) -> Self::Future {
+        let registry = self.0.clone();
+        Box::pin(async move { registry.watch_encoded(request).await })
+    }
+}
+
 impl<S, B> Service<http::Request<B>> for RegistryServer<S>
 where
     S: Store,
@@ -105,17 +149,30 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != DISCOVER {
-            return self.generated.call(request);
+        let (max_request, max_response) = (Some(self.max_request), Some(self.max_response));
+        match request.uri().path() {
+            DISCOVER => {
+                let method = Discover(self.registry.clone());
+                Box::pin(async move {
+                    let codec =
+                        tonic_prost::ProstCodec::<DiscoverResponse, pb::DiscoverRequest>::default();
+                    let mut grpc =
+                        Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
+                    Ok(grpc.unary(method, request).await)
+                })
+            }
+            WATCH => {
+                let method = Watch(self.registry.clone());
+                Box::pin(async move {
+                    let codec =
+                        tonic_prost::ProstCodec::<WatchResponse, pb::WatchRequest>::default();
+                    let mut grpc =
+                        Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
+                    Ok(grpc.server_streaming(method, request).await)
+                })
+            }
+            _ => self.generated.call(request),
         }
-        let method = Discover(self.registry.clone());
-        let (max_request, max_response) = (self.max_request, self.max_response);
-        Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<DiscoverResponse, pb::DiscoverRequest>::default();
-            let mut grpc = Grpc::new(codec)
-                .apply_max_message_size_config(Some(max_request), Some(max_response));
-            Ok(grpc.unary(method, request).await)
-        })
     }
 }
 
@@ -142,6 +199,26 @@ mod tests {
         let decoded = pb::DiscoverResponse::decode(answer.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded.revision, 9);
         assert_eq!(decoded.instances, vec![instance_to_pb(&instance); 2]);
+        let watch = WatchResponse {
+            revision: 9,
+            reset: false,
+            events: vec![Event {
+                r#type: pb::EventType::Removed.into(),
+                instance: encoded(&instance),
+                reason: pb::RemovalReason::Expired.into(),
+                revision: 9,
+            }],
+        };
+        let decoded = pb::WatchResponse::decode(watch.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(
+            decoded.events,
+            vec![pb::Event {
+                r#type: pb::EventType::Removed.into(),
+                instance: Some(instance_to_pb(&instance)),
+                reason: pb::RemovalReason::Expired.into(),
+                revision: 9,
+            }]
+        );
         // A new version (a clone) does not reuse the old encoding.
         let mut moved = instance.clone();
         moved.port = 9090;
