@@ -82,7 +82,12 @@ start_etcd() {
 
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-bench() { "${load_cpu[@]}" "$bin/signpost-bench" "$@" --json; }
+# One retry: on this shared machine a run now and then loses a connection under the largest
+# fan-outs (etcd's most of all); a second failure stops the script.
+bench() {
+  "${load_cpu[@]}" "$bin/signpost-bench" "$@" --json ||
+    { echo "retrying: signpost-bench $*" >&2; sleep 2; "${load_cpu[@]}" "$bin/signpost-bench" "$@" --json; }
+}
 field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 num() { awk -v a="$1" 'BEGIN { printf "%.0f", a }'; }
