@@ -56,7 +56,7 @@ start_signpost() {
     >/dev/null 2>"$work/$name.log" &
   PID=$!; pids+=("$PID")
   for _ in $(seq 100); do
-    ADDR=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/$name.log" | head -1)
+    ADDR=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/$name.log" | sed -n 1p)
     [ -n "$ADDR" ] && return
     sleep 0.1
   done
@@ -106,14 +106,14 @@ start_signpost durable --store durable --data-dir "$work/data"; dur=$ADDR; dur_p
 start_etcd etcd; etcd=$ADDR; etcd_pid=$PID
 start_signpost onetcd --store etcd --etcd-endpoints "http://$etcd" --etcd-prefix /signpost-bench/; onetcd=$ADDR; onetcd_pid=$PID
 
-etcd_version=$(etcd --version 2>/dev/null | head -1)
+etcd_version=$(etcd --version 2>/dev/null | sed -n 1p)
 {
   echo "# Benchmarks"
   echo
   echo "Produced by \`bench/compare.sh\` on $(date -u +%Y-%m-%d): Signpost and etcd used as a registry, through"
   echo "the same workloads of \`signpost-bench\`, on the same machine, in the same run."
   echo
-  echo "- Machine: $cores cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), $(uname -sr)."
+  echo "- Machine: $cores cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | sed -n 1p), $(uname -sr)."
   echo "- Signpost $("$bin/signpost" --version | cut -d' ' -f2) (release build); ${etcd_version}."
   echo "- The load generator shares the machine with the servers: $pinning. Every figure is"
   echo "  therefore also a measure of the generator; ratios between targets are the point."
