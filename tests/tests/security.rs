@@ -534,3 +534,53 @@ async fn each_limit_is_resource_exhausted_and_others_are_still_served() {
         .into_inner();
     assert_eq!(found.instances.len(), 2);
 }
+
+#[tokio::test]
+async fn an_answer_over_the_response_limit_is_resource_exhausted_and_a_narrower_one_is_served() {
+    let server = serve(Config {
+        max_response_size: 4096,
+        ..Config::default()
+    })
+    .await;
+    let mut client = server.client().await;
+    for n in 0..40 {
+        let mut i = instance("big", &format!("b{n:02}"), 1);
+        i.metadata = [
+            ("shard".to_string(), (n % 4).to_string()),
+            ("note".to_string(), "x".repeat(100)),
+        ]
+        .into();
+        signpost_tests::register(&mut client, i).await;
+    }
+    // Forty instances of ~170 bytes: over the limit; the ten of one shard: under it.
+    let limit = "limit max_response_size (4096 bytes) reached";
+
+    let (code, message) = code_of(client.discover(discover_request("", "big")).await).await;
+    assert_eq!(code, Code::ResourceExhausted, "{message}");
+    assert!(message.contains(limit), "{message}");
+
+    // A watch's reset is one message too: the stream ends with the same answer.
+    let mut stream = client
+        .watch(watch_request("big"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (code, message) = code_of(within("the watch's answer", stream.message()).await).await;
+    assert_eq!(code, Code::ResourceExhausted, "{message}");
+    assert!(message.contains(limit), "{message}");
+
+    // Narrowed by a selector, both are served.
+    let mut narrow = discover_request("", "big");
+    narrow.selector = "shard=1".into();
+    let found = client.discover(narrow).await.unwrap().into_inner();
+    assert_eq!(found.instances.len(), 10);
+    let mut request = watch_request("big");
+    request.selector = "shard=1".into();
+    let mut stream = client.watch(request).await.unwrap().into_inner();
+    let reset = within("a narrow reset", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(reset.reset);
+    assert_eq!(reset.events.len(), 10);
+}

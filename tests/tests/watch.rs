@@ -302,3 +302,103 @@ async fn an_idle_watch_gets_progress_messages_at_the_configured_interval() {
     let second = must(within("second progress", view.next()).await, "progress");
     assert!(second.events.is_empty());
 }
+
+#[tokio::test]
+async fn watchers_of_one_change_each_see_it_through_their_own_filter() {
+    // Watchers of a service without tags or a selector are sent one shared encoding of each
+    // change; everyone else gets their own. Both must give each watcher exactly its view.
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let pay = |selector: &str, include_unhealthy: bool| pb::WatchRequest {
+        service: "pay".into(),
+        selector: selector.into(),
+        include_unhealthy,
+        ..Default::default()
+    };
+    let requests = [
+        pay("", false),
+        pay("", false),
+        pay("", true),
+        pay("zone=a", false),
+        watch_request("ship"),
+    ];
+    let mut views = Vec::new();
+    for request in &requests {
+        let mut view = WatchView::open(&mut client, request.clone()).await;
+        view.until("initial reset", |v| v.resets == 1).await;
+        views.push(view);
+    }
+
+    // One lease holding an instance of each service: its expiry is one change with events in
+    // both services.
+    let mut a = instance("pay", "p-a", 1);
+    a.metadata = [("zone".to_string(), "a".to_string())].into();
+    let leased = must(
+        client
+            .register(register_request(a, Some(Duration::from_secs(1))))
+            .await,
+        "register on a lease",
+    )
+    .into_inner();
+    let mut on_lease = register_request(instance("ship", "s-1", 1), None);
+    on_lease.lease_id = leased.lease_id;
+    must(
+        client.register(on_lease).await,
+        "register on the same lease",
+    );
+    let mut b = instance("pay", "p-b", 2);
+    b.metadata = [("zone".to_string(), "b".to_string())].into();
+    register(&mut client, b).await;
+    // A health check makes an instance critical until probed: only include_unhealthy sees it.
+    let mut checked = instance("pay", "p-checked", 3);
+    checked.check = Some(pb::HealthCheck {
+        probe: Some(pb::health_check::Probe::Tcp(pb::TcpProbe {})),
+        interval: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        timeout: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    register(&mut client, checked).await;
+
+    use pb::EventType::*;
+    use pb::RemovalReason as R;
+    let expired = |id: &str| (Removed, id.to_string(), R::Expired);
+    let added = |id: &str| (Added, id.to_string(), R::Unspecified);
+    let want = [
+        vec![added("p-a"), added("p-b"), expired("p-a")],
+        vec![added("p-a"), added("p-b"), expired("p-a")],
+        vec![
+            added("p-a"),
+            added("p-b"),
+            added("p-checked"),
+            expired("p-a"),
+        ],
+        vec![added("p-a"), expired("p-a")],
+        vec![added("s-1"), expired("s-1")],
+    ];
+    for ((view, request), want) in views.iter_mut().zip(&requests).zip(want) {
+        view.until("the lease's expiry", |v| {
+            v.events
+                .iter()
+                .any(|e| e.reason() == pb::RemovalReason::Expired)
+        })
+        .await;
+        assert_eq!(event_summary(&view.events), want, "{request:?}");
+        let found = discover(
+            &mut client,
+            pb::DiscoverRequest {
+                service: request.service.clone(),
+                selector: request.selector.clone(),
+                include_unhealthy: request.include_unhealthy,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(view.ids(), ids(&found.instances), "{request:?}");
+    }
+}

@@ -15,7 +15,7 @@ pub(crate) struct Filter {
     pub(crate) service: String,
     tags: Vec<String>,
     selector: Selector,
-    include_unhealthy: bool,
+    pub(crate) include_unhealthy: bool,
 }
 
 impl Filter {
@@ -38,6 +38,12 @@ impl Filter {
             selector,
             include_unhealthy,
         })
+    }
+
+    /// Whether this filter sees its whole service (no tags, no selector): every such filter with
+    /// the same `include_unhealthy` sees a change to the service the same way.
+    pub(crate) fn is_whole_service(&self) -> bool {
+        self.tags.is_empty() && self.selector.is_empty()
     }
 
     fn matches_ignoring_health(&self, i: &Instance) -> bool {

@@ -4,7 +4,7 @@
 //! `key=value`, `key==value`, `key!=value`, `key in (a,b)`, `key notin (a,b)`, `key` (exists),
 //! `!key` (does not exist). As in Kubernetes, `!=` and `notin` also match instances without the key.
 
-use std::collections::BTreeMap;
+use signpost_store::Metadata;
 use std::fmt;
 
 /// A parsed selector. The empty selector matches everything.
@@ -48,7 +48,7 @@ impl Selector {
         self.requirements.is_empty()
     }
 
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &Metadata) -> bool {
         self.requirements.iter().all(|r| match r {
             Requirement::Equals(k, v) => labels.get(k) == Some(v),
             Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
@@ -295,7 +295,7 @@ impl Parser {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn labels(pairs: &[(&str, &str)]) -> Metadata {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

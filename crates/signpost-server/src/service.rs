@@ -50,8 +50,8 @@ impl<S> Clone for Registry<S> {
     }
 }
 
-/// The messages of one Watch stream, as the server sends them.
-pub(crate) type EncodedWatchStream = ReceiverStream<Result<crate::wire::WatchResponse, Status>>;
+/// The frames of one Watch stream, as the server sends them (see `wire::WatchFrames`).
+pub(crate) type WatchFrames = mpsc::Receiver<crate::watch::Sent>;
 
 /// Open watch streams per client connection (keyed by its remote address).
 type PerConnection = Arc<Mutex<HashMap<SocketAddr, usize>>>;
@@ -338,12 +338,12 @@ impl<S: Store> Registry<S> {
     }
 
     /// Watch as the server answers it: events carry each instance's cached encoding.
-    pub(crate) async fn watch_encoded(
+    pub(crate) async fn watch_frames(
         &self,
         request: Request<pb::WatchRequest>,
-    ) -> Result<Response<EncodedWatchStream>, Status> {
+    ) -> Result<WatchFrames, Status> {
         let started = self.start_watch(request);
-        self.timed("Watch", async { started }).await
+        Ok(self.timed("Watch", async { started }).await?.into_inner())
     }
 
     /// Discover as the server answers it: from each instance's cached encoding (see `wire`).
@@ -356,10 +356,12 @@ impl<S: Store> Registry<S> {
             let (instances, revision) = self
                 .do_discover(principal, request.into_inner(), crate::wire::encoded)
                 .await?;
-            Ok(crate::wire::DiscoverResponse {
+            let answer = crate::wire::DiscoverResponse {
                 instances,
                 revision,
-            })
+            };
+            crate::wire::fits(&answer, self.config.max_response_size)?;
+            Ok(answer)
         })
         .await
     }
@@ -386,7 +388,7 @@ impl<S: Store> Registry<S> {
         })
     }
 
-    fn start_watch(&self, request: Request<pb::WatchRequest>) -> Result<EncodedWatchStream> {
+    fn start_watch(&self, request: Request<pb::WatchRequest>) -> Result<WatchFrames> {
         let principal = self.authenticate(&request)?;
         let remote = request.remote_addr();
         let req = request.into_inner();
@@ -407,13 +409,14 @@ impl<S: Store> Registry<S> {
             progress_interval: self.config.watch_progress_interval,
             shutdown: self.shutdown.clone(),
             metrics: self.config.metrics.clone(),
+            max_message: self.config.max_response_size,
             tx,
             _slots: slots,
         };
         // The task owns the sending half: it ends when the client goes away (the receiver is
         // dropped), on shutdown, or when the store fails.
         tokio::spawn(task.run());
-        Ok(ReceiverStream::new(rx))
+        Ok(rx)
     }
 
     fn start_keep_alive(
@@ -523,7 +526,7 @@ impl<S: Store> RegistryService for Registry<S> {
     }
 
     /// The generated types, for callers of this trait directly; the server itself answers
-    /// Watch from encodings (`watch_encoded`), and this decodes what that sends.
+    /// The server sends Watch as frames (`watch_frames`); this decodes them.
     type WatchStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>,
     >;
@@ -533,11 +536,13 @@ impl<S: Store> RegistryService for Registry<S> {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let encoded = self.watch_encoded(request).await?.into_inner();
-        let decoded = encoded.map(|message| {
-            let message = message?;
-            pb::WatchResponse::decode(prost::Message::encode_to_vec(&message).as_slice())
-                .map_err(|e| Status::internal(format!("cannot re-read a watch message: {e}")))
+        let frames = ReceiverStream::new(self.watch_frames(request).await?);
+        let decoded = frames.map(|sent| match sent {
+            crate::watch::Sent::Message(data) => {
+                pb::WatchResponse::decode(data.get(5..).unwrap_or_default())
+                    .map_err(|e| Status::internal(format!("cannot re-read a watch message: {e}")))
+            }
+            crate::watch::Sent::End(status) => Err(*status),
         });
         Ok(Response::new(Box::pin(decoded)))
     }

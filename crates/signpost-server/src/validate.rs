@@ -1,6 +1,6 @@
 //! Input rules for names, addresses, tags and metadata. Every failure names the field.
 
-use std::collections::BTreeMap;
+use signpost_store::Metadata;
 use std::net::IpAddr;
 
 use crate::error::{Error, Result};
@@ -136,8 +136,8 @@ pub(crate) fn tags(field: &str, values: Vec<String>) -> Result<Vec<String>> {
 pub(crate) fn metadata(
     field: &str,
     values: impl IntoIterator<Item = (String, String)>,
-) -> Result<BTreeMap<String, String>> {
-    let map: BTreeMap<String, String> = values.into_iter().collect();
+) -> Result<Metadata> {
+    let map: Metadata = values.into_iter().collect();
     if map.len() > MAX_METADATA {
         return Err(Error::invalid(
             field,

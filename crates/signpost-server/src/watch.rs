@@ -5,10 +5,15 @@
 //! While it waits, the store's feed keeps only a bounded number of changes for it; past that it
 //! lags, and the task answers a lag by sending one fresh `reset` view. So a slow watcher costs
 //! bounded memory and never slows the store or any other watcher.
+//!
+//! The task sends gRPC frames, not messages (`wire::frame`): a change that every watcher of its
+//! service sees the same way is framed once, on the change itself, and the same bytes go down
+//! every stream. The stream's end is a trailers frame carrying the status.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::bytes::Bytes;
 use signpost_proto::v1 as pb;
 use signpost_store::{Change, FeedItem, Revision, Snapshot, Store, WatchStart};
 use tokio::sync::mpsc;
@@ -18,9 +23,17 @@ use tonic::Status;
 
 use crate::filter::Filter;
 use crate::metrics::Metrics;
-use crate::wire::{Event, WatchResponse, encoded};
+use crate::wire::{Event, WatchResponse, encoded, frame};
 
-pub(crate) type WatchSender = mpsc::Sender<Result<WatchResponse, Status>>;
+/// What a watch task sends towards its stream: framed messages, then at most one end. Small on
+/// purpose: each stream's channel allocates its slots 32 at a time.
+#[derive(Debug)]
+pub(crate) enum Sent {
+    Message(Bytes),
+    End(Box<Status>),
+}
+
+pub(crate) type WatchSender = mpsc::Sender<Sent>;
 
 pub(crate) struct WatchTask<S> {
     pub(crate) store: Arc<S>,
@@ -29,6 +42,8 @@ pub(crate) struct WatchTask<S> {
     pub(crate) progress_interval: Duration,
     pub(crate) shutdown: CancellationToken,
     pub(crate) metrics: Option<Arc<Metrics>>,
+    /// The largest message the server may send (`max_response_size`).
+    pub(crate) max_message: usize,
     pub(crate) tx: WatchSender,
     /// The stream's places under the watch limits, given back when the task ends.
     pub(crate) _slots: crate::service::WatchSlots,
@@ -67,16 +82,19 @@ impl<S: Store> WatchTask<S> {
             Ok(Stop::ClientGone) => {
                 tracing::debug!(service = %self.filter.service, "watch ended by client")
             }
-            Ok(Stop::Shutdown) => {
-                let _ = self.tx.try_send(Err(Status::unavailable(
-                    "the registry is shutting down: reconnect",
-                )));
-            }
+            Ok(Stop::Shutdown) => self.end(Status::unavailable(
+                "the registry is shutting down: reconnect",
+            )),
             Err(status) => {
                 tracing::warn!(service = %self.filter.service, %status, "watch failed");
-                let _ = self.tx.try_send(Err(status));
+                self.end(status)
             }
         }
+    }
+
+    /// Ends the stream with `status`.
+    fn end(&self, status: Status) {
+        let _ = self.tx.try_send(Sent::End(Box::new(status)));
     }
 
     async fn follow(&self) -> Result<Stop, Status> {
@@ -90,7 +108,7 @@ impl<S: Store> WatchTask<S> {
         let mut revision = match watch.start {
             WatchStart::Snapshot(snapshot) => {
                 let revision = snapshot.revision;
-                if let Err(stop) = self.send(self.reset(snapshot)).await {
+                if let Err(stop) = self.send(self.reset(snapshot)?).await {
                     return Ok(stop);
                 }
                 revision
@@ -98,7 +116,7 @@ impl<S: Store> WatchTask<S> {
             WatchStart::Replay { changes, revision } => {
                 let mut last_sent = None;
                 for change in &changes {
-                    if let Some(message) = self.changes_message(change) {
+                    if let Some(message) = self.changes_message(change)? {
                         if let Err(stop) = self.send(message).await {
                             return Ok(stop);
                         }
@@ -108,7 +126,7 @@ impl<S: Store> WatchTask<S> {
                 // A resumed stream always says at once how far it is, even when nothing it
                 // filters for changed, so the client knows it is live and up to date.
                 if last_sent != Some(revision)
-                    && let Err(stop) = self.send(progress(revision)).await
+                    && let Err(stop) = self.send(self.progress(revision)?).await
                 {
                     return Ok(stop);
                 }
@@ -126,12 +144,12 @@ impl<S: Store> WatchTask<S> {
             let message = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(Stop::Shutdown),
                 _ = self.tx.closed() => return Ok(Stop::ClientGone),
-                _ = ticker.tick() => progress(revision),
+                _ = ticker.tick() => self.progress(revision)?,
                 item = feed.next() => match item {
                     FeedItem::Change(change) if change.revision <= revision => continue,
                     FeedItem::Change(change) => {
                         revision = change.revision;
-                        match self.changes_message(&change) {
+                        match self.changes_message(&change)? {
                             Some(message) => message,
                             None => continue,
                         }
@@ -147,7 +165,7 @@ impl<S: Store> WatchTask<S> {
                             m.slow_reset();
                         }
                         revision = revision.max(snapshot.revision);
-                        self.reset(snapshot)
+                        self.reset(snapshot)?
                     }
                     FeedItem::Closed => {
                         return Err(Status::unavailable("the store's change feed closed: reconnect"));
@@ -161,8 +179,8 @@ impl<S: Store> WatchTask<S> {
         }
     }
 
-    fn reset(&self, snapshot: Snapshot) -> WatchResponse {
-        let events = snapshot
+    fn reset(&self, snapshot: Snapshot) -> Result<Message, Status> {
+        let events: Vec<Event> = snapshot
             .instances
             .iter()
             .filter(|i| self.filter.matches(i))
@@ -173,41 +191,74 @@ impl<S: Store> WatchTask<S> {
                 revision: i.mod_revision,
             })
             .collect();
-        WatchResponse {
+        let count = events.len();
+        let message = WatchResponse {
             revision: snapshot.revision,
             reset: true,
             events,
-        }
+        };
+        Ok((frame(&message, self.max_message)?, count))
     }
 
-    fn changes_message(&self, change: &Change) -> Option<WatchResponse> {
+    /// What this stream sends for `change`, if its filter sees any of it.
+    fn changes_message(&self, change: &Change) -> Result<Option<Message>, Status> {
+        let f = &self.filter;
+        let shared = f.is_whole_service()
+            && change.events.iter().all(|e| {
+                e.current
+                    .as_deref()
+                    .or(e.prev.as_deref())
+                    .is_some_and(|i| i.is_in(&f.namespace, &f.service))
+            });
+        let (bytes, count) = if shared {
+            // Every watcher of this service without tags or a selector sees this change alike:
+            // the first one to get here frames it for all of them.
+            change.encoded[usize::from(f.include_unhealthy)]
+                .get_or_try_init(|| self.changes_frame(change))?
+        } else {
+            self.changes_frame(change)?
+        };
+        Ok((count > 0).then_some((bytes, count)))
+    }
+
+    /// `change` as this stream's filter sees it, framed; empty when it sees nothing.
+    fn changes_frame(&self, change: &Change) -> Result<Message, Status> {
         let events: Vec<Event> = change
             .events
             .iter()
             .filter_map(|e| self.filter.view_event(e, change.revision))
             .collect();
-        (!events.is_empty()).then_some(WatchResponse {
+        if events.is_empty() {
+            return Ok((Bytes::new(), 0));
+        }
+        let count = events.len();
+        let message = WatchResponse {
             revision: change.revision,
             reset: false,
             events,
-        })
+        };
+        Ok((frame(&message, self.max_message)?, count))
     }
 
-    async fn send(&self, message: WatchResponse) -> Result<(), Stop> {
+    fn progress(&self, revision: Revision) -> Result<Message, Status> {
+        let message = WatchResponse {
+            revision,
+            reset: false,
+            events: Vec::new(),
+        };
+        Ok((frame(&message, self.max_message)?, 0))
+    }
+
+    async fn send(&self, (bytes, events): Message) -> Result<(), Stop> {
         if let Some(m) = &self.metrics {
-            m.events_sent(message.events.len());
+            m.events_sent(events);
         }
         tokio::select! {
-            sent = self.tx.send(Ok(message)) => sent.map_err(|_| Stop::ClientGone),
+            sent = self.tx.send(Sent::Message(bytes)) => sent.map_err(|_| Stop::ClientGone),
             _ = self.shutdown.cancelled() => Err(Stop::Shutdown),
         }
     }
 }
 
-fn progress(revision: Revision) -> WatchResponse {
-    WatchResponse {
-        revision,
-        reset: false,
-        events: Vec::new(),
-    }
-}
+/// A framed message and the number of events in it.
+type Message = (Bytes, usize);

@@ -11,19 +11,32 @@
 //! length-delimited field is the same whether its declared type is `Instance` or `bytes`, and an
 //! enum is an int32, so clients decode them as the generated types. [`RegistryServer`] routes
 //! Discover and Watch here and every other method to the generated server.
+//!
+//! A Watch stream goes further: its messages are framed here ([`frame`]) and its body sends those
+//! frames as they are, so one framed change can go down every stream that sees it alike. tonic
+//! still reads the request and answers errors before the stream starts; only the body is ours.
+//! (tonic's own body would also keep a buffer per stream as large as the largest message it ever
+//! sent: a 23 KB reset, ten thousand streams, 230 MB.)
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 
+use http_body_util::StreamBody;
+use hyper::body::Frame;
 use prost::Message;
-use prost::bytes::Bytes;
+use prost::bytes::{BufMut, Bytes, BytesMut};
 use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_server::RegistryServiceServer;
 use signpost_store::{Instance, Store};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 
 use crate::Registry;
 use crate::convert::instance_to_pb;
+use crate::watch::Sent;
 
 /// `signpost.v1.DiscoverResponse` with its instances already encoded.
 #[derive(Clone, PartialEq, Message)]
@@ -67,6 +80,71 @@ pub(crate) fn encoded(instance: &Instance) -> Bytes {
     instance
         .encoded
         .get_or_init(|| Bytes::from(instance_to_pb(instance).encode_to_vec()))
+}
+
+/// `message` as one gRPC length-prefixed message: not compressed, its length, its bytes. A
+/// message over `limit` (the server's `max_response_size`) is refused with the limit's name.
+pub(crate) fn frame(message: &impl Message, limit: usize) -> Result<Bytes, tonic::Status> {
+    let len = fits(message, limit)?;
+    let prefix = u32::try_from(len).map_err(|_| too_large(len, limit))?;
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(prefix);
+    message
+        .encode(&mut buf)
+        .map_err(|e| tonic::Status::internal(format!("cannot encode a watch message: {e}")))?;
+    Ok(buf.freeze())
+}
+
+/// The encoded length of `message`, or RESOURCE_EXHAUSTED naming the limit when it is over
+/// `limit` (the server's `max_response_size`).
+pub(crate) fn fits(message: &impl Message, limit: usize) -> Result<usize, crate::error::Error> {
+    let len = message.encoded_len();
+    if len > limit {
+        return Err(too_large(len, limit));
+    }
+    Ok(len)
+}
+
+fn too_large(len: usize, limit: usize) -> crate::error::Error {
+    crate::error::Error::limit(
+        "max_response_size",
+        format!("{limit} bytes"),
+        &format!(": the answer is {len} bytes; narrow it with tags or a selector"),
+    )
+}
+
+/// The frames of a Watch stream, handed from the handler to the route through the response's
+/// extensions (which tonic carries over), so that they become the body instead of tonic's.
+#[derive(Clone)]
+pub(crate) struct WatchFrames(Arc<Mutex<Option<mpsc::Receiver<Sent>>>>);
+
+impl WatchFrames {
+    pub(crate) fn new(frames: mpsc::Receiver<Sent>) -> Self {
+        WatchFrames(Arc::new(Mutex::new(Some(frames))))
+    }
+
+    fn body(&self) -> Option<tonic::body::Body> {
+        let frames = self.0.lock().ok()?.take()?;
+        let frames = ReceiverStream::new(frames).map(|sent| {
+            Ok::<_, Infallible>(match sent {
+                Sent::Message(bytes) => Frame::data(bytes),
+                Sent::End(status) => Frame::trailers(trailers(&status)),
+            })
+        });
+        Some(tonic::body::Body::new(StreamBody::new(frames)))
+    }
+}
+
+/// The trailers that end a stream with `status`.
+fn trailers(status: &tonic::Status) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    if status.add_header(&mut trailers).is_err() {
+        // Only a message that cannot be a header value gets here; the code still goes out.
+        trailers.clear();
+        let _ = tonic::Status::new(status.code(), "").add_header(&mut trailers);
+    }
+    trailers
 }
 
 const DISCOVER: &str = "/signpost.v1.RegistryService/Discover";
@@ -125,12 +203,18 @@ struct Watch<S: Store>(Registry<S>);
 
 impl<S: Store> ServerStreamingService<pb::WatchRequest> for Watch<S> {
     type Response = WatchResponse;
-    type ResponseStream = crate::service::EncodedWatchStream;
+    /// Empty: the stream's frames travel in the response's extensions (see [`WatchFrames`]).
+    type ResponseStream = tokio_stream::Empty<Result<WatchResponse, tonic::Status>>;
     type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
 
     fn call(&mut self, request: tonic::Request<pb::WatchRequest>) -> Self::Future {
         let registry = self.0.clone();
-        Box::pin(async move { registry.watch_encoded(request).await })
+        Box::pin(async move {
+            let frames = registry.watch_frames(request).await?;
+            let mut response = tonic::Response::new(tokio_stream::empty());
+            response.extensions_mut().insert(WatchFrames::new(frames));
+            Ok(response)
+        })
     }
 }
 
@@ -168,7 +252,15 @@ where
                         tonic_prost::ProstCodec::<WatchResponse, pb::WatchRequest>::default();
                     let mut grpc =
                         Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
-                    Ok(grpc.server_streaming(method, request).await)
+                    let mut response = grpc.server_streaming(method, request).await;
+                    if let Some(body) = response
+                        .extensions_mut()
+                        .remove::<WatchFrames>()
+                        .and_then(|frames| frames.body())
+                    {
+                        *response.body_mut() = body;
+                    }
+                    Ok(response)
                 })
             }
             _ => self.generated.call(request),

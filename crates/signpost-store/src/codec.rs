@@ -114,7 +114,11 @@ pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
         address: i.address.clone(),
         port: u32::from(i.port),
         tags: i.tags.clone(),
-        metadata: i.metadata.clone(),
+        metadata: i
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         weight: i.weight,
         zone: i.zone.clone(),
         check,
@@ -160,7 +164,7 @@ pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
         address: s.address,
         port: u16::try_from(s.port).map_err(|_| corrupt("port out of range"))?,
         tags: s.tags,
-        metadata: s.metadata,
+        metadata: s.metadata.into_iter().collect(),
         weight: s.weight,
         zone: s.zone,
         check,

@@ -38,10 +38,7 @@ impl ChangeFeed {
     /// [`FeedItem::Lagged`] at that point in the feed, and reads a fresh snapshot.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn reset_marker(revision: crate::Revision) -> Arc<Change> {
-        Arc::new(Change {
-            revision,
-            events: Vec::new(),
-        })
+        Arc::new(Change::new(revision, Vec::new()))
     }
 
     /// Waits for the next item.

@@ -61,7 +61,7 @@ pub use feed::{ChangeFeed, FeedItem};
 pub use memory::{MemoryConfig, MemoryStore};
 pub use model::{
     Change, Counts, Deleted, Encoded, Event, Health, HealthCheck, Instance, InstanceKey, Lease,
-    LeaseId, Probe, RemovalCause, Revision, ServiceList, ServiceSummary, Sizes, Snapshot,
+    LeaseId, Metadata, Probe, RemovalCause, Revision, ServiceList, ServiceSummary, Sizes, Snapshot,
 };
 
 impl Default for Instance {
