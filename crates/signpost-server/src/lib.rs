@@ -249,6 +249,11 @@ pub async fn serve<S: Store>(
         // Bounds unary calls; streams are bounded by their clients and by shutdown.
         .timeout(request_timeout)
         .layer(limits::RequestSizeLayer { limit: max_request })
+        // h2 closes a connection holding too many small DATA frames not yet read, with a budget
+        // of half the connection window. Each Watch request is one such frame: at the default
+        // 1 MiB window, a client opening ~2,300 watches at once faster than the server takes
+        // them in lost its connection. 16 MiB covers max_watches_per_connection (20,000).
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
