@@ -82,11 +82,14 @@ start_etcd() {
 
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-# One retry: on this shared machine a run now and then loses a connection under the largest
-# fan-outs (etcd's most of all); a second failure stops the script.
+# One retry, written into the results: a run that fails twice stops the script.
 bench() {
-  "${load_cpu[@]}" "$bin/signpost-bench" "$@" --json ||
-    { echo "retrying: signpost-bench $*" >&2; sleep 2; "${load_cpu[@]}" "$bin/signpost-bench" "$@" --json; }
+  "${load_cpu[@]}" "$bin/signpost-bench" "$@" --json || {
+    echo "retrying: signpost-bench $*" >&2
+    echo "- \`signpost-bench $*\` failed once and was run again." >>"$work/retries"
+    sleep 2
+    "${load_cpu[@]}" "$bin/signpost-bench" "$@" --json
+  }
 }
 field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
@@ -260,6 +263,14 @@ etcd_version=$(etcd --version 2>/dev/null | sed -n 1p)
   echo "| Deregister → last routed call | $(ms "$(field "$p" deregister_to_last_p50_ms)") ms | $(ms "$(field "$p" deregister_to_last_p99_ms)") ms |"
   echo
   echo "Failed calls during the propagation run: $(num "$(field "$p" failed_calls)")."
+  echo
+  if [ -s "$work/retries" ]; then
+    echo "Retried in this run:"
+    echo
+    cat "$work/retries"
+  else
+    echo "No workload failed in this run."
+  fi
   echo
   # The reading of the numbers is kept by hand beside this script.
   $quick || cat bench/analysis.md
