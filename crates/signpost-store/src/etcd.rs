@@ -722,10 +722,11 @@ async fn load(
     let revision = Revision::try_from(revision).unwrap_or(0);
     // A state read as of now is one to serve at once (the watchers this reload resets read it
     // straight away); one read from the past waits for the watch to catch up.
+    replica.load(State::replica(revision, history_limit, instances));
+    // Healthy only once loaded: a reader let in before would see an empty registry.
     if current {
         replica.set_health(Ok(()));
     }
-    replica.load(State::replica(revision, history_limit, instances));
     Ok(())
 }
 
@@ -958,6 +959,10 @@ impl Store for EtcdStore {
     async fn list_services(&self, namespace: &str) -> Result<ServiceList> {
         self.replica().check()?;
         Ok(self.replica().read().list_services(namespace))
+    }
+
+    fn changes(&self) -> ChangeFeed {
+        ChangeFeed::new(self.replica().feed.subscribe())
     }
 
     async fn watch(
