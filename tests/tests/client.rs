@@ -380,6 +380,14 @@ async fn a_broken_watch_resumes_from_its_last_revision_without_a_reset() {
     assert_eq!(channel.watch_counts().resets, 1);
 
     proxy.cut();
+    // Only once the client knows its stream broke is "two" surely missed: a change made while
+    // the cut is still on its way could reach the old stream first.
+    within("the client sees its watch break", async {
+        while channel.watch_counts().reconnects == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     register(&mut direct, instance("svc", "two", 2)).await; // missed while cut
     proxy.heal();
     wait_for_ids(&channel, &["one", "two"]).await;

@@ -148,17 +148,17 @@ fn metrics_count_rpcs_instances_and_watches() {
         .spawn()
         .unwrap();
     let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(watch.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
+    // Kept open until the end: a closed pipe would make the CLI's next line fail, and the CLI
+    // exit and take its stream with it.
+    let mut output = std::io::BufReader::new(watch.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut output, &mut first).unwrap();
     assert!(first.contains("ADDED"), "{first}");
     let text = scrape(&addr);
     assert_eq!(value(&text, "signpost_watch_streams"), 1.0);
     assert_eq!(value(&text, "signpost_watch_events_total"), 2.0);
     let _ = watch.kill();
     let _ = watch.wait();
+    drop(output);
     assert!(
         text.contains("# TYPE signpost_watch_slow_resets counter"),
         "{text}"
