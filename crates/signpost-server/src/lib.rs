@@ -35,6 +35,7 @@ mod convert;
 mod error;
 mod filter;
 mod health;
+mod hub;
 mod limits;
 pub mod metrics;
 mod probe;

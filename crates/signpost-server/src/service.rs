@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -20,6 +20,7 @@ use crate::auth::{Principal, Verb};
 use crate::convert::{duration_from_pb, duration_to_pb, instance_from_pb, instance_to_pb};
 use crate::error::{Error, Result};
 use crate::filter::Filter;
+use crate::hub::Hub;
 use crate::validate;
 use crate::watch::WatchTask;
 
@@ -36,6 +37,8 @@ pub struct Registry<S> {
     shutdown: CancellationToken,
     watches: Arc<Semaphore>,
     per_connection: PerConnection,
+    /// Routes changes to each service's watch streams; started with the first watch.
+    hub: Arc<OnceLock<Arc<Hub>>>,
 }
 
 impl<S> Clone for Registry<S> {
@@ -46,6 +49,7 @@ impl<S> Clone for Registry<S> {
             shutdown: self.shutdown.clone(),
             watches: self.watches.clone(),
             per_connection: self.per_connection.clone(),
+            hub: self.hub.clone(),
         }
     }
 }
@@ -88,6 +92,7 @@ impl<S: Store> Registry<S> {
             store,
             watches: Arc::new(Semaphore::new(config.limits.max_watches)),
             per_connection: Arc::default(),
+            hub: Arc::default(),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         }
@@ -413,9 +418,13 @@ impl<S: Store> Registry<S> {
             tx,
             _slots: slots,
         };
+        let topic = self
+            .hub
+            .get_or_init(|| Hub::start(&*self.store))
+            .subscribe(&task.filter.namespace, &task.filter.service);
         // The task owns the sending half: it ends when the client goes away (the receiver is
         // dropped), on shutdown, or when the store fails.
-        tokio::spawn(task.run());
+        tokio::spawn(task.run(topic));
         Ok(rx)
     }
 

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::filter::Filter;
+use crate::hub::Topic;
 use crate::metrics::Metrics;
 use crate::wire::{Event, WatchResponse, encoded, frame};
 
@@ -76,9 +77,11 @@ enum Stop {
 }
 
 impl<S: Store> WatchTask<S> {
-    pub(crate) async fn run(self) {
+    /// Runs the stream; `topic` was subscribed to before the task was started, so that the start
+    /// the task reads from the store leaves no gap before the topic's first change.
+    pub(crate) async fn run(self, topic: Topic) {
         let _open = Open::new(self.metrics.clone());
-        match self.follow().await {
+        match self.follow(topic).await {
             Ok(Stop::ClientGone) => {
                 tracing::debug!(service = %self.filter.service, "watch ended by client")
             }
@@ -97,14 +100,15 @@ impl<S: Store> WatchTask<S> {
         let _ = self.tx.try_send(Sent::End(Box::new(status)));
     }
 
-    async fn follow(&self) -> Result<Stop, Status> {
+    async fn follow(&self, mut feed: Topic) -> Result<Stop, Status> {
         let f = &self.filter;
         let watch = self
             .store
             .watch(&f.namespace, &f.service, self.start_revision)
             .await
             .map_err(|e| Status::from(crate::error::Error::from(e)))?;
-        let mut feed = watch.feed;
+        // The topic follows this service from before the start was read.
+        drop(watch.feed);
         let mut revision = match watch.start {
             WatchStart::Snapshot(snapshot) => {
                 let revision = snapshot.revision;
@@ -140,42 +144,75 @@ impl<S: Store> WatchTask<S> {
             self.progress_interval,
         );
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // A progress message due, with how far the router had got when it fell due. It goes out
+        // once the topic holds nothing older, so that it never claims a change not yet sent.
+        let mut progress_due: Option<Revision> = None;
         loop {
-            let message = tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(Stop::Shutdown),
-                _ = self.tx.closed() => return Ok(Stop::ClientGone),
-                _ = ticker.tick() => self.progress(revision)?,
-                item = feed.next() => match item {
-                    FeedItem::Change(change) if change.revision <= revision => continue,
-                    FeedItem::Change(change) => {
-                        revision = change.revision;
-                        match self.changes_message(&change)? {
-                            Some(message) => message,
-                            None => continue,
-                        }
+            let message = if let Some(routed) = progress_due {
+                match feed.try_next() {
+                    Some(item) => match self.on_item(item, &mut revision).await? {
+                        Some(message) => message,
+                        None => continue,
+                    },
+                    None => {
+                        progress_due = None;
+                        // The stream's service did not change up to `routed`: it has seen that
+                        // far, so a resume from here needs no older history.
+                        revision = revision.max(routed);
+                        self.progress(revision)?
                     }
-                    FeedItem::Lagged => {
-                        let snapshot = self
-                            .store
-                            .list(&f.namespace, &f.service)
-                            .await
-                            .map_err(|e| Status::from(crate::error::Error::from(e)))?;
-                        tracing::debug!(service = %f.service, revision = snapshot.revision, "slow watcher collapsed into a reset");
-                        if let Some(m) = &self.metrics {
-                            m.slow_reset();
-                        }
-                        revision = revision.max(snapshot.revision);
-                        self.reset(snapshot)?
+                }
+            } else {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(Stop::Shutdown),
+                    _ = self.tx.closed() => return Ok(Stop::ClientGone),
+                    _ = ticker.tick() => {
+                        progress_due = Some(feed.routed());
+                        continue;
                     }
-                    FeedItem::Closed => {
-                        return Err(Status::unavailable("the store's change feed closed: reconnect"));
-                    }
-                },
+                    item = feed.next() => match self.on_item(item, &mut revision).await? {
+                        Some(message) => message,
+                        None => continue,
+                    },
+                }
             };
             if let Err(stop) = self.send(message).await {
                 return Ok(stop);
             }
             ticker.reset();
+        }
+    }
+
+    /// What the stream sends for one item of its topic, if anything; `revision` is how far the
+    /// stream has seen.
+    async fn on_item(
+        &self,
+        item: FeedItem,
+        revision: &mut Revision,
+    ) -> Result<Option<Message>, Status> {
+        let f = &self.filter;
+        match item {
+            FeedItem::Change(change) if change.revision <= *revision => Ok(None),
+            FeedItem::Change(change) => {
+                *revision = change.revision;
+                self.changes_message(&change)
+            }
+            FeedItem::Lagged => {
+                let snapshot = self
+                    .store
+                    .list(&f.namespace, &f.service)
+                    .await
+                    .map_err(|e| Status::from(crate::error::Error::from(e)))?;
+                tracing::debug!(service = %f.service, revision = snapshot.revision, "slow watcher collapsed into a reset");
+                if let Some(m) = &self.metrics {
+                    m.slow_reset();
+                }
+                *revision = (*revision).max(snapshot.revision);
+                self.reset(snapshot).map(Some)
+            }
+            FeedItem::Closed => Err(Status::unavailable(
+                "the store's change feed closed: reconnect",
+            )),
         }
     }
 

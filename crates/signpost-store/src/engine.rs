@@ -336,6 +336,10 @@ impl Engine {
         Ok(self.read()?.list_services(namespace))
     }
 
+    pub(crate) fn changes(&self) -> ChangeFeed {
+        ChangeFeed::new(self.feed.subscribe())
+    }
+
     pub(crate) fn watch(
         &self,
         namespace: &str,
@@ -430,6 +434,10 @@ macro_rules! store_on_engine {
                 after: Option<$crate::Revision>,
             ) -> $crate::Result<$crate::Watch> {
                 self.engine.watch(namespace, service, after)
+            }
+
+            fn changes(&self) -> $crate::ChangeFeed {
+                self.engine.changes()
             }
 
             async fn set_health(

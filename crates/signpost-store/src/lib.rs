@@ -178,6 +178,12 @@ pub trait Store: Send + Sync + 'static {
     /// The services of a namespace with their counts, sorted by name.
     fn list_services(&self, namespace: &str) -> impl Future<Output = Result<ServiceList>> + Send;
 
+    /// Every change from now on, of every service, in revision order: for a reader that routes
+    /// changes onwards (the server's watch fan-out). It has no start of its own; a reader that
+    /// needs one subscribes here first and then calls [`watch`](Store::watch), whose start then
+    /// covers every change this feed may have missed.
+    fn changes(&self) -> ChangeFeed;
+
     /// Starts following changes: a snapshot of `namespace`/`service`, or a replay of the changes
     /// after `after` when the history allows. See the contract above.
     fn watch(
