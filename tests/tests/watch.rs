@@ -294,8 +294,11 @@ async fn an_idle_watch_gets_progress_messages_at_the_configured_interval() {
         progress.revision, elsewhere.revision,
         "progress says how far the stream has seen"
     );
+    // Each idle stream's progress comes after between three quarters of the interval and all of
+    // it (spread, so that streams opened together do not all speak at once); the register above
+    // used a little of it.
     assert!(
-        started.elapsed() >= Duration::from_millis(150),
+        started.elapsed() >= Duration::from_millis(100),
         "progress came too early: {:?}",
         started.elapsed()
     );

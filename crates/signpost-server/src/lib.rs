@@ -66,7 +66,8 @@ pub use validate::DEFAULT_NAMESPACE;
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// How often an idle Watch stream gets a progress message.
+    /// How often an idle Watch stream gets a progress message; each stream waits between three
+    /// quarters of this and all of it, so that streams idle since the same moment are spread out.
     pub watch_progress_interval: Duration,
     /// Messages queued towards one Watch stream before its task waits for the client.
     pub watch_buffer: usize,

@@ -94,7 +94,8 @@ struct ServeArgs {
     #[arg(long, env = "SIGNPOST_ETCD_PREFIX", default_value = "/signpost/")]
     etcd_prefix: String,
 
-    /// How often an idle Watch stream gets a progress message (e.g. 5s, 500ms, 1m).
+    /// How often an idle Watch stream gets a progress message (e.g. 5s, 500ms, 1m). Each stream's
+    /// wait is shortened by up to a quarter, so that streams do not all send at once.
     #[arg(long, env = "SIGNPOST_WATCH_PROGRESS_INTERVAL", default_value = "5s", value_parser = duration::parse)]
     watch_progress_interval: Duration,
 
