@@ -5,6 +5,10 @@
 //! variables with clap, sets up `tracing` logs, builds the chosen store, and hands both to
 //! `signpost_server::serve` until SIGINT or SIGTERM. The operator's commands (`cli`) are built on
 //! `signpost-client`; `output` prints their tables. `serde`/`serde_json` are here for `-o json`.
+//!
+//! The workspace builds with `--cfg tokio_unstable` (`.cargo/config.toml`) so that the runtime can
+//! run without its LIFO slot (see `main`); a build without the flag works the same, with slower
+//! watch fan-out.
 
 mod cli;
 mod duration;
