@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::hub::Hub;
 use crate::validate;
-use crate::watch::WatchTask;
+use crate::watch::{WatchReceiver, WatchTask};
 
 /// The shortest lease ttl: shorter leases cannot be kept alive reliably over a real network.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
@@ -53,9 +53,6 @@ impl<S> Clone for Registry<S> {
         }
     }
 }
-
-/// The frames of one Watch stream, as the server sends them (see `wire::WatchFrames`).
-pub(crate) type WatchFrames = mpsc::Receiver<crate::watch::Sent>;
 
 /// Open watch streams per client connection (keyed by its remote address).
 type PerConnection = Arc<Mutex<HashMap<SocketAddr, usize>>>;
@@ -342,11 +339,11 @@ impl<S: Store> Registry<S> {
         Ok((instances, snapshot.revision))
     }
 
-    /// Watch as the server answers it: events carry each instance's cached encoding.
+    /// Watch as the server answers it: the stream's frames, made by its task (see `watch`).
     pub(crate) async fn watch_frames(
         &self,
         request: Request<pb::WatchRequest>,
-    ) -> Result<WatchFrames, Status> {
+    ) -> Result<WatchReceiver, Status> {
         let started = self.start_watch(request);
         Ok(self.timed("Watch", async { started }).await?.into_inner())
     }
@@ -393,7 +390,7 @@ impl<S: Store> Registry<S> {
         })
     }
 
-    fn start_watch(&self, request: Request<pb::WatchRequest>) -> Result<WatchFrames> {
+    fn start_watch(&self, request: Request<pb::WatchRequest>) -> Result<WatchReceiver> {
         let principal = self.authenticate(&request)?;
         let remote = request.remote_addr();
         let req = request.into_inner();
@@ -534,8 +531,8 @@ impl<S: Store> RegistryService for Registry<S> {
         .await
     }
 
-    /// The generated types, for callers of this trait directly; the server itself answers
-    /// The server sends Watch as frames (`watch_frames`); this decodes them.
+    /// The generated types, for callers of this trait directly; the server itself sends Watch
+    /// as frames (`watch_frames`), and this decodes them.
     type WatchStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>,
     >;

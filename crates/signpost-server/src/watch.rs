@@ -35,6 +35,7 @@ pub(crate) enum Sent {
 }
 
 pub(crate) type WatchSender = mpsc::Sender<Sent>;
+pub(crate) type WatchReceiver = mpsc::Receiver<Sent>;
 
 pub(crate) struct WatchTask<S> {
     pub(crate) store: Arc<S>,

@@ -28,7 +28,6 @@ use prost::bytes::{BufMut, Bytes, BytesMut};
 use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_server::RegistryServiceServer;
 use signpost_store::{Instance, Store};
-use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
@@ -36,7 +35,7 @@ use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 
 use crate::Registry;
 use crate::convert::instance_to_pb;
-use crate::watch::Sent;
+use crate::watch::{Sent, WatchReceiver};
 
 /// `signpost.v1.DiscoverResponse` with its instances already encoded.
 #[derive(Clone, PartialEq, Message)]
@@ -117,10 +116,10 @@ fn too_large(len: usize, limit: usize) -> crate::error::Error {
 /// The frames of a Watch stream, handed from the handler to the route through the response's
 /// extensions (which tonic carries over), so that they become the body instead of tonic's.
 #[derive(Clone)]
-pub(crate) struct WatchFrames(Arc<Mutex<Option<mpsc::Receiver<Sent>>>>);
+pub(crate) struct WatchFrames(Arc<Mutex<Option<WatchReceiver>>>);
 
 impl WatchFrames {
-    pub(crate) fn new(frames: mpsc::Receiver<Sent>) -> Self {
+    pub(crate) fn new(frames: WatchReceiver) -> Self {
         WatchFrames(Arc::new(Mutex::new(Some(frames))))
     }
 
