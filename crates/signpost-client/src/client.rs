@@ -1,22 +1,16 @@
-//! The registry connection: one lazily connected HTTP/2 channel per registry address, the active
-//! one used for every call, and failover to the next address when it cannot be reached.
+//! The [`Client`] and its settings: what a client is built from, and the calls that are neither a
+//! registration nor a balanced channel. The connections it holds are `connections.rs`.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use signpost_proto::v1 as pb;
-use signpost_proto::v1::registry_service_client::RegistryServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Code, Status};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+use crate::connections::{Auth, Connections};
 use crate::keepalive::KeepAlives;
 use crate::types::{WatchUpdate, instance_from_pb};
 use crate::watcher::{View, Watcher};
@@ -47,37 +41,6 @@ impl std::fmt::Debug for ClientBuilder {
             .finish_non_exhaustive()
     }
 }
-
-/// Sends the access token with every call.
-#[derive(Clone)]
-pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Auth {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Auth(token)"
-        } else {
-            "Auth(none)"
-        })
-    }
-}
-
-/// A generated client on one registry connection, with the access token attached.
-pub(crate) type Rpc = RegistryServiceClient<InterceptedService<Channel, Auth>>;
 
 impl Default for ClientBuilder {
     fn default() -> Self {
@@ -210,16 +173,7 @@ impl ClientBuilder {
                 "at least one registry address is required".into(),
             ));
         }
-        let auth = match &self.token {
-            None => Auth(None),
-            Some(token) => Auth(Some(
-                MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                    Error::InvalidArgument(
-                        "the access token may only hold visible ASCII characters".into(),
-                    )
-                })?,
-            )),
-        };
+        let auth = Auth::bearer(self.token.as_deref())?;
         let tls = self.tls();
         let mut registries = Vec::with_capacity(self.addresses.len());
         for address in &self.addresses {
@@ -250,110 +204,14 @@ impl ClientBuilder {
             registries.push((address.clone(), endpoint.connect_lazy()));
         }
         Ok(Client {
-            conn: Arc::new(Connections {
+            conn: Arc::new(Connections::new(
                 registries,
                 auth,
-                active: AtomicUsize::new(0),
-                backoff: (self.backoff_base, self.backoff_max),
-            }),
+                (self.backoff_base, self.backoff_max),
+            )),
             keep_alives: Arc::new(OnceLock::new()),
             views: Arc::default(),
         })
-    }
-}
-
-/// The registry addresses and which one is in use. Shared by the client and its background
-/// tasks; holds nothing that would keep those tasks alive.
-#[derive(Debug)]
-pub(crate) struct Connections {
-    registries: Vec<(String, Channel)>,
-    auth: Auth,
-    active: AtomicUsize,
-    pub(crate) backoff: (Duration, Duration),
-}
-
-impl Connections {
-    pub(crate) fn current(&self) -> (usize, Rpc) {
-        let index = self.active.load(Ordering::Relaxed) % self.registries.len();
-        (
-            index,
-            RegistryServiceClient::with_interceptor(
-                self.registries[index].1.clone(),
-                self.auth.clone(),
-            ),
-        )
-    }
-
-    /// Moves to the next registry, unless another caller already moved away from `index`.
-    pub(crate) fn failed(&self, index: usize) {
-        let next = (index + 1) % self.registries.len();
-        if self
-            .active
-            .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-            && self.registries.len() > 1
-        {
-            tracing::warn!(from = %self.registries[index].0, to = %self.registries[next].0, "registry unreachable; trying the next");
-        }
-    }
-
-    pub(crate) fn addresses(&self) -> String {
-        let names: Vec<&str> = self.registries.iter().map(|(a, _)| a.as_str()).collect();
-        names.join(", ")
-    }
-
-    /// Turns a failed call's status into an [`Error`]; unreachable registries say so plainly.
-    pub(crate) fn error(&self, index: usize, status: Status) -> Error {
-        match status.code() {
-            Code::Unavailable => Error::Unavailable {
-                address: self.registries[index % self.registries.len()].0.clone(),
-                reason: root_cause(&status),
-            },
-            Code::InvalidArgument => Error::InvalidArgument(status.message().to_owned()),
-            Code::Unauthenticated => Error::Unauthenticated(status.message().to_owned()),
-            Code::PermissionDenied => Error::PermissionDenied(status.message().to_owned()),
-            _ => Error::Status(status),
-        }
-    }
-
-    /// One unary call, trying each registry once while they are unreachable.
-    pub(crate) async fn unary<T, F, Fut>(&self, call: F) -> Result<T>
-    where
-        F: Fn(Rpc) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
-    {
-        let mut last = None;
-        for _ in 0..self.registries.len() {
-            let (index, client) = self.current();
-            match call(client).await {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) if status.code() == Code::Unavailable => {
-                    self.failed(index);
-                    last = Some(self.error(index, status));
-                }
-                Err(status) => return Err(self.error(index, status)),
-            }
-        }
-        Err(last.unwrap_or(Error::Stopped))
-    }
-}
-
-/// The innermost cause of a transport failure in plain words, such as "connection refused".
-fn root_cause(status: &Status) -> String {
-    let mut innermost = None;
-    let mut cause = std::error::Error::source(status);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>()
-            && io.kind() != std::io::ErrorKind::Other
-        {
-            return io.kind().to_string();
-        }
-        innermost = Some(c);
-        cause = c.source();
-    }
-    match innermost {
-        Some(c) => c.to_string(),
-        None => status.message().to_owned(),
     }
 }
 

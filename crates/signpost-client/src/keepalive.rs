@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff::Backoff;
-use crate::client::Connections;
+use crate::connections::Connections;
 
 enum Command {
     Add {

@@ -50,6 +50,7 @@
 mod backoff;
 mod balance;
 mod client;
+mod connections;
 mod error;
 mod filter;
 mod keepalive;

@@ -10,7 +10,8 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
-use crate::client::{Client, Connections};
+use crate::client::Client;
+use crate::connections::Connections;
 use crate::keepalive::KeepAlives;
 use crate::types::{HealthCheck, check_to_pb, duration_to_pb};
 use crate::{Error, Result};

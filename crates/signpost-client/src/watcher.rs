@@ -10,7 +10,7 @@ use signpost_proto::v1 as pb;
 use tonic::Streaming;
 
 use crate::backoff::Backoff;
-use crate::client::Connections;
+use crate::connections::Connections;
 use crate::types::{Event, Instance, WatchUpdate, update_from_pb};
 use crate::{Error, Filter, Result};
 

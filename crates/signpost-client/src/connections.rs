@@ -1,0 +1,176 @@
+//! The registry connections every part of the client shares: one lazily connected channel per
+//! registry address, which one is in use, failover, and the translation of a failed call's
+//! status into an [`Error`] that says which registry and why.
+//!
+//! It sits below the client, the keep-alive stream, the registrations and the watches, and
+//! imports none of them, so each of those can depend on it without depending on one another.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use signpost_proto::v1::registry_service_client::RegistryServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::{Error, Result};
+
+/// Sends the access token with every call.
+#[derive(Clone)]
+pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Auth {
+    /// `authorization: Bearer TOKEN` on every call, or nothing without a token.
+    pub(crate) fn bearer(token: Option<&str>) -> Result<Auth> {
+        match token {
+            None => Ok(Auth(None)),
+            Some(token) => MetadataValue::try_from(format!("Bearer {token}"))
+                .map(|value| Auth(Some(value)))
+                .map_err(|_| {
+                    Error::InvalidArgument(
+                        "the access token may only hold visible ASCII characters".into(),
+                    )
+                }),
+        }
+    }
+}
+
+impl Interceptor for Auth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Auth(token)"
+        } else {
+            "Auth(none)"
+        })
+    }
+}
+
+/// A generated client on one registry connection, with the access token attached.
+pub(crate) type Rpc = RegistryServiceClient<InterceptedService<Channel, Auth>>;
+
+/// The registry addresses and which one is in use. Shared by the client and its background
+/// tasks; holds nothing that would keep those tasks alive.
+#[derive(Debug)]
+pub(crate) struct Connections {
+    registries: Vec<(String, Channel)>,
+    auth: Auth,
+    active: AtomicUsize,
+    /// The first and the longest wait between retries.
+    pub(crate) backoff: (Duration, Duration),
+}
+
+impl Connections {
+    /// `registries` must not be empty; the builder refuses a client without an address.
+    pub(crate) fn new(
+        registries: Vec<(String, Channel)>,
+        auth: Auth,
+        backoff: (Duration, Duration),
+    ) -> Self {
+        Connections {
+            registries,
+            auth,
+            active: AtomicUsize::new(0),
+            backoff,
+        }
+    }
+
+    pub(crate) fn current(&self) -> (usize, Rpc) {
+        let index = self.active.load(Ordering::Relaxed) % self.registries.len();
+        (
+            index,
+            RegistryServiceClient::with_interceptor(
+                self.registries[index].1.clone(),
+                self.auth.clone(),
+            ),
+        )
+    }
+
+    /// Moves to the next registry, unless another caller already moved away from `index`.
+    pub(crate) fn failed(&self, index: usize) {
+        let next = (index + 1) % self.registries.len();
+        if self
+            .active
+            .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+            && self.registries.len() > 1
+        {
+            tracing::warn!(from = %self.registries[index].0, to = %self.registries[next].0, "registry unreachable; trying the next");
+        }
+    }
+
+    pub(crate) fn addresses(&self) -> String {
+        let names: Vec<&str> = self.registries.iter().map(|(a, _)| a.as_str()).collect();
+        names.join(", ")
+    }
+
+    /// Turns a failed call's status into an [`Error`]; unreachable registries say so plainly.
+    pub(crate) fn error(&self, index: usize, status: Status) -> Error {
+        match status.code() {
+            Code::Unavailable => Error::Unavailable {
+                address: self.registries[index % self.registries.len()].0.clone(),
+                reason: root_cause(&status),
+            },
+            Code::InvalidArgument => Error::InvalidArgument(status.message().to_owned()),
+            Code::Unauthenticated => Error::Unauthenticated(status.message().to_owned()),
+            Code::PermissionDenied => Error::PermissionDenied(status.message().to_owned()),
+            _ => Error::Status(status),
+        }
+    }
+
+    /// One unary call, trying each registry once while they are unreachable.
+    pub(crate) async fn unary<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(Rpc) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        let mut last = None;
+        for _ in 0..self.registries.len() {
+            let (index, client) = self.current();
+            match call(client).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if status.code() == Code::Unavailable => {
+                    self.failed(index);
+                    last = Some(self.error(index, status));
+                }
+                Err(status) => return Err(self.error(index, status)),
+            }
+        }
+        Err(last.unwrap_or(Error::Stopped))
+    }
+}
+
+/// The innermost cause of a transport failure in plain words, such as "connection refused".
+pub(crate) fn root_cause(status: &Status) -> String {
+    let mut innermost = None;
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && io.kind() != std::io::ErrorKind::Other
+        {
+            return io.kind().to_string();
+        }
+        innermost = Some(c);
+        cause = c.source();
+    }
+    match innermost {
+        Some(c) => c.to_string(),
+        None => status.message().to_owned(),
+    }
+}
