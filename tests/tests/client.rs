@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use signpost_client::BalancedChannel;
 use signpost_client::{Client, RegistrationBuilder, RegistrationState};
 use signpost_examples::Greeter;
 use signpost_examples::pb::SayHelloRequest;
@@ -19,7 +20,6 @@ use signpost_tests::proxy::Proxy;
 use signpost_tests::*;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 /// A greeter serving on a loopback port and registered with the registry.
 struct Backend {
@@ -88,7 +88,7 @@ struct Caller {
 }
 
 impl Caller {
-    fn start(channel: Channel) -> Caller {
+    fn start(channel: BalancedChannel) -> Caller {
         let answers: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
         let failures = Arc::new(AtomicU64::new(0));
         let total = Arc::new(AtomicU64::new(0));

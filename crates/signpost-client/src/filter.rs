@@ -48,6 +48,10 @@ impl Filter {
         self
     }
 
+    pub(crate) fn includes_unhealthy(&self) -> bool {
+        self.include_unhealthy
+    }
+
     pub fn service_name(&self) -> &str {
         &self.service
     }

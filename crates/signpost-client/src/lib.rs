@@ -49,20 +49,27 @@
 
 mod backoff;
 mod balance;
+mod channel;
 mod client;
 mod connections;
+mod endpoint;
 mod error;
 mod filter;
 mod keepalive;
+mod outlier;
+mod pick;
 mod registration;
 mod types;
 mod watcher;
 
 pub use backoff::Backoff;
 pub use balance::{BalancedChannel, BalancedChannelBuilder};
+pub use channel::{ChannelStats, EndpointStats, ResponseBody};
 pub use client::{Client, ClientBuilder};
+pub use endpoint::EndpointState;
 pub use error::{Error, Result};
 pub use filter::Filter;
+pub use outlier::OutlierDetection;
 pub use registration::{Registration, RegistrationBuilder, RegistrationState};
 pub use types::{Event, Health, HealthCheck, Instance, Probe, RemovalReason, WatchUpdate};
 pub use watcher::{WatchCounts, WatchStats};

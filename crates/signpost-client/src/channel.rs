@@ -1,0 +1,547 @@
+//! The call path of a balanced channel: pick a ready endpoint, send, and retry elsewhere a call
+//! that never left; record each answer for the load estimate and outlier detection.
+//!
+//! A call is retried only when hyper hands the request back, which it does when the request was
+//! never written to a connection (the connection was gone before the call was dispatched). A
+//! call that may have reached an instance is never sent twice.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::endpoint::{Activity, Body, Endpoint, EndpointState, Ready, root_cause};
+use crate::outlier::{OutlierDetection, may_eject};
+use crate::pick::{Candidate, Known, Policy, pick};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// gRPC's code for UNAVAILABLE: the one answer that counts against an endpoint.
+const UNAVAILABLE: i32 = 14;
+
+/// What every clone of a balanced channel shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) service: String,
+    endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    /// False until the watch delivered its first view.
+    synced: AtomicBool,
+    pub(crate) changed: Arc<watch::Sender<u64>>,
+    pub(crate) policy: Policy,
+    pub(crate) outlier: OutlierDetection,
+    pub(crate) max_attempts: u32,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) unresponsive_after: Duration,
+    pub(crate) counters: Counters,
+}
+
+/// Channel-wide counters; see [`ChannelStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    calls: AtomicU64,
+    retries: AtomicU64,
+    ejections: AtomicU64,
+    panic_picks: AtomicU64,
+    unavailable: AtomicU64,
+}
+
+/// What a balanced channel has done, and where each of its endpoints stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelStats {
+    /// Calls sent to an instance (retries not counted twice).
+    pub calls: u64,
+    /// Calls sent again to another instance because the first never left.
+    pub retries: u64,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: u64,
+    /// Picks made in panic mode: too few healthy endpoints, so every connected one was used.
+    pub panic_picks: u64,
+    /// Calls failed by the channel itself with UNAVAILABLE: no instance could take them.
+    pub unavailable: u64,
+    pub endpoints: Vec<EndpointStats>,
+}
+
+/// One endpoint of a balanced channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointStats {
+    pub id: String,
+    /// `host:port`.
+    pub address: String,
+    pub zone: String,
+    pub weight: u32,
+    /// The registry calls it PASSING or WARNING.
+    pub healthy: bool,
+    pub state: crate::EndpointState,
+    /// Set while outlier detection keeps the endpoint out: how much longer.
+    pub ejected_for: Option<Duration>,
+    /// Kept although the registry's view, after a reconnect, no longer has it.
+    pub stale: bool,
+    pub in_flight: u32,
+    /// The peak-EWMA latency estimate.
+    pub latency: Duration,
+    /// Answers received, and how many of them were failures (UNAVAILABLE or a broken call).
+    pub answers: u64,
+    pub failures: u64,
+    /// Why the connection last failed, if it ever did.
+    pub last_error: Option<String>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        service: String,
+        policy: Policy,
+        outlier: OutlierDetection,
+        max_attempts: u32,
+        wait_timeout: Duration,
+        unresponsive_after: Duration,
+    ) -> Shared {
+        Shared {
+            service,
+            endpoints: RwLock::new(Arc::new(Vec::new())),
+            synced: AtomicBool::new(false),
+            changed: Arc::new(watch::channel(0).0),
+            policy,
+            outlier,
+            max_attempts: max_attempts.max(1),
+            wait_timeout,
+            unresponsive_after,
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the endpoint set (the watch's view changed).
+    pub(crate) fn set_endpoints(&self, endpoints: Vec<Arc<Endpoint>>) {
+        *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(endpoints);
+        self.synced.store(true, Ordering::Release);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn any_ready(&self) -> bool {
+        self.snapshot()
+            .iter()
+            .any(|e| e.state() == EndpointState::Ready)
+    }
+
+    pub(crate) fn stats(&self) -> ChannelStats {
+        let now = Instant::now();
+        let c = &self.counters;
+        let mut endpoints: Vec<EndpointStats> = self
+            .snapshot()
+            .iter()
+            .map(|e| EndpointStats {
+                id: e.id.clone(),
+                address: e.authority.to_string(),
+                zone: e.zone(),
+                weight: e.weight(),
+                healthy: e.is_healthy(),
+                state: e.state(),
+                ejected_for: e
+                    .outlier
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ejected_until(now)
+                    .map(|until| until - now),
+                stale: e.stale.load(Ordering::Relaxed),
+                in_flight: e.load.pending(),
+                latency: e.load.estimate(now),
+                answers: e.calls.load(Ordering::Relaxed),
+                failures: e.failures.load(Ordering::Relaxed),
+                last_error: e.last_error(),
+            })
+            .collect();
+        endpoints.sort_by(|a, b| a.id.cmp(&b.id));
+        ChannelStats {
+            calls: c.calls.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            ejections: c.ejections.load(Ordering::Relaxed),
+            panic_picks: c.panic_picks.load(Ordering::Relaxed),
+            unavailable: c.unavailable.load(Ordering::Relaxed),
+            endpoints,
+        }
+    }
+
+    /// A ready endpoint that `tried` does not hold, by the rules of `pick.rs`.
+    fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<(Arc<Endpoint>, Ready)> {
+        let snapshot = self.snapshot();
+        let now = Instant::now();
+        let known = Known {
+            all: snapshot.len(),
+            local: snapshot.iter().filter(|e| e.is_local()).count(),
+        };
+        let mut endpoints = Vec::with_capacity(snapshot.len());
+        let mut candidates = Vec::with_capacity(snapshot.len());
+        for e in snapshot.iter() {
+            if e.state() != EndpointState::Ready || tried.iter().any(|t| Arc::ptr_eq(t, e)) {
+                continue;
+            }
+            candidates.push(Candidate {
+                weight: e.weight(),
+                cost: e.load.cost(now),
+                local: e.is_local(),
+                healthy: e.is_healthy(),
+                ejected: e
+                    .outlier
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_ejected(now),
+            });
+            endpoints.push(e);
+        }
+        let picked = pick(&candidates, known, &self.policy, &mut fastrand::f64)?;
+        if picked.panic {
+            self.counters.panic_picks.fetch_add(1, Ordering::Relaxed);
+        }
+        let endpoint = endpoints[picked.index].clone();
+        let ready = endpoint.ready()?;
+        Some((endpoint, ready))
+    }
+
+    /// Whether waiting may bring an endpoint: the first view has not come yet, or some
+    /// endpoint is still connecting.
+    fn worth_waiting(&self, tried: &[Arc<Endpoint>]) -> bool {
+        !self.synced.load(Ordering::Acquire)
+            || self.snapshot().iter().any(|e| {
+                e.state() == EndpointState::Connecting
+                    || (e.state() == EndpointState::Ready
+                        && !tried.iter().any(|t| Arc::ptr_eq(t, e)))
+            })
+    }
+
+    fn no_instance(&self, last_error: Option<String>) -> BoxError {
+        self.counters.unavailable.fetch_add(1, Ordering::Relaxed);
+        let snapshot = self.snapshot();
+        let message = if !self.synced.load(Ordering::Acquire) {
+            format!(
+                "no instance of {} yet: the registry has not answered the channel's watch",
+                self.service
+            )
+        } else if snapshot.is_empty() {
+            format!("no instance of {} is registered", self.service)
+        } else {
+            let reason = last_error
+                .or_else(|| snapshot.iter().find_map(|e| e.last_error()))
+                .map(|r| format!("; last error: {r}"))
+                .unwrap_or_default();
+            format!(
+                "no instance of {} can take the call: {} known, none connected{reason}",
+                self.service,
+                snapshot.len()
+            )
+        };
+        Box::new(tonic::Status::unavailable(message))
+    }
+
+    /// Records an answer from `endpoint`, ejecting it if it keeps failing.
+    fn record(&self, endpoint: &Endpoint, failed: bool) {
+        endpoint.calls.fetch_add(1, Ordering::Relaxed);
+        let lock = || endpoint.outlier.lock().unwrap_or_else(|p| p.into_inner());
+        if !failed {
+            lock().success();
+            return;
+        }
+        endpoint.failures.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if !lock().failure(&self.outlier, now) {
+            return;
+        }
+        // Counted without holding this endpoint's lock: no two outlier locks are ever held.
+        let snapshot = self.snapshot();
+        let ejected = snapshot
+            .iter()
+            .filter(|e| {
+                e.outlier
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_ejected(now)
+            })
+            .count();
+        if may_eject(&self.outlier, ejected, snapshot.len()) {
+            let until = lock().eject(&self.outlier, now);
+            self.counters.ejections.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %self.service, id = %endpoint.id, for_ = ?(until - now), "endpoint ejected: its calls keep failing");
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    pub(crate) async fn call(
+        self: Arc<Self>,
+        mut request: http::Request<Body>,
+    ) -> Result<http::Response<ResponseBody>, BoxError> {
+        let started = Instant::now();
+        let wait =
+            grpc_timeout(request.headers()).map_or(self.wait_timeout, |t| t.min(self.wait_timeout));
+        let wait_until = started + wait;
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let mut changes = self.changed.subscribe();
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut attempts = 0;
+        let mut last_error = None;
+        loop {
+            changes.borrow_and_update();
+            let Some((endpoint, ready)) = self.pick(&tried) else {
+                if !self.worth_waiting(&tried) || Instant::now() >= wait_until {
+                    return Err(self.no_instance(last_error));
+                }
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep_until(wait_until) => {}
+                }
+                continue;
+            };
+            attempts += 1;
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(endpoint.authority.clone());
+            parts.path_and_query = Some(path.clone());
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+            if attempts == 1 {
+                self.counters.calls.fetch_add(1, Ordering::Relaxed);
+            }
+            let call = Call::start(&self, &endpoint, &ready.activity);
+            let mut sender = ready.sender;
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(call.answered(response)),
+                Err(mut error) => {
+                    let back = error.take_message();
+                    let cause = root_cause(&error.into_error());
+                    match back {
+                        Some(unsent) => {
+                            // Never written: the connection went away under the pick.
+                            call.never_sent();
+                            endpoint.connection_lost(format!("the connection went away: {cause}"));
+                            last_error = Some(format!("instance {}: {cause}", endpoint.id));
+                            if attempts >= self.max_attempts {
+                                return Err(self.no_instance(last_error));
+                            }
+                            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                            tried.push(endpoint);
+                            request = unsent;
+                        }
+                        None => {
+                            call.broke();
+                            return Err(Box::new(tonic::Status::unavailable(format!(
+                                "the call to instance {} of {} at {} failed: {cause}",
+                                endpoint.id, self.service, endpoint.authority
+                            ))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One attempt on one endpoint: counts it in flight until the answer's head arrives, and on
+/// the way out records what happened.
+struct Call {
+    shared: Arc<Shared>,
+    endpoint: Arc<Endpoint>,
+    activity: Arc<Activity>,
+    started: Instant,
+    reads_at_start: u64,
+    done: bool,
+}
+
+impl Call {
+    fn start(shared: &Arc<Shared>, endpoint: &Arc<Endpoint>, activity: &Arc<Activity>) -> Call {
+        endpoint.load.start();
+        Call {
+            shared: shared.clone(),
+            endpoint: endpoint.clone(),
+            activity: activity.clone(),
+            started: Instant::now(),
+            reads_at_start: activity.reads(),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        let now = Instant::now();
+        self.endpoint.load.finish(now - self.started, now);
+    }
+
+    fn answered(
+        mut self,
+        response: http::Response<hyper::body::Incoming>,
+    ) -> http::Response<ResponseBody> {
+        self.finish();
+        let outcome = Outcome {
+            shared: self.shared.clone(),
+            endpoint: self.endpoint.clone(),
+        };
+        // A trailers-only answer carries its status in the head.
+        let outcome = match grpc_status(response.headers()) {
+            Some(status) => {
+                outcome.record(status == UNAVAILABLE);
+                None
+            }
+            None => Some(outcome),
+        };
+        response.map(|inner| ResponseBody { inner, outcome })
+    }
+
+    fn never_sent(mut self) {
+        self.done = true;
+        // Not an answer: the latency estimate learns nothing.
+        self.endpoint.load.cancel();
+    }
+
+    fn broke(mut self) {
+        self.finish();
+        self.shared.record(&self.endpoint, true);
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Given up on before any answer (the caller's deadline, or it went away). The wait
+        // counts as latency, so a hung instance looks as slow as it is; and a long wait with
+        // nothing at all read from the connection means the instance stopped answering.
+        let waited = self.started.elapsed();
+        self.finish();
+        if waited >= self.shared.unresponsive_after && self.activity.reads() == self.reads_at_start
+        {
+            self.activity.declare_unresponsive();
+        }
+    }
+}
+
+/// Records the call's outcome once its status is known.
+struct Outcome {
+    shared: Arc<Shared>,
+    endpoint: Arc<Endpoint>,
+}
+
+impl Outcome {
+    fn record(self, failed: bool) {
+        self.shared.record(&self.endpoint, failed);
+    }
+}
+
+/// The body of an answer; watches for the trailers that carry the call's status.
+pub struct ResponseBody {
+    inner: hyper::body::Incoming,
+    outcome: Option<Outcome>,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody").finish_non_exhaustive()
+    }
+}
+
+impl HttpBody for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(outcome) = self.outcome.take()
+                {
+                    outcome.record(grpc_status(trailers) == Some(UNAVAILABLE));
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(outcome) = self.outcome.take() {
+                    outcome.record(true);
+                }
+            }
+            // Ended without trailers: not a gRPC answer; nothing to learn.
+            Poll::Ready(None) => self.outcome = None,
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The call's deadline from its `grpc-timeout` header (`1S`, `250m`, …).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// The future of one call.
+pub(crate) type CallFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, BoxError>> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut h = http::HeaderMap::new();
+        for (text, want) in [
+            ("1S", Some(Duration::from_secs(1))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("2M", Some(Duration::from_secs(120))),
+            ("7u", Some(Duration::from_micros(7))),
+            ("S", None),
+            ("", None),
+            ("12x", None),
+        ] {
+            h.insert("grpc-timeout", http::HeaderValue::from_static(text));
+            assert_eq!(grpc_timeout(&h), want, "{text:?}");
+        }
+        h.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert_eq!(grpc_status(&h), Some(UNAVAILABLE));
+    }
+}

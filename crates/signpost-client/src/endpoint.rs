@@ -1,0 +1,580 @@
+//! One backend instance behind a balanced channel: its HTTP/2 connection, the state the picker
+//! reads (connecting, ready, failed), its load and its outlier record.
+//!
+//! Each endpoint owns one connection and a task that keeps it, written as a state machine:
+//! `Connecting` (TCP connect, HTTP/2 handshake, and the server's first bytes — its SETTINGS
+//! frame — all within the connect timeout; as gRPC's own clients do, a connection counts as ready
+//! only once the server has spoken, so a process that is stopped but whose kernel still accepts
+//! connections is never ready), `Connected` (the connection is driven until it ends: EOF, GOAWAY,
+//! reset, keep-alive timeout, or a call that found it unresponsive), and `Disconnected` (a
+//! backoff before the next attempt). The endpoint is out of the pick the moment its connection
+//! ends, long before the registry notices that the instance is gone.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::outlier::Outlier;
+use crate::types::{Health, Instance};
+
+/// The request body of every call a generated client makes.
+pub(crate) type Body = tonic::body::Body;
+pub(crate) type Sender = http2::SendRequest<Body>;
+
+/// Where an endpoint's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EndpointState {
+    /// Connecting, or waiting for the server's first frame.
+    Connecting,
+    /// Connected and taking calls.
+    Ready,
+    /// The last attempt failed; waiting before the next.
+    Failed,
+}
+
+impl EndpointState {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => EndpointState::Ready,
+            2 => EndpointState::Failed,
+            _ => EndpointState::Connecting,
+        }
+    }
+}
+
+/// How an endpoint connects; shared by every endpoint of a channel.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) keep_alive_interval: Option<Duration>,
+    pub(crate) keep_alive_timeout: Duration,
+    pub(crate) reconnect_base: Duration,
+    pub(crate) reconnect_max: Duration,
+    /// How the RTT estimate forgets: the weight of an old sample falls by e every `decay`.
+    pub(crate) ewma_decay: Duration,
+}
+
+/// The parts of an instance that may change without a new connection.
+#[derive(Debug, Clone)]
+struct Meta {
+    pub(crate) weight: u32,
+    pub(crate) zone: String,
+    pub(crate) healthy: bool,
+}
+
+impl Meta {
+    fn of(instance: &Instance) -> Meta {
+        Meta {
+            weight: instance.weight,
+            zone: instance.zone.clone(),
+            healthy: matches!(instance.health, Health::Passing | Health::Warning),
+        }
+    }
+}
+
+/// One connection's activity: how many reads returned bytes. A call that waited long and saw
+/// no read at all found the connection unresponsive.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    reads: AtomicU64,
+    /// Fired by the first read: the server's SETTINGS frame.
+    spoke: Notify,
+    unresponsive: Notify,
+}
+
+impl Activity {
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn declare_unresponsive(&self) {
+        self.unresponsive.notify_one();
+    }
+}
+
+/// A ready connection: the handle calls are sent on, and its activity.
+#[derive(Debug, Clone)]
+pub(crate) struct Ready {
+    pub(crate) sender: Sender,
+    pub(crate) activity: Arc<Activity>,
+}
+
+/// Peak-EWMA latency, as in Finagle and linkerd: a slower sample is taken at once, a faster one
+/// blends in, and without samples the estimate decays towards zero so that an endpoint that was
+/// slow once is tried again.
+#[derive(Debug)]
+struct Ewma {
+    nanos: f64,
+    stamp: Instant,
+}
+
+/// An endpoint's load: calls in flight and the latency estimate.
+#[derive(Debug)]
+pub(crate) struct Load {
+    pending: AtomicU32,
+    ewma: Mutex<Ewma>,
+    decay_nanos: f64,
+}
+
+/// A new endpoint's latency estimate before its first answer: low enough that it is tried at
+/// once, and not zero, so that the calls in flight on it still weigh.
+const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+impl Load {
+    fn new(decay: Duration) -> Load {
+        Load {
+            pending: AtomicU32::new(0),
+            ewma: Mutex::new(Ewma {
+                nanos: DEFAULT_RTT.as_nanos() as f64,
+                stamp: Instant::now(),
+            }),
+            decay_nanos: (decay.as_nanos() as f64).max(1.0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ewma> {
+        self.ewma.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn decayed(&self, ewma: &Ewma, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(ewma.stamp).as_nanos() as f64;
+        ewma.nanos * (-elapsed / self.decay_nanos).exp()
+    }
+
+    pub(crate) fn cost(&self, now: Instant) -> f64 {
+        let pending = self.pending.load(Ordering::Relaxed);
+        let estimate = self.decayed(&self.lock(), now).max(1_000.0);
+        estimate * f64::from(pending + 1)
+    }
+
+    pub(crate) fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn estimate(&self, now: Instant) -> Duration {
+        Duration::from_nanos(self.decayed(&self.lock(), now) as u64)
+    }
+
+    pub(crate) fn start(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call that was never sent.
+    pub(crate) fn cancel(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A call's answer (or its giving up) after `rtt`.
+    pub(crate) fn finish(&self, rtt: Duration, now: Instant) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        let rtt = rtt.as_nanos() as f64;
+        let mut ewma = self.lock();
+        if rtt > ewma.nanos {
+            ewma.nanos = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(ewma.stamp).as_nanos() as f64;
+            let keep = (-elapsed / self.decay_nanos).exp();
+            ewma.nanos = ewma.nanos * keep + rtt * (1.0 - keep);
+        }
+        ewma.stamp = now;
+    }
+
+    /// A new connection starts with a fresh estimate: the old one described another process.
+    fn reset(&self) {
+        let mut ewma = self.lock();
+        ewma.nanos = DEFAULT_RTT.as_nanos() as f64;
+        ewma.stamp = Instant::now();
+    }
+}
+
+/// One backend instance. Shared by the balancer (which reads it on every pick) and its
+/// connection task (which writes its state).
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) id: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) authority: http::uri::Authority,
+    /// Read on every pick, so kept in atomics; the zone's name only for stats.
+    weight: AtomicU32,
+    healthy: AtomicBool,
+    /// In the client's zone.
+    local: AtomicBool,
+    zone: Mutex<String>,
+    /// Kept past its removal from the registry's view (see `balance.rs`).
+    pub(crate) stale: AtomicBool,
+    state: AtomicU8,
+    ready: Mutex<Option<Ready>>,
+    last_error: Mutex<Option<String>>,
+    pub(crate) load: Load,
+    pub(crate) outlier: Mutex<Outlier>,
+    pub(crate) calls: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    /// Wakes calls that wait for an endpoint to become ready.
+    changed: Arc<watch::Sender<u64>>,
+    stop: CancellationToken,
+}
+
+impl Endpoint {
+    /// The endpoint for `instance`, with its connection task started; `None` when the
+    /// instance's address cannot be an HTTP authority.
+    pub(crate) fn start(
+        instance: &Instance,
+        client_zone: &str,
+        settings: Arc<Settings>,
+        changed: Arc<watch::Sender<u64>>,
+    ) -> Result<Arc<Endpoint>, String> {
+        let authority_text = if instance.address.contains(':') {
+            format!("[{}]:{}", instance.address, instance.port)
+        } else {
+            format!("{}:{}", instance.address, instance.port)
+        };
+        let authority = http::uri::Authority::try_from(authority_text.as_str())
+            .map_err(|e| format!("address {authority_text:?} is not usable: {e}"))?;
+        let meta = Meta::of(instance);
+        let endpoint = Arc::new(Endpoint {
+            id: instance.id.clone(),
+            host: instance.address.clone(),
+            port: instance.port,
+            authority,
+            weight: AtomicU32::new(meta.weight),
+            healthy: AtomicBool::new(meta.healthy),
+            local: AtomicBool::new(!client_zone.is_empty() && meta.zone == client_zone),
+            zone: Mutex::new(meta.zone),
+            stale: AtomicBool::new(false),
+            state: AtomicU8::new(0),
+            ready: Mutex::new(None),
+            last_error: Mutex::new(None),
+            load: Load::new(settings.ewma_decay),
+            outlier: Mutex::new(Outlier::default()),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            changed,
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(keep_connected(endpoint.clone(), settings));
+        Ok(endpoint)
+    }
+
+    /// Same address: the connection can stay.
+    pub(crate) fn serves(&self, instance: &Instance) -> bool {
+        self.host == instance.address && self.port == instance.port
+    }
+
+    pub(crate) fn update(&self, instance: &Instance, client_zone: &str) {
+        let meta = Meta::of(instance);
+        self.weight.store(meta.weight, Ordering::Relaxed);
+        self.healthy.store(meta.healthy, Ordering::Relaxed);
+        self.local.store(
+            !client_zone.is_empty() && meta.zone == client_zone,
+            Ordering::Relaxed,
+        );
+        *self.zone.lock().unwrap_or_else(|p| p.into_inner()) = meta.zone;
+        self.stale.store(false, Ordering::Relaxed);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn zone(&self) -> String {
+        self.zone.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn is_local(&self) -> bool {
+        self.local.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn state(&self) -> EndpointState {
+        EndpointState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// The connection to send a call on, if it is up.
+    pub(crate) fn ready(&self) -> Option<Ready> {
+        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.as_ref().filter(|r| !r.sender.is_closed()).cloned()
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, state: EndpointState, ready: Option<Ready>, error: Option<String>) {
+        *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = ready;
+        if let Some(error) = error {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+        }
+        self.state.store(state as u8, Ordering::Release);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Takes the endpoint out of the pick because a call found its connection gone, before
+    /// the connection task has noticed.
+    pub(crate) fn connection_lost(&self, reason: String) {
+        if self.state() == EndpointState::Ready {
+            self.set(EndpointState::Connecting, None, Some(reason));
+        }
+    }
+
+    /// Stops the connection task. Calls in flight finish on the connection; no new one is sent.
+    pub(crate) fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type Connection = http2::Connection<TokioIo<Watched<TcpStream>>, Body, TokioExecutor>;
+
+/// The connection task's states.
+enum State {
+    Connecting,
+    Connected {
+        connection: Pin<Box<Connection>>,
+        activity: Arc<Activity>,
+    },
+    Disconnected {
+        delay: Duration,
+    },
+}
+
+async fn keep_connected(endpoint: Arc<Endpoint>, settings: Arc<Settings>) {
+    let stop = endpoint.stop.clone();
+    // The task holds the endpoint only weakly between states, so that a dropped channel's
+    // endpoints go away even while their task waits.
+    let weak = Arc::downgrade(&endpoint);
+    drop(endpoint);
+    let mut backoff = Backoff::new(settings.reconnect_base, settings.reconnect_max);
+    let mut state = State::Connecting;
+    loop {
+        state = match state {
+            State::Connecting => {
+                let Some(endpoint) = weak.upgrade() else {
+                    return;
+                };
+                let (host, port) = (endpoint.host.clone(), endpoint.port);
+                drop(endpoint);
+                let attempt =
+                    tokio::time::timeout(settings.connect_timeout, connect(&host, port, &settings));
+                let result = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    result = attempt => result,
+                };
+                let Some(endpoint) = weak.upgrade() else {
+                    return;
+                };
+                match result {
+                    Ok(Ok((sender, connection, activity))) => {
+                        backoff.reset();
+                        endpoint.load.reset();
+                        tracing::debug!(id = %endpoint.id, authority = %endpoint.authority, "endpoint ready");
+                        endpoint.set(
+                            EndpointState::Ready,
+                            Some(Ready {
+                                sender,
+                                activity: activity.clone(),
+                            }),
+                            None,
+                        );
+                        State::Connected {
+                            connection,
+                            activity,
+                        }
+                    }
+                    Ok(Err(error)) => {
+                        let delay = backoff.next_delay();
+                        tracing::debug!(id = %endpoint.id, authority = %endpoint.authority, %error, ?delay, "endpoint cannot connect");
+                        endpoint.set(EndpointState::Failed, None, Some(error));
+                        State::Disconnected { delay }
+                    }
+                    Err(_) => {
+                        let delay = backoff.next_delay();
+                        let error = format!(
+                            "no answer within the connect timeout ({:?})",
+                            settings.connect_timeout
+                        );
+                        tracing::debug!(id = %endpoint.id, authority = %endpoint.authority, %error, ?delay, "endpoint cannot connect");
+                        endpoint.set(EndpointState::Failed, None, Some(error));
+                        State::Disconnected { delay }
+                    }
+                }
+            }
+            State::Connected {
+                mut connection,
+                activity,
+            } => {
+                let ended = tokio::select! {
+                    _ = stop.cancelled() => {
+                        // Removed from the channel: no new calls (the handle is gone with the
+                        // endpoint); the connection finishes the calls in flight and closes.
+                        if let Some(endpoint) = weak.upgrade() {
+                            endpoint.set(EndpointState::Connecting, None, None);
+                        }
+                        let _ = connection.await;
+                        return;
+                    }
+                    _ = activity.unresponsive.notified() => "the instance stopped answering (a call waited with nothing read on its connection)".to_owned(),
+                    result = &mut connection => match result {
+                        Ok(()) => "the instance closed the connection".to_owned(),
+                        Err(e) => format!("the connection broke: {}", root_cause(&e)),
+                    },
+                };
+                let Some(endpoint) = weak.upgrade() else {
+                    return;
+                };
+                tracing::info!(id = %endpoint.id, authority = %endpoint.authority, reason = %ended, "endpoint out of the pick; reconnecting");
+                endpoint.set(EndpointState::Failed, None, Some(ended));
+                // The first retry comes at once: a connection that ended cleanly (a GOAWAY on
+                // a restart) is often back on the next attempt.
+                State::Disconnected {
+                    delay: Duration::ZERO,
+                }
+            }
+            State::Disconnected { delay } => {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => State::Connecting,
+                }
+            }
+        };
+    }
+}
+
+/// TCP, the HTTP/2 handshake, and the server's first frame.
+async fn connect(
+    host: &str,
+    port: u16,
+    settings: &Settings,
+) -> Result<(Sender, Pin<Box<Connection>>, Arc<Activity>), String> {
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("connect to {host}:{port}: {}", describe_io(&e)))?;
+    let _ = tcp.set_nodelay(true);
+    let activity = Arc::new(Activity::default());
+    let io = TokioIo::new(Watched {
+        inner: tcp,
+        activity: activity.clone(),
+    });
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keep_alive_interval)
+        .keep_alive_timeout(settings.keep_alive_timeout)
+        .keep_alive_while_idle(false)
+        .adaptive_window(true);
+    let (sender, connection) = builder
+        .handshake(io)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let mut connection = Box::pin(connection);
+    // The server's SETTINGS frame is its first read.
+    let spoke = activity.spoke.notified();
+    tokio::select! {
+        result = &mut connection => Err(match result {
+            Ok(()) => "the instance closed the connection before it spoke".to_owned(),
+            Err(e) => format!("the connection broke before the instance spoke: {e}"),
+        }),
+        _ = spoke => Ok((sender, connection, activity)),
+    }
+}
+
+/// The innermost cause of a connection's failure in plain words, such as "connection reset".
+pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost: &(dyn std::error::Error + 'static) = error;
+    let mut cause = Some(error);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && io.kind() != std::io::ErrorKind::Other
+        {
+            return describe_io(io);
+        }
+        innermost = c;
+        cause = c.source();
+    }
+    innermost.to_string()
+}
+
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::Other => e.to_string(),
+        kind => kind.to_string(),
+    }
+}
+
+/// A socket that counts the reads that returned bytes.
+#[derive(Debug)]
+struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if self.activity.reads.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.activity.spoke.notify_one();
+            }
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

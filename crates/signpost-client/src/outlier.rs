@@ -1,0 +1,167 @@
+//! Passive outlier detection: an endpoint whose calls keep failing with `UNAVAILABLE` or a
+//! broken connection is taken out of the pick for a while, longer each time it comes back and
+//! fails again, as Envoy's outlier detection does. Pure state, driven by the balancer.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// When an endpoint is ejected, and for how long. Set with
+/// [`BalancedChannelBuilder::outlier_detection`](crate::BalancedChannelBuilder::outlier_detection).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierDetection {
+    /// Failed calls in a row (`UNAVAILABLE`, or the connection broke under the call) that
+    /// eject an endpoint. Default 5, as Envoy's `consecutive_5xx`. 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// The first ejection lasts this long; the n-th in a row lasts n times as long. Default 30 s.
+    pub base_ejection: Duration,
+    /// No ejection lasts longer than this. Default 300 s.
+    pub max_ejection: Duration,
+    /// The largest share of a channel's endpoints that may be ejected at once; one endpoint may
+    /// always be. Default 0.5: outlier detection never takes out most of a service on its own
+    /// judgement (Envoy's default is 10 %, which for a typical three-instance service also means
+    /// one).
+    pub max_ejected_share: f64,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_share: 0.5,
+        }
+    }
+}
+
+/// One endpoint's record.
+#[derive(Debug, Default)]
+pub(crate) struct Outlier {
+    consecutive: u32,
+    /// Ejections since the endpoint last stayed healthy for a whole `max_ejection`.
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+impl Outlier {
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| until > now)
+    }
+
+    pub(crate) fn ejected_until(&self, now: Instant) -> Option<Instant> {
+        self.ejected_until.filter(|until| *until > now)
+    }
+
+    pub(crate) fn success(&mut self) {
+        self.consecutive = 0;
+    }
+
+    /// Records a failure; true when it should eject the endpoint now. The caller decides
+    /// whether the share allows it, and calls [`Outlier::eject`] if so.
+    pub(crate) fn failure(&mut self, policy: &OutlierDetection, now: Instant) -> bool {
+        if self.is_ejected(now) {
+            return false;
+        }
+        self.consecutive = self.consecutive.saturating_add(1);
+        policy.consecutive_failures > 0 && self.consecutive >= policy.consecutive_failures
+    }
+
+    /// Ejects the endpoint; returns until when.
+    pub(crate) fn eject(&mut self, policy: &OutlierDetection, now: Instant) -> Instant {
+        // An endpoint that stayed out of trouble for a whole max ejection starts afresh.
+        if let Some(last) = self.ejected_until
+            && now.saturating_duration_since(last) > policy.max_ejection
+        {
+            self.ejections = 0;
+        }
+        self.ejections = self.ejections.saturating_add(1);
+        let length = policy
+            .base_ejection
+            .saturating_mul(self.ejections)
+            .min(policy.max_ejection);
+        let until = now + length;
+        self.ejected_until = Some(until);
+        self.consecutive = 0;
+        until
+    }
+}
+
+/// Whether one more ejection keeps the ejected share within the policy.
+pub(crate) fn may_eject(policy: &OutlierDetection, ejected: usize, total: usize) -> bool {
+    ejected == 0 || ((ejected + 1) as f64) <= policy.max_ejected_share * total as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejects_after_consecutive_failures_for_longer_each_time() {
+        let policy = OutlierDetection::default();
+        let now = Instant::now();
+        let mut o = Outlier::default();
+        for _ in 0..4 {
+            assert!(!o.failure(&policy, now));
+        }
+        o.success();
+        for _ in 0..4 {
+            assert!(!o.failure(&policy, now), "a success resets the count");
+        }
+        assert!(o.failure(&policy, now));
+        assert_eq!(o.eject(&policy, now), now + Duration::from_secs(30));
+        assert!(o.is_ejected(now + Duration::from_secs(29)));
+        assert!(
+            !o.failure(&policy, now),
+            "an ejected endpoint is not counted"
+        );
+
+        let back = now + Duration::from_secs(31);
+        assert!(!o.is_ejected(back));
+        for _ in 0..4 {
+            assert!(!o.failure(&policy, back));
+        }
+        assert!(o.failure(&policy, back));
+        assert_eq!(o.eject(&policy, back), back + Duration::from_secs(60));
+
+        // Ten more: capped at the maximum.
+        let mut at = back;
+        for _ in 0..10 {
+            at += Duration::from_secs(301);
+            at = o.eject(&policy, at.min(o.ejected_until.unwrap_or(at)));
+        }
+        let later = at + Duration::from_secs(1);
+        assert!(o.eject(&policy, later) <= later + policy.max_ejection);
+    }
+
+    #[test]
+    fn a_quiet_endpoint_starts_afresh() {
+        let policy = OutlierDetection::default();
+        let now = Instant::now();
+        let mut o = Outlier::default();
+        o.eject(&policy, now);
+        let much_later = now + Duration::from_secs(30 + 301);
+        assert_eq!(
+            o.eject(&policy, much_later),
+            much_later + Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn the_ejected_share_is_bounded_but_one_may_always_go() {
+        let policy = OutlierDetection::default();
+        assert!(may_eject(&policy, 0, 1));
+        assert!(may_eject(&policy, 0, 3));
+        assert!(!may_eject(&policy, 1, 3));
+        assert!(may_eject(&policy, 1, 4));
+        assert!(!may_eject(&policy, 2, 4));
+        let off = OutlierDetection {
+            consecutive_failures: 0,
+            ..policy
+        };
+        let mut o = Outlier::default();
+        for _ in 0..100 {
+            assert!(!o.failure(&off, Instant::now()));
+        }
+    }
+}
