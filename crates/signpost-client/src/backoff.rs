@@ -1,10 +1,9 @@
-//! Exponential backoff with full jitter, capped.
+//! Exponential backoff with jitter, capped: the one retry schedule of every reconnect loop.
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-/// Retry delays: each attempt waits a random time up to a doubling ceiling, capped at `max`.
-/// Full jitter spreads a crowd of clients that lost the registry at the same moment.
+/// Retry delays: each attempt waits between half and all of a doubling ceiling, capped at `max`.
+/// The random half spreads a crowd of clients that lost the registry at the same moment.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
@@ -30,21 +29,13 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         // Half fixed, half random: never a zero wait, still spread out.
         let half = ceiling / 2;
-        half + half.mul_f64(random_unit())
+        half + half.mul_f64(fastrand::f64())
     }
 
     /// Call after a success, so the next failure starts small again.
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
-}
-
-/// A random number in [0, 1). `RandomState` is seeded per instance from the OS, which is all the
-/// randomness jitter needs, without a dependency.
-fn random_unit() -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

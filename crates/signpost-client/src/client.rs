@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::connections::{Auth, Connections};
+use crate::connections::{Auth, Connections, WATCH_IDLE_TIMEOUT};
 use crate::keepalive::KeepAlives;
 use crate::types::{WatchUpdate, instance_from_pb};
 use crate::watcher::{View, Watcher};
@@ -24,6 +24,7 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     backoff_base: Duration,
     backoff_max: Duration,
+    watch_idle_timeout: Duration,
     ca_pem: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
     tls_domain: Option<String>,
@@ -50,6 +51,7 @@ impl Default for ClientBuilder {
             request_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            watch_idle_timeout: WATCH_IDLE_TIMEOUT,
             ca_pem: None,
             identity: None,
             tls_domain: None,
@@ -82,6 +84,15 @@ impl ClientBuilder {
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.backoff_base = base;
         self.backoff_max = max;
+        self
+    }
+
+    /// How long a watch may hear nothing from the registry, not even one of the progress
+    /// messages it sends an idle stream every few seconds, before the watch takes the stream for
+    /// dead and reopens it (default 15 s, three of the registry's default progress intervals).
+    /// Shorten it only together with the registry's `watch_progress_interval`.
+    pub fn watch_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.watch_idle_timeout = timeout;
         self
     }
 
@@ -208,6 +219,7 @@ impl ClientBuilder {
                 registries,
                 auth,
                 (self.backoff_base, self.backoff_max),
+                self.watch_idle_timeout,
             )),
             keep_alives: Arc::new(OnceLock::new()),
             views: Arc::default(),

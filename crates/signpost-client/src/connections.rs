@@ -16,7 +16,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::backoff::Backoff;
 use crate::{Error, Result};
+
+/// How long a watch may hear nothing before it is reopened. The registry sends an idle stream a
+/// progress message at least every 5 s (its default `watch_progress_interval`), so three missed
+/// ones mean the stream, or the path to it, is dead even if no error reached this side.
+pub(crate) const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Sends the access token with every call.
 #[derive(Clone)]
@@ -74,6 +80,8 @@ pub(crate) struct Connections {
     active: AtomicUsize,
     /// The first and the longest wait between retries.
     pub(crate) backoff: (Duration, Duration),
+    /// See [`WATCH_IDLE_TIMEOUT`].
+    pub(crate) watch_idle_timeout: Duration,
 }
 
 impl Connections {
@@ -82,13 +90,20 @@ impl Connections {
         registries: Vec<(String, Channel)>,
         auth: Auth,
         backoff: (Duration, Duration),
+        watch_idle_timeout: Duration,
     ) -> Self {
         Connections {
             registries,
             auth,
             active: AtomicUsize::new(0),
             backoff,
+            watch_idle_timeout,
         }
+    }
+
+    /// A fresh retry schedule with the client's settings; each reconnect loop keeps its own.
+    pub(crate) fn new_backoff(&self) -> Backoff {
+        Backoff::new(self.backoff.0, self.backoff.1)
     }
 
     pub(crate) fn current(&self) -> (usize, Rpc) {
@@ -130,6 +145,7 @@ impl Connections {
             Code::InvalidArgument => Error::InvalidArgument(status.message().to_owned()),
             Code::Unauthenticated => Error::Unauthenticated(status.message().to_owned()),
             Code::PermissionDenied => Error::PermissionDenied(status.message().to_owned()),
+            Code::ResourceExhausted => Error::ResourceExhausted(status.message().to_owned()),
             _ => Error::Status(status),
         }
     }

@@ -19,6 +19,11 @@ pub enum Error {
     /// The token does not grant this; the message names the verb and namespace.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// A registry limit was reached (instances in a namespace, watch streams, request size); the
+    /// message names the limit. Retrying the same thing will not help until something is freed
+    /// or the limit raised.
+    #[error("limit reached: {0}")]
+    ResourceExhausted(String),
     /// The registry answered with another error status.
     #[error("registry error: {} ({:?})", .0.message(), .0.code())]
     Status(#[from] tonic::Status),
@@ -28,7 +33,9 @@ pub enum Error {
 }
 
 impl Error {
-    /// Errors worth retrying: the registry is unreachable, overloaded, or restarting.
+    /// Errors worth retrying: the registry is unreachable, slow, or restarting. A refusal (bad
+    /// input, a missing or insufficient token, a limit reached, a precondition, a conflict) is
+    /// not: the same call would be refused again.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Unavailable { .. } => true,
@@ -36,7 +43,6 @@ impl Error {
                 status.code(),
                 tonic::Code::Unavailable
                     | tonic::Code::DeadlineExceeded
-                    | tonic::Code::ResourceExhausted
                     | tonic::Code::Aborted
                     | tonic::Code::Unknown
                     | tonic::Code::Internal
@@ -49,3 +55,46 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn refusals_are_not_transient_and_outages_are() {
+        let status = |code| Error::Status(tonic::Status::new(code, "x"));
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::Internal,
+            Code::Unknown,
+            Code::Cancelled,
+        ] {
+            assert!(status(code).is_transient(), "{code:?}");
+        }
+        for code in [
+            Code::ResourceExhausted,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::AlreadyExists,
+        ] {
+            assert!(!status(code).is_transient(), "{code:?}");
+        }
+        assert!(!Error::ResourceExhausted("instances per namespace".into()).is_transient());
+        assert!(!Error::PermissionDenied("register".into()).is_transient());
+        assert!(!Error::Unauthenticated("no token".into()).is_transient());
+        assert!(!Error::InvalidArgument("instance.port".into()).is_transient());
+        assert!(
+            Error::Unavailable {
+                address: "http://127.0.0.1:1".into(),
+                reason: "connection refused".into()
+            }
+            .is_transient()
+        );
+    }
+}

@@ -1,7 +1,14 @@
 //! One KeepAlive stream per client, shared by all its registrations: each lease is refreshed at
 //! its own interval, and a lease the registry reports expired is handed back to its owner.
+//!
+//! The task is one loop over an explicit [`State`]. Each turn waits for either a command from a
+//! registration or what the state itself waits on, so adding or removing a lease, and every
+//! handle going away, are handled the same way whether the stream is up, being opened, or
+//! waiting out a backoff.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,9 +16,14 @@ use signpost_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
 
 use crate::backoff::Backoff;
 use crate::connections::Connections;
+
+/// Requests waiting to go out on the stream. A fresh stream sends one for every lease at once;
+/// past this many, the rest wait for room rather than being dropped.
+const QUEUED_REQUESTS: usize = 256;
 
 enum Command {
     Add {
@@ -58,104 +70,197 @@ impl KeepAlives {
     }
 }
 
-/// Applies a command; false when every handle is gone and the task should end.
-fn command(leases: &mut HashMap<u64, Entry>, command: Option<Command>) -> bool {
-    match command {
-        None => false,
-        Some(Command::Add {
-            lease,
-            every,
-            expired,
-        }) => {
-            let due = Instant::now() + every;
-            leases.insert(
-                lease,
-                Entry {
-                    every,
-                    due,
-                    expired,
-                },
-            );
-            true
-        }
-        Some(Command::Remove { lease }) => {
-            leases.remove(&lease);
-            true
-        }
-    }
+type Opening =
+    Pin<Box<dyn Future<Output = Result<Streaming<pb::KeepAliveResponse>, Status>> + Send>>;
+
+/// Where the shared stream stands.
+enum State {
+    /// No lease to refresh, so no stream.
+    Idle,
+    /// The last stream broke or could not be opened; the next opens at `retry_at`.
+    Disconnected { retry_at: Instant },
+    /// A stream is being opened on registry `index`; `requests` feeds it once it is up.
+    Connecting {
+        index: usize,
+        opening: Opening,
+        requests: mpsc::Sender<pb::KeepAliveRequest>,
+    },
+    /// The stream is up: refreshes go out on `requests`, answers come in on `answers` (boxed,
+    /// so that the states without a stream stay small).
+    Connected {
+        requests: mpsc::Sender<pb::KeepAliveRequest>,
+        answers: Box<Streaming<pb::KeepAliveResponse>>,
+    },
+}
+
+/// What ended a turn's wait.
+enum Event {
+    /// From a registration; `None` once every handle is gone.
+    Command(Option<Command>),
+    /// The backoff is over (disconnected), or a refresh is due and the stream has room for it
+    /// (connected).
+    Due,
+    /// The stream being opened is up, or could not be opened.
+    Opened(Result<Streaming<pb::KeepAliveResponse>, Status>),
+    /// The registry answered on the stream.
+    Answer(pb::KeepAliveResponse),
+    /// The stream ended or failed.
+    Broke(String),
 }
 
 async fn run(conn: Arc<Connections>, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let (base, max) = conn.backoff;
-    let mut backoff = Backoff::new(base, max);
+    let mut backoff = conn.new_backoff();
     let mut leases: HashMap<u64, Entry> = HashMap::new();
+    let mut state = State::Idle;
     loop {
-        // Nothing to refresh: no stream either, until a lease is added.
-        if leases.is_empty() && !command(&mut leases, commands.recv().await) {
-            return;
-        }
-        let (requests, outbound) = mpsc::channel::<pb::KeepAliveRequest>(256);
-        let (index, mut client) = conn.current();
-        let mut inbound = match client.keep_alive(ReceiverStream::new(outbound)).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
+        let event = tokio::select! {
+            command = commands.recv() => Event::Command(command),
+            event = wait(&mut state, &leases) => event,
+        };
+        state = match (state, event) {
+            (_, Event::Command(None)) => return,
+            (state, Event::Command(Some(command))) => {
+                apply(&mut leases, command);
+                state
+            }
+            (State::Disconnected { .. }, Event::Due) => connect(&conn),
+            (State::Connected { requests, answers }, Event::Due) => {
+                refresh(&mut leases, &requests);
+                State::Connected { requests, answers }
+            }
+            (State::Connecting { requests, .. }, Event::Opened(Ok(answers))) => {
+                // The gap may have eaten into the ttls: refresh everything at once.
+                let now = Instant::now();
+                for entry in leases.values_mut() {
+                    entry.due = now;
+                }
+                State::Connected {
+                    requests,
+                    answers: Box::new(answers),
+                }
+            }
+            (State::Connecting { index, .. }, Event::Opened(Err(status))) => {
                 let error = conn.error(index, status);
                 if error.is_transient() {
                     conn.failed(index);
                 }
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, ?delay, "keep-alive stream cannot connect; retrying");
-                let wait = tokio::time::sleep(delay);
-                tokio::pin!(wait);
-                loop {
-                    tokio::select! {
-                        _ = &mut wait => break,
-                        c = commands.recv() => if !command(&mut leases, c) { return },
-                    }
-                }
-                continue;
+                disconnected(&mut backoff, &error.to_string())
             }
+            (state @ State::Connected { .. }, Event::Answer(answer)) => {
+                backoff.reset();
+                if answer.expired
+                    && let Some(entry) = leases.remove(&answer.lease_id)
+                {
+                    tracing::warn!(lease = answer.lease_id, "registry says the lease expired");
+                    let _ = entry.expired.send(());
+                }
+                state
+            }
+            (State::Connected { .. }, Event::Broke(reason)) => disconnected(&mut backoff, &reason),
+            // Each state's wait yields only its own events; nothing else can arrive.
+            (state, _) => state,
         };
-        // A fresh stream refreshes everything at once: the gap may have eaten into the ttls.
-        let now = Instant::now();
-        for entry in leases.values_mut() {
-            entry.due = now;
+        // A stream only while there is something to refresh on it.
+        state = match state {
+            State::Idle if !leases.is_empty() => connect(&conn),
+            _ if leases.is_empty() => State::Idle,
+            state => state,
+        };
+    }
+}
+
+/// What `state` waits on this turn, besides the commands every state takes.
+async fn wait(state: &mut State, leases: &HashMap<u64, Entry>) -> Event {
+    match state {
+        State::Idle => std::future::pending().await,
+        State::Disconnected { retry_at } => {
+            tokio::time::sleep_until(*retry_at).await;
+            Event::Due
         }
-        loop {
-            let next_due = leases.values().map(|e| e.due).min();
+        State::Connecting { opening, .. } => Event::Opened(opening.await),
+        State::Connected { requests, answers } => {
+            let due = leases.values().map(|e| e.due).min();
             tokio::select! {
-                c = commands.recv() => if !command(&mut leases, c) { return },
-                _ = async {
-                    match next_due {
+                answer = answers.message() => match answer {
+                    Ok(Some(answer)) => Event::Answer(answer),
+                    Ok(None) => Event::Broke("the registry ended the stream".into()),
+                    Err(status) => Event::Broke(status.message().to_owned()),
+                },
+                room = async {
+                    match due {
                         Some(due) => tokio::time::sleep_until(due).await,
                         None => std::future::pending().await,
                     }
-                } => {
-                    let now = Instant::now();
-                    for (lease, entry) in leases.iter_mut().filter(|(_, e)| e.due <= now) {
-                        entry.due = now + entry.every;
-                        if requests.try_send(pb::KeepAliveRequest { lease_id: *lease }).is_err() {
-                            // The stream is not taking requests: let the next turn find out why.
-                            break;
-                        }
-                    }
-                }
-                message = inbound.message() => match message {
-                    Ok(Some(answer)) => {
-                        backoff.reset();
-                        if answer.expired && let Some(entry) = leases.remove(&answer.lease_id) {
-                            tracing::warn!(lease = answer.lease_id, "registry says the lease expired");
-                            let _ = entry.expired.send(());
-                        }
-                    }
-                    Ok(None) | Err(_) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(?delay, "keep-alive stream broke; reconnecting");
-                        tokio::time::sleep(delay).await;
-                        break;
-                    }
+                    // Waiting for room here, not retrying at once, keeps a slow stream from
+                    // turning this loop into a spin.
+                    requests.reserve().await.map(drop)
+                } => match room {
+                    Ok(()) => Event::Due,
+                    Err(_) => Event::Broke("the stream stopped taking requests".into()),
                 },
             }
         }
+    }
+}
+
+fn apply(leases: &mut HashMap<u64, Entry>, command: Command) {
+    match command {
+        Command::Add {
+            lease,
+            every,
+            expired,
+        } => {
+            leases.insert(
+                lease,
+                Entry {
+                    every,
+                    due: Instant::now() + every,
+                    expired,
+                },
+            );
+        }
+        Command::Remove { lease } => {
+            leases.remove(&lease);
+        }
+    }
+}
+
+/// Starts opening a stream on the registry in use.
+fn connect(conn: &Connections) -> State {
+    let (requests, outbound) = mpsc::channel(QUEUED_REQUESTS);
+    let (index, mut client) = conn.current();
+    let opening: Opening = Box::pin(async move {
+        client
+            .keep_alive(ReceiverStream::new(outbound))
+            .await
+            .map(tonic::Response::into_inner)
+    });
+    State::Connecting {
+        index,
+        opening,
+        requests,
+    }
+}
+
+fn disconnected(backoff: &mut Backoff, reason: &str) -> State {
+    let delay = backoff.next_delay();
+    tracing::warn!(reason, ?delay, "keep-alive stream down; reconnecting");
+    State::Disconnected {
+        retry_at: Instant::now() + delay,
+    }
+}
+
+/// Sends a refresh for every lease that is due, as far as the stream has room; the rest stay due
+/// and go out on the next turn.
+fn refresh(leases: &mut HashMap<u64, Entry>, requests: &mpsc::Sender<pb::KeepAliveRequest>) {
+    let now = Instant::now();
+    for (lease, entry) in leases.iter_mut().filter(|(_, e)| e.due <= now) {
+        if requests
+            .try_send(pb::KeepAliveRequest { lease_id: *lease })
+            .is_err()
+        {
+            break;
+        }
+        entry.due = now + entry.every;
     }
 }

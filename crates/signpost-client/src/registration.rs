@@ -8,8 +8,8 @@ use std::time::Duration;
 use signpost_proto::v1 as pb;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-use crate::backoff::Backoff;
 use crate::client::Client;
 use crate::connections::Connections;
 use crate::keepalive::KeepAlives;
@@ -23,6 +23,9 @@ pub enum RegistrationState {
     Registered { lease_id: u64 },
     /// Not registered right now; trying again (the reason says why).
     Retrying { reason: String },
+    /// Lost its lease and could not register again for a reason retrying cannot fix (a limit
+    /// reached, a token no longer good); nothing more is tried. The reason says which.
+    Failed { reason: String },
     /// Deregistered or dropped; nothing more will happen.
     Stopped,
 }
@@ -206,8 +209,13 @@ impl Client {
     /// Registers an instance and keeps it registered: its lease is refreshed on this client's
     /// shared KeepAlive stream, and when the registry reports it expired (a restart, a partition
     /// longer than the ttl) it is registered again. Returns once the first registration
-    /// succeeded; transient failures until then are retried with backoff, and input the registry
-    /// refuses is returned as [`Error::InvalidArgument`].
+    /// succeeded; transient failures until then (an unreachable or restarting registry) are
+    /// retried with backoff. A refusal that retrying cannot fix comes back at once: input the
+    /// registry refuses as [`Error::InvalidArgument`], a limit reached as
+    /// [`Error::ResourceExhausted`], a missing or insufficient token as
+    /// [`Error::Unauthenticated`] or [`Error::PermissionDenied`], anything else as
+    /// [`Error::Status`]. Should registering again later be refused that way, the registration
+    /// stops trying and its state says [`RegistrationState::Failed`].
     pub async fn register(&self, registration: RegistrationBuilder) -> Result<Registration> {
         if registration.service.is_empty()
             || registration.address.is_empty()
@@ -218,8 +226,7 @@ impl Client {
             ));
         }
         let request = registration.request();
-        let (base, max) = self.conn.backoff;
-        let mut backoff = Backoff::new(base, max);
+        let mut backoff = self.conn.new_backoff();
         let lease_id = loop {
             match register_once(&self.conn, &request).await {
                 Ok(lease) => break lease,
@@ -292,61 +299,106 @@ async fn register_once(conn: &Connections, request: &pb::RegisterRequest) -> Res
     Ok(answer.lease_id)
 }
 
+/// Where a registration stands in the background.
+enum State {
+    /// Registered on `lease`, kept alive on the shared stream; `expired` fires when the registry
+    /// reports the lease gone.
+    Registered {
+        lease: u64,
+        expired: oneshot::Receiver<()>,
+    },
+    /// The lease is gone; the next attempt to register again starts at `retry_at`.
+    Reregistering { retry_at: Instant },
+    /// Registering again was refused for a reason retrying cannot fix. Nothing is kept alive; the
+    /// owner learns it from [`RegistrationState::Failed`] and only a stop is awaited.
+    Failed,
+    /// The owner stopped the registration: deregister (unless it had failed) and end.
+    Stopping { deregister: bool },
+}
+
 async fn keep_registered(
     conn: Arc<Connections>,
     keep_alives: KeepAlives,
     request: pb::RegisterRequest,
     ttl: Duration,
-    mut lease_id: u64,
-    state: watch::Sender<RegistrationState>,
+    lease_id: u64,
+    state_tx: watch::Sender<RegistrationState>,
     mut stopped: oneshot::Receiver<()>,
 ) -> Result<bool> {
     let instance = request.instance.clone().unwrap_or_default();
     let every = (ttl / 3).max(Duration::from_millis(100));
-    let (base, max) = conn.backoff;
-    let mut backoff = Backoff::new(base, max);
-    loop {
+    let mut backoff = conn.new_backoff();
+    let keep_alive = |lease: u64| {
         let (expired_tx, expired) = oneshot::channel();
-        keep_alives.add(lease_id, every, expired_tx);
-        tokio::select! {
-            _ = &mut stopped => {
-                keep_alives.remove(lease_id);
-                break;
-            }
-            _ = expired => {
-                tracing::warn!(service = %instance.service, id = %instance.id, lease = lease_id, "registration lost (lease expired); registering again");
-                let _ = state.send(RegistrationState::Retrying { reason: "the lease expired".into() });
-            }
-        }
-        // Registered again, or stopped while trying.
-        let again = loop {
-            tokio::select! {
-                _ = &mut stopped => break None,
-                result = register_once(&conn, &request) => match result {
-                    Ok(lease) => break Some(lease),
-                    Err(e) => {
+        keep_alives.add(lease, every, expired_tx);
+        State::Registered { lease, expired }
+    };
+    let mut state = keep_alive(lease_id);
+    loop {
+        state = match state {
+            State::Registered { lease, mut expired } => tokio::select! {
+                _ = &mut stopped => {
+                    keep_alives.remove(lease);
+                    State::Stopping { deregister: true }
+                }
+                _ = &mut expired => {
+                    tracing::warn!(service = %instance.service, id = %instance.id, lease, "registration lost (lease expired); registering again");
+                    let _ = state_tx.send(RegistrationState::Retrying {
+                        reason: "the lease expired".into(),
+                    });
+                    State::Reregistering { retry_at: Instant::now() }
+                }
+            },
+            State::Reregistering { retry_at } => tokio::select! {
+                // An attempt cut short may have registered all the same: deregister.
+                _ = &mut stopped => State::Stopping { deregister: true },
+                result = async {
+                    tokio::time::sleep_until(retry_at).await;
+                    register_once(&conn, &request).await
+                } => match result {
+                    Ok(lease) => {
+                        backoff.reset();
+                        tracing::info!(service = %instance.service, id = %instance.id, lease, "registered again");
+                        let _ = state_tx.send(RegistrationState::Registered { lease_id: lease });
+                        keep_alive(lease)
+                    }
+                    Err(e) if e.is_transient() => {
                         let delay = backoff.next_delay();
                         tracing::warn!(service = %instance.service, error = %e, ?delay, "cannot register again yet; retrying");
-                        let _ = state.send(RegistrationState::Retrying { reason: e.to_string() });
-                        tokio::select! {
-                            _ = &mut stopped => break None,
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+                        let _ = state_tx.send(RegistrationState::Retrying { reason: e.to_string() });
+                        State::Reregistering { retry_at: Instant::now() + delay }
+                    }
+                    Err(e) => {
+                        tracing::error!(service = %instance.service, id = %instance.id, error = %e, "cannot register again; giving up");
+                        let _ = state_tx.send(RegistrationState::Failed { reason: e.to_string() });
+                        State::Failed
                     }
                 },
+            },
+            State::Failed => {
+                let _ = (&mut stopped).await;
+                State::Stopping { deregister: false }
+            }
+            State::Stopping { deregister } => {
+                return stop(&conn, &instance, deregister, &state_tx).await;
             }
         };
-        match again {
-            Some(lease) => {
-                backoff.reset();
-                lease_id = lease;
-                tracing::info!(service = %instance.service, id = %instance.id, lease, "registered again");
-                let _ = state.send(RegistrationState::Registered { lease_id });
-            }
-            None => break,
-        }
     }
+}
+
+/// Deregisters on the way out. After a failure the registry has refused this instance, so there
+/// is nothing of it to remove, and a call made with the same refused token would only fail.
+async fn stop(
+    conn: &Connections,
+    instance: &pb::Instance,
+    deregister: bool,
+    state: &watch::Sender<RegistrationState>,
+) -> Result<bool> {
     let _ = state.send(RegistrationState::Stopped);
+    if !deregister {
+        tracing::info!(service = %instance.service, id = %instance.id, "stopped after registering again failed; nothing to deregister");
+        return Ok(false);
+    }
     let request = pb::DeregisterRequest {
         namespace: instance.namespace.clone(),
         service: instance.service.clone(),
