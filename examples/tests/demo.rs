@@ -1,4 +1,5 @@
-//! The README's greeter demo, as processes: a registry, two greeter-servers, a greeter-client.
+//! The README's greeter demo, as processes: a registry, two greeter-servers, a greeter-client;
+//! and a greeter-server stopped the way an orchestrator stops it, with SIGTERM.
 
 // Test code: a failed expectation is the test failing.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -9,7 +10,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::Instant;
 
 use signpost_tests::process::run;
-use signpost_tests::{DEADLINE, TestServer};
+use signpost_tests::{DEADLINE, TestServer, within};
 
 struct Greeter {
     child: Child,
@@ -33,6 +34,38 @@ impl Greeter {
             }
         });
         Greeter { child, lines }
+    }
+
+    /// The instance id from its "serving on" line.
+    fn serving(&self) -> String {
+        let line = self.wait_for("serving on");
+        line.split_whitespace().next().unwrap().to_owned()
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits for the process to exit, failing the test past the deadline.
+    fn exit_status(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "greeter-server did not exit within {DEADLINE:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     fn wait_for(&self, needle: &str) -> String {
@@ -60,13 +93,7 @@ async fn two_greeters_share_the_calls_and_one_leaves_cleanly() {
     let registry = TestServer::start().await;
     let url = registry.url();
     let greeters = [Greeter::start(&url), Greeter::start(&url)];
-    let ids: Vec<String> = greeters
-        .iter()
-        .map(|g| {
-            let line = g.wait_for("serving on");
-            line.split_whitespace().next().unwrap().to_owned()
-        })
-        .collect();
+    let ids: Vec<String> = greeters.iter().map(Greeter::serving).collect();
 
     let client_url = url.clone();
     let (ok, out, err) = tokio::task::spawn_blocking(move || {
@@ -92,15 +119,40 @@ async fn two_greeters_share_the_calls_and_one_leaves_cleanly() {
 
     // Ctrl-C: the greeter deregisters first, then stops, and exits cleanly.
     let [mut first, _second] = greeters;
-    let pid = first.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    first.signal("-INT");
     first.wait_for("deregistered (existed: true)");
-    let status = first.child.wait().unwrap();
+    let status = first.exit_status();
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_deregisters_the_greeter_before_it_exits() {
+    let registry = TestServer::start().await;
+    let mut greeter = Greeter::start(&registry.url());
+    let id = greeter.serving();
+    let client = signpost_client::Client::new(registry.url()).unwrap();
+    let listed = |instances: Vec<signpost_client::Instance>| -> Vec<String> {
+        instances.into_iter().map(|i| i.id).collect()
+    };
+    assert_eq!(
+        listed(client.discover("greeter").await.unwrap()),
+        [id.clone()]
+    );
+
+    greeter.signal("-TERM");
+    let line = greeter.wait_for("deregistered");
+    assert!(line.contains("(existed: true) on SIGTERM"), "{line}");
+    let status = tokio::task::block_in_place(|| greeter.exit_status());
+    assert!(status.success(), "{status:?}");
+    // Gone at once, not after its lease ran out: a Discover needs no waiting.
+    let left = within(
+        "discover after the greeter left",
+        client.discover("greeter"),
+    )
+    .await;
+    assert_eq!(
+        listed(left.unwrap()),
+        Vec::<String>::new(),
+        "still registered"
+    );
 }

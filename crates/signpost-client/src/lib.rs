@@ -59,6 +59,7 @@ mod keepalive;
 mod outlier;
 mod pick;
 mod registration;
+mod signal;
 mod types;
 mod watcher;
 
@@ -71,5 +72,6 @@ pub use error::{Error, Result};
 pub use filter::Filter;
 pub use outlier::OutlierDetection;
 pub use registration::{Registration, RegistrationBuilder, RegistrationState};
+pub use signal::{Signal, shutdown_signal};
 pub use types::{Event, Health, HealthCheck, Instance, Probe, RemovalReason, WatchUpdate};
 pub use watcher::{WatchCounts, WatchStats};
