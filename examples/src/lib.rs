@@ -5,9 +5,9 @@
 //! through a balanced channel.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -27,6 +27,10 @@ pub struct Greeter {
     served: Arc<AtomicU64>,
     // When the first and the latest call were answered, for propagation measurements.
     calls: Arc<Mutex<Option<(Instant, Instant)>>>,
+    /// Added to every answer: a slow instance, for the balancer's load awareness.
+    delay: Duration,
+    /// Answer UNAVAILABLE, as an instance whose own dependency is down would.
+    failing: Arc<AtomicBool>,
 }
 
 impl Greeter {
@@ -35,7 +39,20 @@ impl Greeter {
             id: id.into(),
             served: Arc::default(),
             calls: Arc::default(),
+            delay: Duration::ZERO,
+            failing: Arc::default(),
         }
+    }
+
+    /// Answers every call `delay` late.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// From now on answers every call UNAVAILABLE (or again normally).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
     }
 
     /// When the first call was answered, if any was.
@@ -78,7 +95,16 @@ impl GreeterService for Greeter {
         &self,
         request: Request<pb::SayHelloRequest>,
     ) -> Result<Response<pb::SayHelloResponse>, Status> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         self.served.fetch_add(1, Ordering::Relaxed);
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(format!(
+                "{} is failing on purpose",
+                self.id
+            )));
+        }
         let now = Instant::now();
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
         *calls = Some(calls.map_or((now, now), |(first, _)| (first, now)));

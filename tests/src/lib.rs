@@ -5,6 +5,7 @@
 //! binary (`crates/signpost/tests/`), where cargo can hand them its path.
 
 pub mod etcd;
+pub mod greeters;
 pub mod http;
 pub mod process;
 pub mod proxy;

@@ -5,166 +5,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use signpost_client::BalancedChannel;
-use signpost_client::{Client, RegistrationBuilder, RegistrationState};
+use signpost_client::{RegistrationBuilder, RegistrationState};
 use signpost_examples::Greeter;
 use signpost_examples::pb::SayHelloRequest;
 use signpost_examples::pb::greeter_service_client::GreeterServiceClient;
 use signpost_proto::v1 as pb;
 use signpost_server::Config;
 use signpost_store::{MemoryConfig, MemoryStore};
+use signpost_tests::greeters::{Backend, Caller, test_client, wait_for_ids};
 use signpost_tests::proxy::Proxy;
 use signpost_tests::*;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-/// A greeter serving on a loopback port and registered with the registry.
-struct Backend {
-    id: String,
-    greeter: Greeter,
-    registration: Option<signpost_client::Registration>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-impl Backend {
-    async fn start(client: &Client, id: &str, ttl: Duration) -> Backend {
-        let (listener, bound) = must(
-            signpost_examples::bind("127.0.0.1", 0).await,
-            "bind greeter",
-        );
-        let greeter = Greeter::new(id);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(greeter.clone().serve(listener, async {
-            let _ = stopped.await;
-        }));
-        let registration = client
-            .register(
-                RegistrationBuilder::new("greeter")
-                    .id(id)
-                    .address("127.0.0.1")
-                    .port(bound.port())
-                    .ttl(ttl),
-            )
-            .await;
-        Backend {
-            id: id.into(),
-            greeter,
-            registration: Some(must(registration, "register greeter")),
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn stop_serving(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let task = &mut self.task;
-        must(must(within("greeter stop", task).await, "join"), "serve");
-    }
-}
-
-fn test_client(url: String) -> Client {
-    must(
-        Client::builder()
-            .registry(url)
-            .backoff(Duration::from_millis(50), Duration::from_millis(500))
-            .build(),
-        "client",
-    )
-}
-
-/// Calls until stopped, counting answers per instance and failures.
-struct Caller {
-    answers: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
-    failures: Arc<AtomicU64>,
-    total: Arc<AtomicU64>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Caller {
-    fn start(channel: BalancedChannel) -> Caller {
-        let answers: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
-        let failures = Arc::new(AtomicU64::new(0));
-        let total = Arc::new(AtomicU64::new(0));
-        let (stop, mut stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn({
-            let (answers, failures, total) = (answers.clone(), failures.clone(), total.clone());
-            async move {
-                let mut greeter = GreeterServiceClient::new(channel);
-                loop {
-                    if stopped.try_recv().is_ok() {
-                        return;
-                    }
-                    match greeter
-                        .say_hello(SayHelloRequest { name: "t".into() })
-                        .await
-                    {
-                        Ok(answer) => {
-                            let id = answer.into_inner().instance_id;
-                            *answers.lock().unwrap().entry(id).or_default() += 1;
-                        }
-                        Err(status) => {
-                            eprintln!("call failed: {status:?}");
-                            failures.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    total.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        });
-        Caller {
-            answers,
-            failures,
-            total,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    /// Waits until `n` more calls have completed.
-    async fn calls(&self, n: u64) {
-        let target = self.total.load(Ordering::SeqCst) + n;
-        within("calls", async {
-            while self.total.load(Ordering::SeqCst) < target {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-    }
-
-    fn answered_by(&self, id: &str) -> u64 {
-        self.answers.lock().unwrap().get(id).copied().unwrap_or(0)
-    }
-
-    async fn stop(mut self) -> (BTreeMap<String, u64>, u64) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        must(within("caller stop", &mut self.task).await, "caller");
-        let answers = self.answers.lock().unwrap().clone();
-        (answers, self.failures.load(Ordering::SeqCst))
-    }
-}
-
-async fn wait_for_ids(channel: &signpost_client::BalancedChannel, ids: &[&str]) {
-    within("balanced channel view", async {
-        loop {
-            let now: Vec<String> = channel.instances().into_iter().map(|i| i.id).collect();
-            if now == ids {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_spread_over_every_backend() {

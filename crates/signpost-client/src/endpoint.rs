@@ -540,10 +540,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            if self.activity.reads.fetch_add(1, Ordering::Relaxed) == 0 {
-                self.activity.spoke.notify_one();
-            }
+        if matches!(poll, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && self.activity.reads.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            self.activity.spoke.notify_one();
         }
         poll
     }

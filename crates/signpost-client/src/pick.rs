@@ -11,8 +11,10 @@
 //! and the one with the lower load cost wins — unless the costs are within `TIE_FACTOR` of each
 //! other, when the first draw wins, so that under even load the shares follow the weights.
 
-/// Costs closer than this factor count as even: the weighted draw decides.
-const TIE_FACTOR: f64 = 1.5;
+/// Costs closer than this factor count as even: the weighted draw decides. Loopback latencies
+/// of equal instances differ by 1.5x often enough to skew weighted shares by 10 points; an
+/// instance that is really slower is slower by far more.
+const TIE_FACTOR: f64 = 3.0;
 
 /// What the picker knows of one connected endpoint.
 #[derive(Debug, Clone, Copy, PartialEq)]
