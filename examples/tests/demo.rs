@@ -134,10 +134,7 @@ async fn sigterm_deregisters_the_greeter_before_it_exits() {
     let listed = |instances: Vec<signpost_client::Instance>| -> Vec<String> {
         instances.into_iter().map(|i| i.id).collect()
     };
-    assert_eq!(
-        listed(client.discover("greeter").await.unwrap()),
-        [id.clone()]
-    );
+    assert_eq!(listed(client.discover("greeter").await.unwrap()), [id]);
 
     greeter.signal("-TERM");
     let line = greeter.wait_for("deregistered");
