@@ -1,10 +1,12 @@
 //! The harness for Signpost's end-to-end tests: a real server on `127.0.0.1:0`, a generated
-//! client, and a watch view that checks the watch rules on every message it applies.
+//! client, and a watch view that checks the watch rules on every message it applies; and, in
+//! `fake`, a registry whose every answer the test scripts, for the client's edge cases.
 //!
 //! Tests live in `tests/tests/*.rs`; tests of the `signpost` binary as a process live beside the
 //! binary (`crates/signpost/tests/`), where cargo can hand them its path.
 
 pub mod etcd;
+pub mod fake;
 pub mod greeters;
 pub mod http;
 pub mod process;

@@ -119,10 +119,12 @@ async fn run(conn: Arc<Connections>, mut commands: mpsc::UnboundedReceiver<Comma
         };
         state = match (state, event) {
             (_, Event::Command(None)) => return,
-            (state, Event::Command(Some(command))) => {
-                apply(&mut leases, command);
-                state
-            }
+            (state, Event::Command(Some(command))) => match apply(&mut leases, command) {
+                // Every registration has left: no stream to keep.
+                Applied::LastRemoved => State::Idle,
+                Applied::Other => state,
+            },
+            (State::Disconnected { .. }, Event::Due) if leases.is_empty() => State::Idle,
             (State::Disconnected { .. }, Event::Due) => connect(&conn),
             (State::Connected { requests, answers }, Event::Due) => {
                 refresh(&mut leases, &requests);
@@ -160,12 +162,11 @@ async fn run(conn: Arc<Connections>, mut commands: mpsc::UnboundedReceiver<Comma
             // Each state's wait yields only its own events; nothing else can arrive.
             (state, _) => state,
         };
-        // A stream only while there is something to refresh on it.
-        state = match state {
-            State::Idle if !leases.is_empty() => connect(&conn),
-            _ if leases.is_empty() => State::Idle,
-            state => state,
-        };
+        // A stream as soon as there is something to refresh. One whose last lease expired stays
+        // open: its registration is about to register again and add a new lease.
+        if matches!(state, State::Idle) && !leases.is_empty() {
+            state = connect(&conn);
+        }
     }
 }
 
@@ -203,7 +204,12 @@ async fn wait(state: &mut State, leases: &HashMap<u64, Entry>) -> Event {
     }
 }
 
-fn apply(leases: &mut HashMap<u64, Entry>, command: Command) {
+enum Applied {
+    LastRemoved,
+    Other,
+}
+
+fn apply(leases: &mut HashMap<u64, Entry>, command: Command) -> Applied {
     match command {
         Command::Add {
             lease,
@@ -220,9 +226,12 @@ fn apply(leases: &mut HashMap<u64, Entry>, command: Command) {
             );
         }
         Command::Remove { lease } => {
-            leases.remove(&lease);
+            if leases.remove(&lease).is_some() && leases.is_empty() {
+                return Applied::LastRemoved;
+            }
         }
     }
+    Applied::Other
 }
 
 /// Starts opening a stream on the registry in use.
