@@ -1,8 +1,9 @@
 //! The Rust client of Signpost, the service registry for gRPC.
 //!
 //! Two jobs. A service registers itself and stays registered through anything short of its own
-//! death ([`Client::register`] → [`Registration`]). A caller gets a `tonic` [`Channel`] that
-//! spreads calls over the live instances of a service and follows every change
+//! death ([`Client::register`] → [`Registration`]). A caller gets a balanced channel, the
+//! transport of any tonic-generated client, that spreads calls over the live instances of a
+//! service, follows every change, and never sends a call to an instance whose connection is down
 //! ([`Client::channel`] → [`BalancedChannel`]).
 //!
 //! How it fits: a [`Client`] holds one lazily connected HTTP/2 channel per registry address
@@ -10,10 +11,17 @@
 //! stream (`keepalive`), refreshing each lease at a third of its ttl; a lease the registry reports
 //! expired is registered again. A balanced channel runs a watch (`watcher`) that survives the
 //! registry going away — it keeps the last view, reconnects with backoff and resumes from the last
-//! revision — and feeds its changes into `Channel::balance_channel`. [`Client::discover`] answers
-//! from such a watch's view when one runs for the same filter, without a round trip.
+//! revision — and keeps one endpoint per instance (`balance`). Each endpoint owns an HTTP/2
+//! connection and its state (`endpoint`); a call (`channel`) picks a ready endpoint by the rules
+//! of `pick` (health, panic threshold, zone, power of two choices on latency and weight), retries
+//! elsewhere a call that never left, and reports each answer to outlier detection (`outlier`).
+//! [`Client::discover`] answers from such a watch's view when one runs for the same filter,
+//! without a round trip.
 //!
-//! [`Channel`]: tonic::transport::Channel
+//! The HTTP/2 connections to instances are hyper's own (`hyper`, `hyper-util`, `http`,
+//! `http-body`, `bytes`, `tower-service`: the crates tonic is built on), so that the balancer
+//! sees each connection end and gets back a request that was never written; `fastrand` draws
+//! the weighted picks and the backoff jitter.
 //!
 //! ```no_run
 //! use std::time::Duration;
