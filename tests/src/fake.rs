@@ -75,6 +75,11 @@ impl KeepAliveHandle {
         .await
     }
 
+    /// Waits until the client has dropped this stream.
+    pub async fn closed_by_client(&self) {
+        within("the client closing a keep-alive stream", self.tx.closed()).await
+    }
+
     /// Answers that `lease` is alive.
     pub async fn refreshed(&self, lease: u64, ttl: Duration) {
         self.answer(pb::KeepAliveResponse {

@@ -356,3 +356,42 @@ async fn a_keep_alive_stream_the_registry_ends_is_reopened_and_refreshes_at_once
     let mut second = fake.next_keep_alive().await;
     second.until_lease(7).await;
 }
+
+#[tokio::test]
+async fn a_lease_added_while_the_keep_alive_stream_is_down_is_refreshed_once_it_is_back() {
+    let mut fake = FakeRegistry::start().await;
+    // Seconds of backoff: the second registration lands while the stream waits to reconnect.
+    let client = builder(&fake)
+        .backoff(Duration::from_secs(2), Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let minute = Duration::from_secs(60);
+    fake.answer_register(Ok(leased(7, minute)));
+    let _first = within("register", client.register(greeter().ttl(minute)))
+        .await
+        .unwrap();
+    let broken = fake.next_keep_alive().await;
+    broken
+        .tx
+        .send(Err(Status::unavailable("restarting")))
+        .await
+        .unwrap();
+    broken.closed_by_client().await;
+
+    fake.answer_register(Ok(leased(8, minute)));
+    let _second = within(
+        "register while the stream is down",
+        client.register(greeter().id("greeter-2").ttl(minute)),
+    )
+    .await
+    .unwrap();
+    // With a minute's ttl neither lease is due for 20 s: both come at once because the stream
+    // is fresh, which needs the second lease to have been taken while it was down.
+    let mut back = fake.next_keep_alive().await;
+    let mut seen = vec![
+        back.next_lease().await.unwrap(),
+        back.next_lease().await.unwrap(),
+    ];
+    seen.sort();
+    assert_eq!(seen, [7, 8]);
+}
