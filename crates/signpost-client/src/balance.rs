@@ -472,7 +472,7 @@ impl Feed {
         if !self.wants_unhealthy {
             visible
                 .instances
-                .retain(|_, i| matches!(i.health, Health::Passing | Health::Warning));
+                .retain(|_, i| i.health != Health::Critical);
         }
         visible
     }

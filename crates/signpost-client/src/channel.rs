@@ -174,8 +174,22 @@ impl Shared {
         }
     }
 
-    /// A ready endpoint that `tried` does not hold, by the rules of `pick.rs`.
-    fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<(Arc<Endpoint>, Ready)> {
+    /// A ready endpoint that `tried` does not hold, by the rules of `pick.rs`. An endpoint
+    /// whose connection turns out closed is set aside and the pick made again.
+    fn pick(&self, tried: &mut Vec<Arc<Endpoint>>) -> Option<(Arc<Endpoint>, Ready)> {
+        loop {
+            let endpoint = self.pick_once(tried)?;
+            match endpoint.ready() {
+                Some(ready) => return Some((endpoint, ready)),
+                None => {
+                    endpoint.connection_lost("the connection closed".to_owned());
+                    tried.push(endpoint);
+                }
+            }
+        }
+    }
+
+    fn pick_once(&self, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
         let snapshot = self.snapshot();
         let now = Instant::now();
         let known = Known {
@@ -205,9 +219,7 @@ impl Shared {
         if picked.panic {
             self.counters.panic_picks.fetch_add(1, Ordering::Relaxed);
         }
-        let endpoint = endpoints[picked.index].clone();
-        let ready = endpoint.ready()?;
-        Some((endpoint, ready))
+        Some(endpoints[picked.index].clone())
     }
 
     /// Whether waiting may bring an endpoint: the first view has not come yet, or some
@@ -296,7 +308,7 @@ impl Shared {
         let mut last_error = None;
         loop {
             changes.borrow_and_update();
-            let Some((endpoint, ready)) = self.pick(&tried) else {
+            let Some((endpoint, ready)) = self.pick(&mut tried) else {
                 if !self.worth_waiting(&tried) || Instant::now() >= wait_until {
                     return Err(self.no_instance(last_error));
                 }

@@ -79,7 +79,9 @@ impl Meta {
         Meta {
             weight: instance.weight,
             zone: instance.zone.clone(),
-            healthy: matches!(instance.health, Health::Passing | Health::Warning),
+            // Only a CRITICAL verdict counts against an instance; a status this client does not
+            // know (a newer registry) does not.
+            healthy: instance.health != Health::Critical,
         }
     }
 }

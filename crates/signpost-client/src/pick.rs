@@ -63,8 +63,10 @@ pub(crate) fn pick(
     let healthy: Vec<usize> = (0..candidates.len())
         .filter(|&i| candidates[i].healthy && !candidates[i].ejected)
         .collect();
-    let panic =
-        (healthy.len() as f64) < policy.panic_threshold * known.all as f64 || healthy.is_empty();
+    // Panic only when it changes something: every connected endpoint is not already healthy.
+    let panic = healthy.len() < candidates.len()
+        && ((healthy.len() as f64) < policy.panic_threshold * known.all as f64
+            || healthy.is_empty());
     let mut set = if panic {
         (0..candidates.len()).collect()
     } else {
