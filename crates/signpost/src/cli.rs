@@ -424,6 +424,8 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         ),
     }
     let mut states = registration.subscribe();
+    // Reports what happens to the registration; ends with the reason if the registry refused
+    // to take it back (retrying cannot fix that).
     let report = async {
         while states.changed().await.is_ok() {
             let state = states.borrow_and_update().clone();
@@ -434,14 +436,22 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
                 RegistrationState::Registered { lease_id } => {
                     eprintln!("signpost: registered again (lease {lease_id})")
                 }
+                RegistrationState::Failed { reason } => return Some(reason),
                 RegistrationState::Stopped => break,
             }
         }
-        std::future::pending::<()>().await;
+        std::future::pending::<Option<String>>().await
     };
-    tokio::select! {
-        _ = crate::shutdown_signal() => {}
-        _ = report => {}
+    let refused = tokio::select! {
+        _ = crate::shutdown_signal() => None,
+        refused = report => refused,
+    };
+    if let Some(reason) = refused {
+        anyhow::bail!(
+            "the registry refused to register {}/{} again: {reason}",
+            registration.service(),
+            registration.id()
+        );
     }
     let existed = registration.deregister().await?;
     match args.common.format {

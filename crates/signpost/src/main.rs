@@ -376,29 +376,15 @@ async fn run_server<S: Store>(
     Ok(())
 }
 
+/// SIGINT or SIGTERM (what systemd, Docker and Kubernetes send). If the handlers cannot be
+/// installed, logs why and never completes: the process can still be killed, and a service that
+/// cannot hear a stop request should not stop on its own.
 pub(crate) async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+    match signpost_client::shutdown_signal().await {
+        Ok(signal) => tracing::info!(%signal, "asked to stop"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGINT or SIGTERM");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
     }
 }
