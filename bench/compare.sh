@@ -26,6 +26,8 @@ fi
 
 cargo build --release --quiet -p signpost
 cargo build --release --quiet -p signpost-bench --features etcd
+# The failover workload's backends are greeter-server processes.
+cargo build --release --quiet -p signpost-examples --bin greeter-server
 bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
 pids=()
@@ -99,9 +101,11 @@ ms() { awk -v a="$1" 'BEGIN { printf "%.2f", a }'; }
 if $quick; then
   writers=(1 16); n_one=200; n_many=2000; seconds=1; watchers=(100); changes=10
   leases=200; scales=("2000 200"); prop_rounds=5; bal_seconds=0.5; bal_rounds=1
+  fo_rounds=1; fo_warmup=0.5
 else
   writers=(1 16 64); n_one=2000; n_many=20000; seconds=5; watchers=(1000 10000); changes=100
   leases=1000; scales=("1000 100" "100000 10000"); prop_rounds=200; bal_seconds=3; bal_rounds=3
+  fo_rounds=8; fo_warmup=1
 fi
 
 start_signpost memory --store memory; mem=$ADDR; mem_pid=$PID
@@ -243,14 +247,23 @@ etcd_version=$(etcd --version 2>/dev/null | sed -n 1p)
   echo
   echo "## The client crate's balanced channel"
   echo
-  b=$(bench balance --target "signpost://$mem" --callers 32 --seconds "$bal_seconds" --rounds "$bal_rounds")
-  echo "\`signpost-bench balance\`: 32 concurrent callers on one greeter backend, through a plain tonic"
-  echo "\`Channel\` to it and through \`client.channel(..)\` balancing over the same backend; median of"
-  echo "$bal_rounds rounds of ${bal_seconds} s each, alternating. The greeter runs in the load generator's process."
+  b1=$(bench balance --target "signpost://$mem" --callers 32 --backends 1 --seconds "$bal_seconds" --rounds "$bal_rounds")
+  b3=$(bench balance --target "signpost://$mem" --callers 32 --backends 3 --seconds "$bal_seconds" --rounds "$bal_rounds")
+  echo "\`signpost-bench balance\`: 32 concurrent callers on greeter backends, in turn through a plain tonic"
+  echo "\`Channel\` to the first backend, through \`client.channel(..)\` (ours) balancing over the registered"
+  echo "backends, and through tonic's \`Channel::balance_channel\` fed the same backends with"
+  echo "\`Change::Insert\`; median of $bal_rounds rounds of ${bal_seconds} s each, the order rotated every round."
+  echo "The greeters run in the load generator's process."
   echo
-  echo "| plain channel (calls/s) | balanced channel (calls/s) | balanced / plain |"
-  echo "|---:|---:|---:|"
-  echo "| $(num "$(field "$b" plain_per_second)") | $(num "$(field "$b" balanced_per_second)") | $(field "$b" ratio) |"
+  echo "| backends | plain channel (calls/s) | ours (calls/s) | tonic balance_channel (calls/s) | ours / plain | ours / tonic |"
+  echo "|---:|---:|---:|---:|---:|---:|"
+  for row in "1|$b1" "3|$b3"; do
+    n=${row%%|*}; r=${row#*|}
+    echo "| $n | $(num "$(field "$r" plain_per_second)") | $(num "$(field "$r" ours_per_second)") | $(num "$(field "$r" tonic_balance_per_second)") | $(field "$r" ours_vs_plain) | $(field "$r" ours_vs_tonic_balance) |"
+  done
+  echo
+  echo "With three backends the plain channel still goes to one of them: its column is a reference, not a"
+  echo "like-for-like figure."
   echo
   p=$(bench propagation --target "signpost://$mem" --rounds "$prop_rounds")
   echo "\`signpost-bench propagation\`: four callers keep a balanced channel busy; $prop_rounds times, a new"
@@ -263,6 +276,38 @@ etcd_version=$(etcd --version 2>/dev/null | sed -n 1p)
   echo "| Deregister → last routed call | $(ms "$(field "$p" deregister_to_last_p50_ms)") ms | $(ms "$(field "$p" deregister_to_last_p99_ms)") ms |"
   echo
   echo "Failed calls during the propagation run: $(num "$(field "$p" failed_calls)")."
+  echo
+  f=$(bench failover --target "signpost://$mem" --greeter-server "$bin/greeter-server" --rounds "$fo_rounds" --warmup "$fo_warmup" --ttl-secs 2)
+  echo "\`signpost-bench failover\`: 32 concurrent callers on three \`greeter-server\` processes registered with"
+  echo "a 2 s lease; after ${fo_warmup} s of calls one of them is killed with SIGKILL (it neither deregisters"
+  echo "nor closes its connections cleanly). $fo_rounds rounds; each round runs ours, then tonic's"
+  echo "\`balance_channel\` fed Insert/Remove from \`Client::watch\` on the same registry, each on three fresh"
+  echo "processes and never both at once. A phase ends 250 ms after the registry expired the dead"
+  echo "instance's lease. Times are from the kill; \"not Ready\" is the killed endpoint's state in"
+  echo "\`stats()\`, \"in flight\" its \`in_flight\` just before the kill (ours only: tonic does not say)."
+  echo
+  echo "| | ours | tonic balance_channel |"
+  echo "|---|---:|---:|"
+  echo "| calls | $(num "$(field "$f" ours_calls)") | $(num "$(field "$f" tonic_calls)") |"
+  echo "| failed calls, all rounds (most in one round) | $(num "$(field "$f" ours_failed_total)") ($(num "$(field "$f" ours_failed_max)")) | $(num "$(field "$f" tonic_failed_total)") ($(num "$(field "$f" tonic_failed_max)")) |"
+  echo "| in flight on the killed backend at the kills, all rounds | $(num "$(field "$f" ours_in_flight_at_kill_total)") | - |"
+  echo "| kill → endpoint no longer Ready, p50 / p99 | $(ms "$(field "$f" ours_left_ready_p50_ms)") / $(ms "$(field "$f" ours_left_ready_p99_ms)") ms | - |"
+  echo "| kill → last failed call, p50 / p99 | $(ms "$(field "$f" ours_last_failure_p50_ms)") / $(ms "$(field "$f" ours_last_failure_p99_ms)") ms | $(ms "$(field "$f" tonic_last_failure_p50_ms)") / $(ms "$(field "$f" tonic_last_failure_p99_ms)") ms |"
+  echo
+  echo "Kill → the registry dropped the instance (lease expiry), p50 / p99: $(ms "$(field "$f" registry_removal_p50_ms)") / $(ms "$(field "$f" registry_removal_p99_ms)") ms."
+  echo "tonic's balancer keeps an endpoint whose connection broke and fails the calls it picks for it"
+  echo "until the registry removes the instance; ours stops picking it when its connection goes."
+  echo "Ours may fail a few more calls than were in flight: those written to the connection in the"
+  echo "moment before the client read its end, which may have reached the instance and are not sent again."
+  echo
+  echo "### The client crate's targets"
+  echo
+  echo "| target | measured | met |"
+  echo "|---|---|---|"
+  r=$(field "$b1" ours_vs_plain)
+  echo "| Ours ≥ 0.95 × a plain channel (one backend) | $r | $(awk -v r="$r" 'BEGIN { print (r >= 0.95) ? "met" : "missed" }') |"
+  a=$(field "$p" register_to_first_p99_ms); d=$(field "$p" deregister_to_last_p99_ms)
+  echo "| Register → first routed call, Deregister → last, p99 < 50 ms | $(ms "$a") ms, $(ms "$d") ms | $(awk -v a="$a" -v d="$d" 'BEGIN { print (a < 50 && d < 50) ? "met" : "missed" }') |"
   echo
   if [ -s "$work/retries" ]; then
     echo "Retried in this run:"

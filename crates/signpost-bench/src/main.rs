@@ -8,10 +8,15 @@
 //! and its memory are reported beside throughput, because on one small machine the load generator
 //! competes with the server for the same cores.
 //!
+//! `failover` starts `greeter-server` processes (and, without `--target`, a registry) and kills
+//! them on every way out, a signal included.
+//!
 //! `etcd-client` is the etcd v3 client the comparison needs (it shares tonic with Signpost);
 //! `mimalloc` keeps the generator's own allocations cheap.
 
 mod balance;
+mod failover;
+mod process;
 mod workloads;
 
 /// The same allocator as the server: decoding answers allocates as much as building them did,
@@ -19,6 +24,7 @@ mod workloads;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -117,7 +123,9 @@ enum Workload {
         #[arg(long, default_value_t = 100)]
         per_service: usize,
     },
-    /// Calls per second through a balanced channel against a plain channel to the same backend.
+    /// Calls per second through the client crate's balanced channel, through a plain tonic
+    /// channel to the first backend, and through tonic's `balance_channel` over the same
+    /// backends, in turn, in the same run.
     Balance {
         #[command(flatten)]
         common: Common,
@@ -127,6 +135,36 @@ enum Workload {
         seconds: f64,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Greeter backends (in this process) behind the balanced channels.
+        #[arg(long, default_value_t = 1)]
+        backends: usize,
+    },
+    /// Callers on three greeter-server processes, one of which is killed with SIGKILL: failed
+    /// calls, calls in flight on it, and how long calls kept going to it, through the client
+    /// crate's balanced channel and through tonic's `balance_channel` fed by the same watch.
+    Failover {
+        /// signpost://HOST:PORT; without it, a registry (the `signpost` binary) is started.
+        #[arg(long)]
+        target: Option<String>,
+        /// The greeter-server binary; default: next to this one, or under
+        /// $CARGO_TARGET_DIR/release (target/release).
+        #[arg(long)]
+        greeter_server: Option<PathBuf>,
+        /// The signpost binary, when no --target is given; found like greeter-server.
+        #[arg(long)]
+        signpost: Option<PathBuf>,
+        #[arg(long, short = 'c', default_value_t = 32)]
+        callers: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The greeters' lease ttl: how long the registry keeps a killed one.
+        #[arg(long, default_value_t = 2)]
+        ttl_secs: u64,
+        /// Seconds of calls before the kill.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        #[arg(long)]
+        json: bool,
     },
     /// Time from a backend's Register to its first routed call, and from its Deregister to its
     /// last, with callers busy on a balanced channel.
@@ -201,7 +239,27 @@ pub(crate) fn rss_mib(pid: Option<u32>) -> Option<f64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().workload {
+    let workload = Cli::parse().workload;
+    // On SIGINT or SIGTERM the workload is dropped, and with it every child process it started
+    // (they are killed on drop); dying of the signal would leave them running.
+    tokio::select! {
+        result = run(workload) => result,
+        signal = interrupted() => bail!("stopped by {}", signal?),
+    }
+}
+
+async fn interrupted() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn run(workload: Workload) -> anyhow::Result<()> {
+    match workload {
         Workload::Register {
             common,
             clients,
@@ -240,11 +298,39 @@ async fn main() -> anyhow::Result<()> {
             callers,
             seconds,
             rounds,
+            backends,
         } => {
             let Target::Signpost(url) = Target::parse(&common.target)? else {
                 bail!("balance runs against a signpost:// target");
             };
-            balance::balance(url, callers, seconds, rounds, common.json).await
+            balance::balance(url, callers, seconds, rounds, backends, common.json).await
+        }
+        Workload::Failover {
+            target,
+            greeter_server,
+            signpost,
+            callers,
+            rounds,
+            ttl_secs,
+            warmup,
+            json,
+        } => {
+            let registry = match target.as_deref().map(Target::parse).transpose()? {
+                None => None,
+                Some(Target::Signpost(url)) => Some(url),
+                Some(Target::Etcd(_)) => bail!("failover runs against a signpost:// target"),
+            };
+            failover::failover(failover::Settings {
+                registry,
+                greeter_server,
+                signpost,
+                callers,
+                rounds,
+                ttl_secs: ttl_secs.max(1),
+                warmup: Duration::from_secs_f64(warmup.max(0.0)),
+                json,
+            })
+            .await
         }
         Workload::Propagation { common, rounds } => {
             let Target::Signpost(url) = Target::parse(&common.target)? else {
