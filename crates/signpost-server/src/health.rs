@@ -265,19 +265,33 @@ pub(crate) async fn run<S: Store>(
     let (results_tx, mut results) = mpsc::unbounded_channel::<Outcome>();
     let mut checks = Checks::default();
     let mut retry = Duration::from_millis(100);
+    // Said once when the store fails and once when it is back, not on every retry.
+    let mut failing = false;
     'subscribe: loop {
         let (snapshot, mut feed) = tokio::select! {
             _ = shutdown.cancelled() => return,
             started = store.watch_checks() => match started {
                 Ok(started) => started,
                 Err(e) => {
-                    tracing::warn!(error = %e, "health checks cannot read the store; retrying");
-                    tokio::time::sleep(retry).await;
+                    if failing {
+                        tracing::debug!(error = %e, "health checks still cannot read the store");
+                    } else {
+                        tracing::warn!(error = %e, "health checks cannot read the store; retrying");
+                        failing = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(retry) => {}
+                    }
                     retry = (retry * 2).min(Duration::from_secs(5));
                     continue 'subscribe;
                 }
             },
         };
+        if failing {
+            tracing::info!("health checks reading the store again");
+            failing = false;
+        }
         retry = Duration::from_millis(100);
         checks.reconcile(&snapshot.instances, Instant::now());
         tracing::debug!(checks = checks.len(), "health checks following the store");

@@ -23,17 +23,29 @@
 //! Active health checks must run on one server at a time: [`Store::watch_checks`] answers only on
 //! the server that holds the checker key (put on a short etcd lease), and its feed closes when that
 //! server loses it.
+//!
+//! etcd is reached through [`members`]: one client per member, so that a dead member costs no
+//! request. A request that failed before it was sent goes to another member at once. One that
+//! may have been applied is sent again only where the write makes that safe; each write path
+//! says why it is. Reads are served from the replica even while etcd cannot be followed (no
+//! quorum): the replica holds the last state etcd agreed on, and etcd expires no lease without
+//! a leader, so it is the best answer there is; writes then fail with `etcd unreachable`.
+
+mod members;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue,
-    PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use members::{Failure, Members, Repeat};
 
 use crate::codec::{decode_instance, encode_instance, key_bytes};
 use crate::feed::ChangeFeed;
@@ -135,8 +147,36 @@ fn cause_from(bytes: &[u8]) -> RemovalCause {
     }
 }
 
-fn unavailable(e: etcd_client::Error) -> Error {
-    Error::Unavailable(format!("etcd: {e}"))
+fn unavailable(failure: Failure) -> Error {
+    match failure {
+        Failure::Answered(e) => Error::Unavailable(format!("etcd refused the request: {e}")),
+        Failure::Unreachable(_) => Error::Unavailable(format!("etcd unreachable: {failure}")),
+        Failure::Unknown(_) => Error::Unavailable(format!(
+            "etcd unreachable: {failure}; the change may or may not have been made"
+        )),
+    }
+}
+
+fn failure_is_lease_not_found(failure: &Failure) -> bool {
+    matches!(failure, Failure::Answered(e) if is_lease_not_found(e))
+}
+
+/// What a compare-and-swap transaction came to.
+enum Cas {
+    /// The compare held and the transaction applied, in this attempt.
+    Applied(TxnResponse),
+    /// The compare failed. `repeated`: an earlier attempt may have been applied, and this
+    /// refusal may be that attempt's own doing (its change made the compare fail); the
+    /// response holds the `or_else` reads, from which each write tells.
+    Refused { resp: TxnResponse, repeated: bool },
+}
+
+/// The key-values an `or_else` get of a refused transaction read.
+fn else_kv(resp: &TxnResponse) -> Option<KeyValue> {
+    resp.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+        _ => None,
+    })
 }
 
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
@@ -223,15 +263,16 @@ impl Replica {
 
     fn set_health(&self, health: std::result::Result<(), String>) {
         self.health.send_if_modified(|current| {
-            let changed = *current != health;
-            if changed {
+            // Logged and published when it turns, not each time the reason is worded anew.
+            let turned = current.is_ok() != health.is_ok();
+            if turned {
                 match &health {
                     Ok(()) => tracing::info!("following etcd"),
                     Err(reason) => tracing::warn!(%reason, "etcd unreachable"),
                 }
             }
             *current = health;
-            changed
+            turned
         });
     }
 }
@@ -243,7 +284,7 @@ pub struct EtcdStore {
 }
 
 struct Inner {
-    client: Client,
+    members: Arc<Members>,
     keys: Keys,
     config: EtcdConfig,
     replica: Arc<Replica>,
@@ -279,23 +320,17 @@ impl EtcdStore {
                 reason: "at least one is needed".into(),
             });
         }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(config.request_timeout)
-            // A member that vanishes without closing the connection must still end the watch.
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true)
-            // A member cut off from its quorum must not answer reads or watches from stale data.
-            .with_require_leader(true);
-        let client = Client::connect(&config.endpoints, Some(options))
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!(
-                    "cannot connect to etcd at {}: {e}",
-                    config.endpoints.join(",")
-                ))
-            })?;
         let keys = Keys::new(&config.prefix);
+        let members = Members::new(
+            &config.endpoints,
+            config.request_timeout,
+            keys.checker.clone(),
+        )
+        .await
+        .map_err(|reason| Error::Invalid {
+            field: "etcd endpoints",
+            reason,
+        })?;
         let (feed, _) = broadcast::channel(config.feed_capacity.max(1));
         let replica = Arc::new(Replica {
             state: RwLock::new(State::replica(0, config.history_limit, [])),
@@ -305,13 +340,14 @@ impl EtcdStore {
         });
         let follower = tokio::spawn(follow(
             Arc::downgrade(&replica),
-            client.clone(),
+            members.clone(),
             keys.clone(),
             config.history_limit,
+            config.request_timeout,
         ));
         let store = EtcdStore {
             inner: Arc::new(Inner {
-                client,
+                members,
                 keys,
                 replica,
                 follower,
@@ -341,9 +377,50 @@ impl EtcdStore {
         Ok(store)
     }
 
-    /// The etcd client this store uses, for tools that need to look at etcd directly.
+    /// A client of the etcd member this store uses now, for tools that need to look at etcd
+    /// directly.
     pub fn client(&self) -> Client {
-        self.inner.client.clone()
+        self.inner.members.preferred().1
+    }
+
+    /// The latest a request started now may answer.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.config.request_timeout
+    }
+
+    /// Sends a compare-and-swap transaction; when an attempt may have been applied, sends the
+    /// same transaction again on another member, within one deadline.
+    ///
+    /// Only for transactions whose compare is on the key they change (its version, mod or
+    /// create revision): an attempt that was applied changed that, so the repeat cannot apply a
+    /// second time. It is refused instead, and the caller reads the `or_else` part of the
+    /// response to tell its own earlier write from another server's.
+    async fn cas(&self, txn: Txn) -> std::result::Result<Cas, Failure> {
+        let deadline = self.deadline();
+        let mut repeated = false;
+        loop {
+            let attempt = self
+                .inner
+                .members
+                .call(Repeat::Never, deadline, |client| {
+                    let txn = txn.clone();
+                    async move { client.kv_client().txn(txn).await }
+                })
+                .await;
+            match attempt {
+                Ok(resp) if resp.succeeded() => return Ok(Cas::Applied(resp)),
+                Ok(resp) => return Ok(Cas::Refused { resp, repeated }),
+                Err(Failure::Unknown(reason)) if Instant::now() < deadline => {
+                    tracing::debug!(%reason, "an etcd transaction may have been applied; sending it again");
+                    repeated = true;
+                }
+                Err(Failure::Unreachable(reason)) if repeated => {
+                    // Nothing took the repeat; the first attempt's outcome is still unknown.
+                    return Err(Failure::Unknown(reason));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn replica(&self) -> &Replica {
@@ -378,8 +455,14 @@ impl EtcdStore {
     }
 
     async fn fetch(&self, key: &[u8]) -> Result<Option<Arc<Instance>>> {
-        let mut kv = self.inner.client.kv_client();
-        let resp = kv.get(key, None).await.map_err(unavailable)?;
+        let resp = self
+            .inner
+            .members
+            .call(Repeat::Safe, self.deadline(), |client| async move {
+                client.kv_client().get(key, None).await
+            })
+            .await
+            .map_err(unavailable)?;
         resp.kvs()
             .first()
             .map(|kv| instance_from(kv).map(Arc::new))
@@ -432,19 +515,35 @@ impl EtcdStore {
             None => None,
         };
         let options = lease_id.map(|id| PutOptions::new().with_lease(id));
+        let value = encode_instance(&next);
+        // Safe to repeat (see `cas`): the compare is on this key's mod revision (or on its
+        // absence), which an applied attempt moved on. A refused repeat that finds exactly this
+        // value on exactly this lease is the earlier attempt's write: the same bytes carry the
+        // creation time of this attempt, so no other write leaves them.
         let txn = Txn::new()
             .when([Self::unchanged(etcd_key, prev.as_deref())])
-            .and_then([TxnOp::put(etcd_key, encode_instance(&next), options)]);
-        let mut kv = self.inner.client.kv_client();
-        match kv.txn(txn).await {
-            Ok(resp) if resp.succeeded() => {
+            .and_then([TxnOp::put(etcd_key, value.clone(), options)])
+            .or_else([TxnOp::get(etcd_key, None)]);
+        match self.cas(txn).await {
+            Ok(Cas::Applied(resp)) => {
                 let revision = revision_of(resp.header())?;
                 next.mod_revision = revision;
                 next.create_revision = prev.map_or(revision, |p| p.create_revision);
                 Ok(Some(next))
             }
-            Ok(_) => Ok(None),
-            Err(e) if lease.is_some() && is_lease_not_found(&e) => {
+            Ok(Cas::Refused { resp, repeated }) => match else_kv(&resp) {
+                Some(kv)
+                    if repeated
+                        && kv.value() == value.as_slice()
+                        && kv.lease() == lease_id.unwrap_or(0) =>
+                {
+                    next.mod_revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
+                    next.create_revision = u64::try_from(kv.create_revision()).unwrap_or(0);
+                    Ok(Some(next))
+                }
+                _ => Ok(None),
+            },
+            Err(e) if lease.is_some() && failure_is_lease_not_found(&e) => {
                 Err(Error::LeaseNotFound(lease.unwrap_or_default()))
             }
             Err(e) => Err(unavailable(e)),
@@ -470,19 +569,26 @@ impl EtcdStore {
         next.health = update.health;
         next.health_output = update.output.clone();
         next.health_checked_at = Some(update.checked_at);
+        let value = encode_instance(&next);
+        // Safe to repeat, as a put is: the compare is on the mod revision an applied attempt
+        // moved on, and the value (with this verdict's check time) tells that attempt's write.
         let txn = Txn::new()
             .when([Self::unchanged(etcd_key, Some(&prev))])
             .and_then([TxnOp::put(
                 etcd_key,
-                encode_instance(&next),
+                value.clone(),
                 Some(PutOptions::new().with_ignore_lease()),
-            )]);
-        let mut kv = self.inner.client.kv_client();
-        let resp = kv.txn(txn).await.map_err(unavailable)?;
-        if !resp.succeeded() {
-            return Ok(None);
+            )])
+            .or_else([TxnOp::get(etcd_key, None)]);
+        match self.cas(txn).await.map_err(unavailable)? {
+            Cas::Applied(resp) => Ok(Some(Some(revision_of(resp.header())?))),
+            Cas::Refused { resp, repeated } => match else_kv(&resp) {
+                Some(kv) if repeated && kv.value() == value.as_slice() => {
+                    Ok(Some(Some(u64::try_from(kv.mod_revision()).unwrap_or(0))))
+                }
+                _ => Ok(None),
+            },
         }
-        Ok(Some(Some(revision_of(resp.header())?)))
     }
 
     /// A compare that holds when `key` is still what `prev` says.
@@ -502,37 +608,97 @@ impl EtcdStore {
         self.replica().check()?;
         let keys = &self.inner.keys;
         let etcd_key = keys.instance(key);
-        let condition = match create_revision {
-            Some(r) => Compare::create_revision(etcd_key.as_slice(), CompareOp::Equal, to_etcd(r)),
-            None => Compare::version(etcd_key.as_slice(), CompareOp::Greater, 0),
+        let absent = || Deleted {
+            prev: None,
+            revision: self.replica().read().revision(),
         };
-        let txn = Txn::new().when([condition]).and_then([
-            TxnOp::delete(
-                etcd_key.as_slice(),
-                Some(DeleteOptions::new().with_prev_key()),
-            ),
-            TxnOp::put(keys.removal.as_slice(), cause_bytes(cause), None),
-        ]);
-        let mut kv = self.inner.client.kv_client();
-        let resp = kv.txn(txn).await.map_err(unavailable)?;
-        if !resp.succeeded() {
-            return Ok(Deleted {
-                prev: None,
-                revision: self.replica().read().revision(),
-            });
+        // The incarnation to remove: the one asked for (an eviction), else the one the replica
+        // holds, else etcd's (the replica has not seen it yet). Naming it in the compare is what
+        // makes the transaction safe to repeat.
+        let mut known = self.replica().read().get(key).cloned();
+        let mut target = match (create_revision, &known) {
+            (Some(r), _) => r,
+            (None, Some(instance)) => instance.create_revision,
+            (None, None) => match self.fetch(&etcd_key).await? {
+                Some(instance) => {
+                    let r = instance.create_revision;
+                    known = Some(instance);
+                    r
+                }
+                None => return Ok(absent()),
+            },
+        };
+        for _ in 0..16 {
+            // Safe to repeat (see `cas`): an applied attempt deleted this incarnation, so the
+            // compare of a repeat cannot hold again, even if the instance was registered anew.
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    etcd_key.as_slice(),
+                    CompareOp::Equal,
+                    to_etcd(target),
+                )])
+                .and_then([
+                    TxnOp::delete(
+                        etcd_key.as_slice(),
+                        Some(DeleteOptions::new().with_prev_key()),
+                    ),
+                    TxnOp::put(keys.removal.as_slice(), cause_bytes(cause), None),
+                ])
+                .or_else([TxnOp::get(etcd_key.as_slice(), None)]);
+            match self.cas(txn).await.map_err(unavailable)? {
+                Cas::Applied(resp) => {
+                    let revision = revision_of(resp.header())?;
+                    let prev = resp.op_responses().into_iter().find_map(|op| match op {
+                        TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
+                        _ => None,
+                    });
+                    self.seen(revision).await?;
+                    return Ok(Deleted {
+                        prev: prev
+                            .map(|kv| instance_from(&kv).map(Arc::new))
+                            .transpose()?,
+                        revision,
+                    });
+                }
+                Cas::Refused { resp, repeated } => {
+                    let current = else_kv(&resp);
+                    if repeated {
+                        // The incarnation is gone: this server's earlier attempt removed it, or
+                        // something else did meanwhile. Either way what was asked is done,
+                        // unless the instance is there again under a plain deregister: then
+                        // the first attempt may have missed it (the replica was behind) or
+                        // removed it before it came back, and only the caller can tell.
+                        if current.is_some() && create_revision.is_none() {
+                            return Err(Error::Unavailable(
+                                "etcd unreachable: a member failed during the deregister, and the \
+                                 instance is registered again now; deregister again to be sure"
+                                    .into(),
+                            ));
+                        }
+                        let revision = revision_of(resp.header())?;
+                        self.seen(revision).await?;
+                        return Ok(Deleted {
+                            prev: known.filter(|i| i.create_revision == target),
+                            revision,
+                        });
+                    }
+                    match (create_revision, current) {
+                        // An eviction is of that incarnation only.
+                        (Some(_), _) | (None, None) => return Ok(absent()),
+                        // Registered anew since the replica looked: remove that one.
+                        (None, Some(kv)) => {
+                            let instance = instance_from(&kv)?;
+                            target = instance.create_revision;
+                            known = Some(Arc::new(instance));
+                        }
+                    }
+                }
+            }
         }
-        let revision = revision_of(resp.header())?;
-        let prev = resp.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
-            _ => None,
-        });
-        self.seen(revision).await?;
-        Ok(Deleted {
-            prev: prev
-                .map(|kv| instance_from(&kv).map(Arc::new))
-                .transpose()?,
-            revision,
-        })
+        Err(Error::Unavailable(format!(
+            "instance {}/{}/{} is being changed too often to remove it",
+            key.namespace, key.service, key.id
+        )))
     }
 
     fn remember_ttl(&self, id: LeaseId, ttl: Duration) {
@@ -574,10 +740,21 @@ impl EtcdStore {
         let ttl = self.inner.config.checker_ttl.max(Duration::from_secs(1));
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         let key = self.inner.keys.checker.clone();
+        let members = &self.inner.members;
         loop {
             self.replica().check()?;
-            let mut leases = self.inner.client.lease_client();
-            let lease = leases.grant(secs, None).await.map_err(unavailable)?.id();
+            // Safe to repeat: a grant whose answer was lost leaves a lease nothing is attached
+            // to, which etcd expires after its ttl.
+            let lease = members
+                .call(Repeat::Safe, self.deadline(), |client| async move {
+                    client.lease_client().grant(secs, None).await
+                })
+                .await
+                .map_err(unavailable)?
+                .id();
+            // Safe to repeat (see `cas`): the compare is on the key's absence, which an applied
+            // attempt ended; a refused repeat that finds the key on this very lease is that
+            // attempt's win.
             let txn = Txn::new()
                 .when([Compare::create_revision(
                     key.as_slice(),
@@ -588,71 +765,110 @@ impl EtcdStore {
                     key.as_slice(),
                     format!("pid {}", std::process::id()),
                     Some(PutOptions::new().with_lease(lease)),
-                )]);
-            let mut kv = self.inner.client.kv_client();
-            let won = kv.txn(txn).await.map_err(unavailable)?.succeeded();
+                )])
+                .or_else([TxnOp::get(key.as_slice(), None)]);
+            let won = match self.cas(txn).await.map_err(unavailable)? {
+                Cas::Applied(_) => true,
+                Cas::Refused { resp, repeated } => {
+                    repeated && else_kv(&resp).is_some_and(|kv| kv.lease() == lease)
+                }
+            };
             if won {
-                let (keeper, stream) = leases.keep_alive(lease).await.map_err(unavailable)?;
                 let (held_tx, held) = watch::channel(true);
-                tokio::spawn(hold(keeper, stream, ttl, held_tx, leases, lease));
+                tokio::spawn(hold(members.clone(), ttl, held_tx, lease));
                 tracing::info!("this server runs the health checks");
                 return Ok(held);
             }
-            let _ = leases.revoke(lease).await;
+            let _ = members
+                .call(Repeat::Safe, self.deadline(), |client| async move {
+                    client.lease_client().revoke(lease).await
+                })
+                .await;
             tokio::time::sleep(ttl / 3).await;
         }
     }
 }
 
 /// Keeps the checker lease alive until it cannot; then says so and gives the lease up.
-async fn hold(
-    mut keeper: etcd_client::LeaseKeeper,
-    mut stream: etcd_client::LeaseKeepAliveStream,
-    ttl: Duration,
-    held: watch::Sender<bool>,
-    mut leases: etcd_client::LeaseClient,
-    lease: i64,
-) {
+///
+/// Each refresh is one call through the member set, so that a member dying moves the refreshes
+/// to another instead of losing the key. The key counts as lost once no refresh has worked for
+/// two thirds of its ttl: etcd's deadline runs from a refresh etcd took no earlier than the one
+/// this side saw answered, so this server stops before another one can win.
+async fn hold(members: Arc<Members>, ttl: Duration, held: watch::Sender<bool>, lease: i64) {
+    let mut refreshed_at = Instant::now();
     loop {
         tokio::select! {
             _ = held.closed() => break,
             _ = tokio::time::sleep(ttl / 3) => {}
         }
-        let refreshed = async {
-            keeper.keep_alive().await.ok()?;
-            let resp = stream.message().await.ok()??;
-            (resp.ttl() > 0).then_some(())
-        };
-        if tokio::time::timeout(ttl / 3, refreshed)
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            tracing::warn!("lost the checker key: health checks move to another server");
-            break;
+        let give_up = refreshed_at + ttl * 2 / 3;
+        // Safe to repeat: a refresh applied twice is one refresh.
+        let refreshed = members
+            .call(Repeat::Safe, give_up, |client| async move {
+                client.lease_client().keep_alive(lease).await
+            })
+            .await;
+        match refreshed {
+            Ok(_) => refreshed_at = Instant::now(),
+            Err(e) if failure_is_lease_not_found(&e) => {
+                tracing::warn!(
+                    "lost the checker key (its lease expired): health checks move to another server"
+                );
+                break;
+            }
+            Err(e) if Instant::now() >= give_up => {
+                tracing::warn!(error = %e, "lost the checker key: health checks move to another server");
+                break;
+            }
+            Err(_) => {}
         }
     }
     held.send_replace(false);
-    let _ = leases.revoke(lease).await;
+    let deadline = Instant::now() + ttl;
+    let _ = members
+        .call(Repeat::Safe, deadline, |client| async move {
+            client.lease_client().revoke(lease).await
+        })
+        .await;
 }
 
 /// Follows etcd into the replica for as long as the store lives.
-async fn follow(replica: Weak<Replica>, client: Client, keys: Keys, history_limit: usize) {
+async fn follow(
+    replica: Weak<Replica>,
+    members: Arc<Members>,
+    keys: Keys,
+    history_limit: usize,
+    request_timeout: Duration,
+) {
     let mut loaded = false;
     let mut strikes = 0u32;
+    // Since when the replica has not been able to follow etcd.
+    let mut failing_since = None;
     loop {
         let Some(shared) = replica.upgrade() else {
             return;
         };
-        let mut created = false;
+        let mut synced = false;
+        // The member that answered last, or the next one up: a watch on a member that died
+        // is reopened on another from the replica's revision, so nothing is missed.
+        let (member, client) = members.preferred();
         let result = async {
             if !loaded {
-                load(&shared, &client, &keys, history_limit).await?;
+                tokio::time::timeout(
+                    request_timeout,
+                    load(&shared, &client, &keys, history_limit),
+                )
+                .await
+                .map_err(|_| {
+                    etcd_client::Error::WatchError(format!(
+                        "no answer to the initial read within {request_timeout:?}"
+                    ))
+                })??;
                 loaded = true;
             }
             let from = shared.read().revision() + 1;
-            stream(&shared, &client, &keys, from, &mut created).await
+            stream(&shared, &client, &keys, from, &mut synced).await
         }
         .await;
         match result {
@@ -661,20 +877,43 @@ async fn follow(replica: Weak<Replica>, client: Client, keys: Keys, history_limi
                 loaded = false;
             }
             Err(e) => {
+                let member_failed = members.failed(member, &e);
                 // A watch that breaks after working is most often one member going away: the
-                // next attempt reaches another at once, and nobody needs to see the blip.
-                strikes = if created { 1 } else { strikes + 1 };
+                // next attempt reaches another at once, and nobody needs to see the blip. A
+                // leader election makes every member refuse the watch for a moment. Only a
+                // failure that lasts longer than that means no member can be followed: no
+                // quorum, and the server is not serving.
+                let now = Instant::now();
+                if synced {
+                    strikes = 1;
+                    failing_since = Some(now);
+                } else {
+                    strikes += 1;
+                }
+                let since = *failing_since.get_or_insert(now);
                 tracing::debug!(error = %e, strikes, "etcd watch failed");
-                if strikes > 1 {
-                    shared.set_health(Err(e.to_string()));
+                if strikes > 1 && now.duration_since(since) >= UNREACHABLE_AFTER {
+                    shared.set_health(Err(format!(
+                        "no member can be followed ({})",
+                        members.describe()
+                    )));
                 }
                 drop(shared);
-                let pause = Duration::from_millis(100) * 2u32.pow(strikes.min(5)) / 2;
-                tokio::time::sleep(pause.min(Duration::from_secs(2))).await;
+                let pause = if strikes == 1 && member_failed {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(50) * 2u32.pow(strikes.min(4))
+                };
+                tokio::time::sleep(pause.min(Duration::from_millis(500))).await;
             }
         }
     }
 }
+
+/// How long the replica may fail to follow etcd before the store says it is unreachable: longer
+/// than a leader election (a second or two with etcd's defaults), during which every member
+/// refuses new watches.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(2);
 
 enum Followed {
     /// etcd no longer has the changes after the replica's revision.
@@ -731,21 +970,22 @@ async fn load(
 }
 
 /// Applies etcd's changes from revision `from` on, until the watch fails or is compacted.
+/// `caught_up` turns true once etcd says the watch has caught up with it.
 async fn stream(
     replica: &Replica,
     client: &Client,
     keys: &Keys,
     from: Revision,
-    created: &mut bool,
+    caught_up: &mut bool,
 ) -> Result<Followed, etcd_client::Error> {
     let mut watches = client.watch_client();
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(to_etcd(from))
         .with_progress_notify();
-    // Without a reachable member the call neither fails nor answers: bound the wait for the
-    // watch to be created, so that an outage is noticed and reported.
-    let no_answer = || etcd_client::Error::WatchError("no etcd member answered within 2s".into());
+    // A member that hangs (stopped, cut off) neither fails the call nor answers: bound the wait
+    // for the watch to be created, so that the next attempt tries another member.
+    let no_answer = || etcd_client::Error::WatchError("the member did not answer within 2s".into());
     let mut stream = tokio::time::timeout(
         Duration::from_secs(2),
         watches.watch(keys.all.as_slice(), Some(options)),
@@ -784,15 +1024,14 @@ async fn stream(
                 resp.cancel_reason()
             )));
         }
-        if resp.created() {
-            *created = true;
-        } else if resp.events().is_empty() {
+        if !resp.created() && resp.events().is_empty() {
             // A progress notification: the watch has caught up. Its revision is not used to move
             // the replica on: etcd before 3.4.25 / 3.5.8 could send one ahead of events still
             // queued for the watch (etcd issue 15220), and a replica that claimed that revision
             // would hand out snapshots missing those events.
             if !synced {
                 synced = true;
+                *caught_up = true;
                 replica.set_health(Ok(()));
             }
         }
@@ -891,9 +1130,15 @@ impl Store for EtcdStore {
         }
         // etcd counts in whole seconds; round up so a lease never lives shorter than asked.
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        let mut leases = self.inner.client.lease_client();
-        let resp = leases
-            .grant(i64::try_from(secs).unwrap_or(i64::MAX), None)
+        let asked = i64::try_from(secs).unwrap_or(i64::MAX);
+        // Safe to repeat: a grant whose answer was lost leaves a lease that no key is attached
+        // to and nobody refreshes, which etcd expires after its ttl.
+        let resp = self
+            .inner
+            .members
+            .call(Repeat::Safe, self.deadline(), |client| async move {
+                client.lease_client().grant(asked, None).await
+            })
             .await
             .map_err(unavailable)?;
         let id = LeaseId::try_from(resp.id())
@@ -909,17 +1154,28 @@ impl Store for EtcdStore {
         let Ok(id) = i64::try_from(lease) else {
             return Ok(None);
         };
-        let mut leases = self.inner.client.lease_client();
-        match leases.keep_alive(id).await {
+        let members = &self.inner.members;
+        // Safe to repeat: two refreshes in a row are one refresh.
+        let refreshed = members
+            .call(Repeat::Safe, self.deadline(), |client| async move {
+                client.lease_client().keep_alive(id).await
+            })
+            .await;
+        match refreshed {
             Ok(_) => {}
-            Err(e) if is_lease_not_found(&e) => return Ok(None),
+            Err(e) if failure_is_lease_not_found(&e) => return Ok(None),
             Err(e) => return Err(unavailable(e)),
         }
         if let Some(ttl) = self.known_ttl(lease) {
             return Ok(Some(Lease { id: lease, ttl }));
         }
-        // Granted through another server: ask etcd once.
-        let resp = leases.time_to_live(id, None).await.map_err(unavailable)?;
+        // Granted through another server: ask etcd once (a read).
+        let resp = members
+            .call(Repeat::Safe, self.deadline(), |client| async move {
+                client.lease_client().time_to_live(id, None).await
+            })
+            .await
+            .map_err(unavailable)?;
         let Ok(granted) = u64::try_from(resp.granted_ttl()) else {
             return Ok(None);
         };
@@ -936,9 +1192,26 @@ impl Store for EtcdStore {
         let Ok(id) = i64::try_from(lease) else {
             return Ok(false);
         };
-        let mut leases = self.inner.client.lease_client();
-        match leases.revoke(id).await {
-            Ok(_) => {
+        let deadline = self.deadline();
+        let revoke = || {
+            self.inner
+                .members
+                .call(Repeat::Never, deadline, |client| async move {
+                    client.lease_client().revoke(id).await
+                })
+        };
+        // Safe to repeat once: a second revoke of a revoked lease changes nothing, and its
+        // "not found" then means the first one did it (or the lease ran out meanwhile, which
+        // leaves the same state).
+        let revoked = match revoke().await {
+            Err(Failure::Unknown(_)) => match revoke().await {
+                Err(e) if failure_is_lease_not_found(&e) => Ok(()),
+                other => other.map(|_| ()),
+            },
+            other => other.map(|_| ()),
+        };
+        match revoked {
+            Ok(()) => {
                 self.inner
                     .ttls
                     .lock()
@@ -946,18 +1219,16 @@ impl Store for EtcdStore {
                     .remove(&lease);
                 Ok(true)
             }
-            Err(e) if is_lease_not_found(&e) => Ok(false),
+            Err(e) if failure_is_lease_not_found(&e) => Ok(false),
             Err(e) => Err(unavailable(e)),
         }
     }
 
     async fn list(&self, namespace: &str, service: &str) -> Result<Snapshot> {
-        self.replica().check()?;
         Ok(self.replica().read().list(namespace, service))
     }
 
     async fn list_services(&self, namespace: &str) -> Result<ServiceList> {
-        self.replica().check()?;
         Ok(self.replica().read().list_services(namespace))
     }
 
@@ -971,7 +1242,7 @@ impl Store for EtcdStore {
         service: &str,
         after: Option<Revision>,
     ) -> Result<Watch> {
-        self.replica().check()?;
+        // Like every read, served from the replica even while etcd cannot be followed.
         if let Some(after) = after {
             // A client moving over from another server may have seen a revision this one has
             // not applied yet; a moment's wait turns what would be a reset into a replay.
@@ -1006,17 +1277,14 @@ impl Store for EtcdStore {
     }
 
     async fn get(&self, key: &InstanceKey) -> Result<Option<Arc<Instance>>> {
-        self.replica().check()?;
         Ok(self.replica().read().get(key).cloned())
     }
 
     async fn sizes(&self, namespace: &str, service: &str) -> Result<crate::Sizes> {
-        self.replica().check()?;
         Ok(self.replica().read().sizes(namespace, service))
     }
 
     async fn counts(&self) -> Result<Counts> {
-        self.replica().check()?;
         Ok(self.replica().read().counts())
     }
 

@@ -439,7 +439,7 @@ async fn health_status(url: String) -> Option<ServingStatus> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_etcd_outage_is_unavailable_and_not_serving_until_etcd_returns() {
+async fn an_etcd_outage_refuses_writes_and_is_not_serving_until_etcd_returns() {
     let Some(mut etcd) = Etcd::start(1).await else {
         return;
     };
@@ -449,13 +449,13 @@ async fn an_etcd_outage_is_unavailable_and_not_serving_until_etcd_returns() {
     assert_eq!(health_status(s.url()).await, Some(ServingStatus::Serving));
 
     etcd.kill(0);
-    let status = within("Discover answering UNAVAILABLE", async {
+    let status = within("a write answering UNAVAILABLE", async {
+        let mut n = 0;
         loop {
+            n += 1;
+            let id = format!("during{n}");
             match client
-                .discover(pb::DiscoverRequest {
-                    service: "svc".into(),
-                    ..Default::default()
-                })
+                .register(register_request(instance("svc", &id, 2), None))
                 .await
             {
                 Err(status) => return status,
@@ -465,18 +465,15 @@ async fn an_etcd_outage_is_unavailable_and_not_serving_until_etcd_returns() {
     })
     .await;
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("etcd"), "{status:?}");
-    let refused = client
-        .register(register_request(instance("svc", "during", 2), None))
-        .await
-        .expect_err("a write without etcd");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(status.message().contains("etcd unreachable"), "{status:?}");
     within("health NOT_SERVING", async {
         while health_status(s.url()).await != Some(ServingStatus::NotServing) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
+    // Reads are served from the replica: the last state etcd agreed on.
+    assert_eq!(ids(&discover(&mut client, "svc").await), ["kept"]);
 
     etcd.restart(0).await;
     within("health SERVING again", async {
@@ -547,4 +544,470 @@ async fn health_checks_move_to_another_server_when_the_checker_dies_and_eviction
     view.until("evicted", |v| removal_of(v, "w1").is_some())
         .await;
     assert_eq!(removal_of(&view, "w1"), Some(pb::RemovalReason::Unhealthy));
+}
+
+/// What the writers of [`Load`] saw in one phase of a test.
+#[derive(Debug, Default, Clone)]
+struct Phase {
+    name: String,
+    writes: u64,
+    failed: Vec<String>,
+    slowest: Duration,
+}
+
+/// Writers through several servers: each registers instance after instance and deregisters
+/// every fifth one it made, one call at a time, and counts every call that failed.
+struct Load {
+    acknowledged: Arc<Mutex<BTreeSet<String>>>,
+    deregistered: Arc<Mutex<BTreeSet<String>>>,
+    /// The highest revision any acknowledged write answered with.
+    revision: Arc<std::sync::atomic::AtomicU64>,
+    phases: Arc<Mutex<Vec<Phase>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(urls: &[String], writers: usize, service: &'static str) -> Load {
+        let load = Load {
+            acknowledged: Arc::default(),
+            deregistered: Arc::default(),
+            revision: Arc::default(),
+            phases: Arc::new(Mutex::new(vec![Phase {
+                name: "start".into(),
+                ..Phase::default()
+            }])),
+            stop: Arc::default(),
+            writers: Vec::new(),
+        };
+        let writers = (0..writers)
+            .map(|w| {
+                let url = urls[w % urls.len()].clone();
+                let (acknowledged, deregistered, revision, phases, stop) = (
+                    load.acknowledged.clone(),
+                    load.deregistered.clone(),
+                    load.revision.clone(),
+                    load.phases.clone(),
+                    load.stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut client = connect(url).await;
+                    let record = |took: Duration, failure: Option<String>| {
+                        let mut phases = phases.lock().unwrap();
+                        let phase = phases.last_mut().unwrap();
+                        phase.writes += 1;
+                        phase.slowest = phase.slowest.max(took);
+                        phase.failed.extend(failure);
+                    };
+                    for n in 0u32.. {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
+                        let id = format!("w{w}-{n}");
+                        let started = std::time::Instant::now();
+                        let registered = client
+                            .register(register_request(
+                                instance(service, &id, n % 60_000 + 1),
+                                None,
+                            ))
+                            .await;
+                        match registered {
+                            Ok(answer) => {
+                                revision.fetch_max(
+                                    answer.into_inner().revision,
+                                    std::sync::atomic::Ordering::SeqCst,
+                                );
+                                acknowledged.lock().unwrap().insert(id);
+                                record(started.elapsed(), None);
+                            }
+                            Err(status) => record(
+                                started.elapsed(),
+                                Some(format!("register {id}: {status:?}")),
+                            ),
+                        }
+                        if n % 5 == 4 {
+                            let old = format!("w{w}-{}", n - 4);
+                            let started = std::time::Instant::now();
+                            let removed = client
+                                .deregister(pb::DeregisterRequest {
+                                    namespace: "default".into(),
+                                    service: service.into(),
+                                    id: old.clone(),
+                                })
+                                .await;
+                            match removed {
+                                Ok(answer) => {
+                                    revision.fetch_max(
+                                        answer.into_inner().revision,
+                                        std::sync::atomic::Ordering::SeqCst,
+                                    );
+                                    deregistered.lock().unwrap().insert(old);
+                                    record(started.elapsed(), None);
+                                }
+                                Err(status) => record(
+                                    started.elapsed(),
+                                    Some(format!("deregister {old}: {status:?}")),
+                                ),
+                            }
+                        }
+                        // A steady load, not as much as the machine can take.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+            })
+            .collect();
+        Load { writers, ..load }
+    }
+
+    /// Starts counting into a new phase.
+    fn phase(&self, name: String) {
+        self.phases.lock().unwrap().push(Phase {
+            name,
+            ..Phase::default()
+        });
+    }
+
+    /// Waits until `n` more writes were acknowledged.
+    async fn more(&self, n: usize) {
+        let count = || self.acknowledged.lock().unwrap().len();
+        let target = count() + n;
+        within("writes going on", async {
+            while count() < target {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+
+    async fn stop(self) -> Vec<Phase> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for writer in self.writers {
+            within("a writer stopping", writer).await.unwrap();
+        }
+        self.phases.lock().unwrap().clone()
+    }
+}
+
+/// A watch that a task reads all along, as a real watcher does; [`Reader::stop`] hands the
+/// view back.
+struct Reader {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(WatchView, Client)>,
+}
+
+impl Reader {
+    async fn open(url: String, service: &str) -> Reader {
+        let mut client = connect(url).await;
+        let mut view = watch(&mut client, service).await;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    // `WatchView::next` only awaits the stream's next message, which is safe
+                    // to give up on: nothing is lost.
+                    _ = stopped.changed() => return (view, client),
+                    next = view.next() => { next.expect("the watch goes on through etcd failures"); }
+                }
+            }
+        });
+        Reader { stop, task }
+    }
+
+    async fn stop(self) -> (WatchView, Client) {
+        self.stop.send_replace(true);
+        within("a watch reader stopping", self.task).await.unwrap()
+    }
+}
+
+/// Every acknowledged write is there on every server, and every watcher's view equals Discover.
+async fn check_after_load(
+    urls: &[String],
+    service: &str,
+    acknowledged: &BTreeSet<String>,
+    deregistered: &BTreeSet<String>,
+    revision: u64,
+    readers: Vec<Reader>,
+) {
+    for url in urls {
+        let mut client = connect(url.clone()).await;
+        let found = within("the server reaching the last acknowledged write", async {
+            loop {
+                let found = discover(&mut client, service).await;
+                if found.revision >= revision {
+                    return found;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let present: BTreeSet<String> = ids(&found).into_iter().collect();
+        for id in acknowledged {
+            assert!(
+                present.contains(id) || deregistered.contains(id),
+                "{id} was acknowledged, never deregistered, and is not on {url}"
+            );
+        }
+        for id in deregistered {
+            assert!(
+                !present.contains(id),
+                "{id} was deregistered and is on {url}"
+            );
+        }
+    }
+    for reader in readers {
+        let (mut view, mut client) = reader.stop().await;
+        until_equal_to_discover(&mut view, &mut client, service).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_each_etcd_member_in_turn_under_load_fails_no_write() {
+    let Some(mut etcd) = Etcd::start(3).await else {
+        return;
+    };
+    // Both servers list the members in the same order, so the first endpoint is the one both
+    // use first: the case tonic's balancer handled worst.
+    let a = server(&etcd.endpoints(), &[]);
+    let b = server(&etcd.endpoints(), &[]);
+    let urls = [a.url(), b.url()];
+    let mut readers = Vec::new();
+    for url in urls.iter().chain(urls.iter()) {
+        readers.push(Reader::open(url.clone(), "load").await);
+    }
+    // A lease kept alive through B all along.
+    let mut on_b = connect(b.url()).await;
+    let leased = must(
+        on_b.register(register_request(
+            instance("leased", "l1", 1),
+            Some(Duration::from_secs(2)),
+        ))
+        .await,
+        "register a leased instance",
+    )
+    .into_inner();
+    let (keep_tx, keep_rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = must(
+        on_b.keep_alive(tokio_stream::wrappers::ReceiverStream::new(keep_rx))
+            .await,
+        "keep_alive on B",
+    )
+    .into_inner();
+    let keeper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = {
+        let stop = keeper_stop.clone();
+        tokio::spawn(async move {
+            let mut refreshed = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                keep_tx
+                    .send(pb::KeepAliveRequest {
+                        lease_id: leased.lease_id,
+                    })
+                    .await
+                    .unwrap();
+                let answer = within("keep-alive answer", answers.message())
+                    .await
+                    .expect("the keep-alive stream goes on")
+                    .expect("an answer");
+                assert!(!answer.expired, "the lease expired while etcd had quorum");
+                refreshed += 1;
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            refreshed
+        })
+    };
+
+    let load = Load::start(&urls, 4, "load");
+    load.more(40).await;
+    for member in 0..3 {
+        etcd.kill(member);
+        load.phase(format!("m{member} killed"));
+        load.more(60).await;
+        load.phase(format!("m{member} restarting"));
+        etcd.restart(member).await;
+        load.phase(format!("m{member} back"));
+        load.more(40).await;
+    }
+    // Read once the writers have stopped, so that both sets are of the same moment.
+    let (acknowledged, deregistered, revision) = (
+        load.acknowledged.clone(),
+        load.deregistered.clone(),
+        load.revision.clone(),
+    );
+    let phases = load.stop().await;
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let deregistered = deregistered.lock().unwrap().clone();
+    let revision = revision.load(std::sync::atomic::Ordering::SeqCst);
+    keeper_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refreshed = within("the keeper stopping", keeper).await.unwrap();
+
+    for phase in &phases {
+        eprintln!(
+            "{}: {} writes, {} failed, slowest {:?}",
+            phase.name,
+            phase.writes,
+            phase.failed.len(),
+            phase.slowest
+        );
+    }
+    let failed: Vec<&String> = phases.iter().flat_map(|p| &p.failed).collect();
+    assert!(
+        failed.is_empty(),
+        "writes failed while two members were up: {failed:#?}"
+    );
+    assert!(refreshed > 0);
+    check_after_load(
+        &urls,
+        "load",
+        &acknowledged,
+        &deregistered,
+        revision,
+        readers,
+    )
+    .await;
+    assert_eq!(ids(&discover(&mut on_b, "leased").await), ["l1"]);
+}
+
+/// Waits until the server at `url` reports `status` on `grpc.health.v1`; returns how long that
+/// took.
+async fn until_health(url: &str, status: ServingStatus, what: &'static str) -> Duration {
+    let started = std::time::Instant::now();
+    within(what, async {
+        while health_status(url.to_owned()).await != Some(status) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_etcd_members_of_three_down_writes_fail_unavailable_and_reads_go_on() {
+    // The store's own bound on one etcd request (EtcdConfig::request_timeout), which a write
+    // that cannot be made must not outlast by much.
+    const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+    let Some(mut etcd) = Etcd::start(3).await else {
+        return;
+    };
+    let a = server(&etcd.endpoints(), &[]);
+    let b = server(&etcd.endpoints(), &[]);
+    let mut on_a = connect(a.url()).await;
+    let mut on_b = connect(b.url()).await;
+    signpost_tests::register(&mut on_a, instance("svc", "kept", 1)).await;
+    let mut watch_b = watch(&mut on_b, "svc").await;
+    watch_b.until("B sees kept", |v| v.ids() == ["kept"]).await;
+    until_health(&a.url(), ServingStatus::Serving, "A serving").await;
+
+    // The first endpoint and one more: no quorum.
+    etcd.kill(0);
+    etcd.kill(1);
+    let down = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut n = 0;
+    let mut refusals = Vec::new();
+    let first_refusal = within("writes failing UNAVAILABLE", async {
+        loop {
+            n += 1;
+            let started = std::time::Instant::now();
+            let written = on_a
+                .register(register_request(
+                    instance("svc", &format!("during{n}"), 2),
+                    None,
+                ))
+                .await;
+            let took = started.elapsed();
+            slowest = slowest.max(took);
+            match written {
+                // etcd's remaining member may take a write for a moment before it sees that it
+                // has lost its quorum; no member can commit it, though.
+                Ok(_) => {}
+                Err(status) => {
+                    refusals.push(status);
+                    if refusals.len() == 3 {
+                        return down.elapsed();
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    eprintln!("a refused write: {}", refusals[0].message());
+    for status in &refusals {
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("etcd unreachable"),
+            "the message names etcd: {status:?}"
+        );
+    }
+    assert!(
+        slowest <= REQUEST_DEADLINE + Duration::from_secs(1),
+        "a write took {slowest:?}, more than the request deadline"
+    );
+    until_health(&a.url(), ServingStatus::NotServing, "A NOT_SERVING").await;
+    let not_serving = down.elapsed();
+    until_health(&b.url(), ServingStatus::NotServing, "B NOT_SERVING").await;
+    // Once the server knows, a write fails at once.
+    let started = std::time::Instant::now();
+    let refused = on_b
+        .register(register_request(instance("svc", "refused", 3), None))
+        .await
+        .expect_err("a write without quorum");
+    let fast_refusal = started.elapsed();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("etcd unreachable"),
+        "{refused:?}"
+    );
+
+    // The CLI says whose failure it is: the registry answered.
+    let (ok, _, stderr) = signpost_tests::process::run(std::process::Command::new(EXE).args([
+        "register",
+        "svc",
+        "--id",
+        "from-cli",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        "4",
+        "--registry",
+        &a.url(),
+    ]));
+    assert!(!ok, "the CLI's register fails without quorum: {stderr}");
+    assert!(
+        stderr.contains(&format!("the registry at {} answered", a.url()))
+            && stderr.contains("etcd unreachable")
+            && !stderr.contains("cannot reach registry"),
+        "{stderr}"
+    );
+
+    // Reads go on from each server's replica, and so do watches, old and new.
+    for client in [&mut on_a, &mut on_b] {
+        assert!(
+            ids(&discover(client, "svc").await).contains(&"kept".to_owned()),
+            "Discover answers from the replica"
+        );
+    }
+    let mut fresh = watch(&mut on_a, "svc").await;
+    assert!(fresh.ids().contains(&"kept".to_owned()));
+
+    // One member back: quorum, and everything recovers by itself.
+    let back = std::time::Instant::now();
+    etcd.restart(1).await;
+    let serving_a = until_health(&a.url(), ServingStatus::Serving, "A SERVING again").await;
+    until_health(&b.url(), ServingStatus::Serving, "B SERVING again").await;
+    let recovered = back.elapsed();
+    let after_a = signpost_tests::register(&mut on_a, instance("svc", "after-a", 5)).await;
+    let after_b = signpost_tests::register(&mut on_b, instance("svc", "after-b", 6)).await;
+    for view in [&mut watch_b, &mut fresh] {
+        view.until_revision(after_a.revision.max(after_b.revision))
+            .await;
+        assert!(view.ids().contains(&"after-a".to_owned()));
+        assert!(view.ids().contains(&"after-b".to_owned()));
+    }
+    until_equal_to_discover(&mut watch_b, &mut on_b, "svc").await;
+    until_equal_to_discover(&mut fresh, &mut on_a, "svc").await;
+    eprintln!(
+        "two of three down: first UNAVAILABLE after {first_refusal:?}, slowest write {slowest:?}, \
+         NOT_SERVING after {not_serving:?}, then refused in {fast_refusal:?}; \
+         one member back: SERVING after {serving_a:?} ({recovered:?} with etcd's restart)"
+    );
 }
