@@ -135,12 +135,20 @@ impl Connections {
         names.join(", ")
     }
 
-    /// Turns a failed call's status into an [`Error`]; unreachable registries say so plainly.
+    /// Turns a failed call's status into an [`Error`]; unreachable registries say so plainly,
+    /// and a registry that answered that its store is unreachable is not called unreachable.
     pub(crate) fn error(&self, index: usize, status: Status) -> Error {
+        let address = || self.registries[index % self.registries.len()].0.clone();
         match status.code() {
-            Code::Unavailable => Error::Unavailable {
-                address: self.registries[index % self.registries.len()].0.clone(),
-                reason: root_cause(&status),
+            Code::Unavailable => match store_failure(&status) {
+                Some(reason) => Error::StoreUnavailable {
+                    address: address(),
+                    reason: reason.to_owned(),
+                },
+                None => Error::Unavailable {
+                    address: address(),
+                    reason: root_cause(&status),
+                },
             },
             Code::InvalidArgument => Error::InvalidArgument(status.message().to_owned()),
             Code::Unauthenticated => Error::Unauthenticated(status.message().to_owned()),
@@ -162,14 +170,28 @@ impl Connections {
             match call(client).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if status.code() == Code::Unavailable => {
+                    // Another registry may reach the store when this one cannot.
                     self.failed(index);
-                    last = Some(self.error(index, status));
+                    let error = self.error(index, status);
+                    // A registry that answered says more than one that could not be reached.
+                    if !matches!(last, Some(Error::StoreUnavailable { .. })) {
+                        last = Some(error);
+                    }
                 }
                 Err(status) => return Err(self.error(index, status)),
             }
         }
         Err(last.unwrap_or(Error::Stopped))
     }
+}
+
+/// The registry's own account of a store it cannot reach: an UNAVAILABLE status that came over
+/// the wire (a transport failure on this side has a source) with the server's store message.
+fn store_failure(status: &Status) -> Option<&str> {
+    if std::error::Error::source(status).is_some() {
+        return None;
+    }
+    status.message().strip_prefix("store unavailable: ")
 }
 
 /// The innermost cause of a transport failure in plain words, such as "connection refused".
@@ -188,5 +210,47 @@ pub(crate) fn root_cause(status: &Status) -> String {
     match innermost {
         Some(c) => c.to_string(),
         None => status.message().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connections() -> Connections {
+        let channel = Channel::from_static("http://127.0.0.1:7070").connect_lazy();
+        Connections::new(
+            vec![("http://127.0.0.1:7070".into(), channel)],
+            Auth(None),
+            (Duration::from_millis(10), Duration::from_millis(100)),
+            WATCH_IDLE_TIMEOUT,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_the_registry_reports_is_not_an_unreachable_registry() {
+        let conn = connections();
+        let answered = Status::unavailable("store unavailable: etcd unreachable: no quorum");
+        let error = conn.error(0, answered);
+        assert!(
+            matches!(&error, Error::StoreUnavailable { reason, .. } if reason == "etcd unreachable: no quorum"),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "the registry at http://127.0.0.1:7070 answered, but its store is unavailable: \
+             etcd unreachable: no quorum"
+        );
+        assert!(error.is_transient());
+
+        // A transport failure on this side is the registry's, whatever its message says.
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let mut local = Status::unavailable("store unavailable: looks like the server's");
+        local.set_source(std::sync::Arc::new(io));
+        assert!(matches!(conn.error(0, local), Error::Unavailable { .. }));
+        assert!(matches!(
+            conn.error(0, Status::unavailable("server shutting down")),
+            Error::Unavailable { .. }
+        ));
     }
 }

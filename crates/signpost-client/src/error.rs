@@ -12,6 +12,11 @@ pub enum Error {
     /// No registry could be reached; retrying later may succeed.
     #[error("cannot reach registry at {address}: {reason}")]
     Unavailable { address: String, reason: String },
+    /// The registry answered, but could not reach the store behind it (an etcd cluster without
+    /// quorum, a durable store that stopped); retrying later may succeed, possibly through
+    /// another registry.
+    #[error("the registry at {address} answered, but its store is unavailable: {reason}")]
+    StoreUnavailable { address: String, reason: String },
     /// The registry wants an access token ([`ClientBuilder::token`](crate::ClientBuilder::token)),
     /// or does not know the one sent.
     #[error("not authenticated: {0}")]
@@ -38,7 +43,7 @@ impl Error {
     /// not: the same call would be refused again.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Unavailable { .. } => true,
+            Error::Unavailable { .. } | Error::StoreUnavailable { .. } => true,
             Error::Status(status) => matches!(
                 status.code(),
                 tonic::Code::Unavailable
@@ -93,6 +98,13 @@ mod tests {
             Error::Unavailable {
                 address: "http://127.0.0.1:1".into(),
                 reason: "connection refused".into()
+            }
+            .is_transient()
+        );
+        assert!(
+            Error::StoreUnavailable {
+                address: "http://127.0.0.1:7070".into(),
+                reason: "etcd unreachable: no member could take the request".into()
             }
             .is_transient()
         );
