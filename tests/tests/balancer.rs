@@ -15,6 +15,10 @@ use signpost_store::{MemoryConfig, MemoryStore};
 use signpost_tests::greeters::{Backend, Caller, test_client, wait_for_ids};
 use signpost_tests::*;
 
+/// The tests that measure shares run one at a time: each one's calls are latency the others'
+/// balancers would see, and the shares they assert are what a quiet machine gives.
+static SHARES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn share(answers: &std::collections::BTreeMap<String, u64>, id: &str) -> f64 {
     let total: u64 = answers.values().sum();
     answers.get(id).copied().unwrap_or(0) as f64 / total.max(1) as f64
@@ -22,6 +26,7 @@ fn share(answers: &std::collections::BTreeMap<String, u64>, id: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_instance_gets_few_calls() {
+    let _one_at_a_time = SHARES.lock().await;
     let server = TestServer::start().await;
     let client = test_client(server.url());
     let ttl = Duration::from_secs(10);
@@ -51,6 +56,7 @@ async fn a_slow_instance_gets_few_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_set_the_shares() {
+    let _one_at_a_time = SHARES.lock().await;
     let server = TestServer::start().await;
     let client = test_client(server.url());
     let mut backends = Vec::new();
@@ -98,6 +104,7 @@ async fn weights_set_the_shares() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_callers_zone_takes_the_calls_and_spills_over_when_it_is_gone() {
+    let _one_at_a_time = SHARES.lock().await;
     let server = TestServer::start().await;
     let client = test_client(server.url());
     let mut backends = Vec::new();
@@ -267,4 +274,50 @@ async fn calls_keep_flowing_while_a_registry_restarts_empty() {
         "both registered again: {stats:?}"
     );
     drop(restarted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_the_registry_refuses_fails_its_calls_at_once_saying_why() {
+    let server = TestServer::start().await;
+    let client = test_client(server.url());
+    let channel = client
+        .balanced("greeter")
+        .selector("version in (v1")
+        .build();
+    let refused = channel.wait_for_ready(DEADLINE).await.unwrap_err();
+    assert!(
+        matches!(refused, signpost_client::Error::InvalidArgument(_)),
+        "{refused:?}"
+    );
+    let started = std::time::Instant::now();
+    let mut greeter =
+        signpost_examples::pb::greeter_service_client::GreeterServiceClient::new(channel.clone());
+    let status = greeter
+        .say_hello(signpost_examples::pb::SayHelloRequest { name: "x".into() })
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1), "no waiting");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status
+            .message()
+            .contains("the registry refused the channel's watch")
+            && status.message().contains("selector"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_an_empty_service_says_none_is_registered() {
+    let server = TestServer::start().await;
+    let client = test_client(server.url());
+    let channel = client.channel("nobody");
+    let error = channel
+        .wait_for_ready(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "no instance of nobody became available within 300ms: none is registered"
+    );
 }

@@ -166,7 +166,7 @@ async fn an_empty_reset_on_a_live_stream_is_applied_at_once() {
     assert!(
         refused
             .message()
-            .contains("no instance of greeter is registered"),
+            .contains("no instance of greeter can take the call: none is registered"),
         "{refused:?}"
     );
     assert_eq!(channel.stats().unavailable, 1);
@@ -188,7 +188,7 @@ async fn a_call_made_before_the_first_view_waits_for_it_within_the_wait_timeout(
     assert!(
         early
             .message()
-            .contains("the registry has not answered the channel's watch"),
+            .contains("the registry has not answered the channel's watch yet"),
         "{early:?}"
     );
 

@@ -276,10 +276,11 @@ impl BalancedChannel {
         };
         match tokio::time::timeout(timeout, wait).await {
             Ok(result) => result,
-            Err(_) => Err(Error::Unavailable {
-                address: format!("service {}", self.filter.service_name()),
-                reason: format!("no instance became available within {timeout:?}"),
-            }),
+            Err(_) => Err(Error::NoInstance(format!(
+                "no instance of {} became available within {timeout:?}: {}",
+                self.filter.service_name(),
+                self.shared.why_none(None)
+            ))),
         }
     }
 }
@@ -362,6 +363,7 @@ impl Feed {
                 Ok(update) => update,
                 Err(e) => {
                     tracing::error!(service = %self.shared.service, error = %e, "the registry refused this channel's watch; keeping the last endpoints");
+                    self.shared.set_refused(e.to_string());
                     let _ = error.send(Some(e));
                     stop.cancelled().await;
                     break;

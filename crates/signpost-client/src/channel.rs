@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     /// False until the watch delivered its first view.
     synced: AtomicBool,
+    /// Why the registry refused the channel's watch, if it did: waiting cannot help then.
+    refused: std::sync::Mutex<Option<String>>,
     pub(crate) changed: Arc<watch::Sender<u64>>,
     pub(crate) policy: Policy,
     pub(crate) outlier: OutlierDetection,
@@ -106,6 +108,7 @@ impl Shared {
             service,
             endpoints: RwLock::new(Arc::new(Vec::new())),
             synced: AtomicBool::new(false),
+            refused: std::sync::Mutex::new(None),
             changed: Arc::new(watch::channel(0).0),
             policy,
             outlier,
@@ -128,6 +131,19 @@ impl Shared {
         *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(endpoints);
         self.synced.store(true, Ordering::Release);
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The registry refused the watch: calls fail at once, saying why.
+    pub(crate) fn set_refused(&self, reason: String) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn any_ready(&self) -> bool {
@@ -225,6 +241,9 @@ impl Shared {
     /// Whether waiting may bring an endpoint: the first view has not come yet, or some
     /// endpoint is still connecting.
     fn worth_waiting(&self, tried: &[Arc<Endpoint>]) -> bool {
+        if self.refused().is_some() {
+            return false;
+        }
         !self.synced.load(Ordering::Acquire)
             || self.snapshot().iter().any(|e| {
                 e.state() == EndpointState::Connecting
@@ -235,26 +254,29 @@ impl Shared {
 
     fn no_instance(&self, last_error: Option<String>) -> BoxError {
         self.counters.unavailable.fetch_add(1, Ordering::Relaxed);
+        Box::new(tonic::Status::unavailable(format!(
+            "no instance of {} can take the call: {}",
+            self.service,
+            self.why_none(last_error)
+        )))
+    }
+
+    /// Why no instance can take a call, in words for a person.
+    pub(crate) fn why_none(&self, last_error: Option<String>) -> String {
         let snapshot = self.snapshot();
-        let message = if !self.synced.load(Ordering::Acquire) {
-            format!(
-                "no instance of {} yet: the registry has not answered the channel's watch",
-                self.service
-            )
+        if let Some(reason) = self.refused().filter(|_| snapshot.is_empty()) {
+            format!("the registry refused the channel's watch: {reason}")
+        } else if !self.synced.load(Ordering::Acquire) {
+            "the registry has not answered the channel's watch yet".to_owned()
         } else if snapshot.is_empty() {
-            format!("no instance of {} is registered", self.service)
+            "none is registered".to_owned()
         } else {
             let reason = last_error
                 .or_else(|| snapshot.iter().find_map(|e| e.last_error()))
                 .map(|r| format!("; last error: {r}"))
                 .unwrap_or_default();
-            format!(
-                "no instance of {} can take the call: {} known, none connected{reason}",
-                self.service,
-                snapshot.len()
-            )
-        };
-        Box::new(tonic::Status::unavailable(message))
+            format!("{} registered, none connected{reason}", snapshot.len())
+        }
     }
 
     /// Records an answer from `endpoint`, ejecting it if it keeps failing.
@@ -284,7 +306,7 @@ impl Shared {
         if may_eject(&self.outlier, ejected, snapshot.len()) {
             let until = lock().eject(&self.outlier, now);
             self.counters.ejections.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(service = %self.service, id = %endpoint.id, for_ = ?(until - now), "endpoint ejected: its calls keep failing");
+            tracing::warn!(service = %self.service, id = %endpoint.id, ejected_for = ?(until - now), "endpoint ejected: its calls keep failing");
             self.changed.send_modify(|n| *n += 1);
         }
     }
