@@ -32,6 +32,10 @@ pub enum Error {
     /// The registry answered with another error status.
     #[error("registry error: {} ({:?})", .0.message(), .0.code())]
     Status(#[from] tonic::Status),
+    /// The registry answered, but a balanced channel has no instance that can take calls: none
+    /// registered, or none reachable; the message says which.
+    #[error("{0}")]
+    NoInstance(String),
     /// The registration or channel was stopped.
     #[error("stopped")]
     Stopped,
@@ -43,7 +47,9 @@ impl Error {
     /// not: the same call would be refused again.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Unavailable { .. } | Error::StoreUnavailable { .. } => true,
+            Error::Unavailable { .. } | Error::StoreUnavailable { .. } | Error::NoInstance(_) => {
+                true
+            }
             Error::Status(status) => matches!(
                 status.code(),
                 tonic::Code::Unavailable
