@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use signpost_client::{BalancedChannel, EndpointState};
-use signpost_tests::greeters::{Caller, GreeterProcess, test_client};
-use signpost_tests::{DEADLINE, TestServer, must, within, within_for};
+use signpost_client::BalancedChannel;
+use signpost_tests::greeters::{Caller, GreeterProcess, test_client, wait_for_connected};
+use signpost_tests::{DEADLINE, TestServer, within, within_for};
 
 const GREETER: &str = env!("CARGO_BIN_EXE_greeter-server");
 
@@ -29,23 +29,6 @@ async fn start_greeters(registry: &str, n: usize, ttl_secs: u32) -> Vec<GreeterP
     greeters
 }
 
-async fn wait_for_count(channel: &BalancedChannel, n: usize, what: &'static str) {
-    within_for(Duration::from_secs(20), what, async {
-        while channel.instances().len() != n
-            || channel
-                .stats()
-                .endpoints
-                .iter()
-                .filter(|e| e.state == EndpointState::Ready)
-                .count()
-                != n
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
-
 fn has(channel: &BalancedChannel, id: &str) -> bool {
     channel.instances().iter().any(|i| i.id == id)
 }
@@ -59,7 +42,7 @@ async fn kill_one_of_three(callers: usize) {
     let mut greeters = start_greeters(&url, 3, 2).await;
     let client = test_client(url);
     let channel = client.channel("greeter");
-    wait_for_count(&channel, 3, "three greeters connected").await;
+    wait_for_connected(&channel, 3).await;
     let caller = Caller::start_many(channel.clone(), callers, Duration::ZERO, DEADLINE);
     caller.calls(500).await;
 
@@ -123,7 +106,7 @@ async fn a_stopped_greeter_costs_at_most_one_call_and_is_picked_again_once_conti
     let greeters = start_greeters(&url, 3, 60).await;
     let client = test_client(url);
     let channel = client.channel("greeter");
-    wait_for_count(&channel, 3, "three greeters connected").await;
+    wait_for_connected(&channel, 3).await;
     let caller = Caller::start_many(
         channel.clone(),
         1,
@@ -166,18 +149,16 @@ async fn sigterm_on_a_greeter_costs_no_call() {
     let mut greeters = start_greeters(&url, 3, 10).await;
     let client = test_client(url);
     let channel = client.channel("greeter");
-    wait_for_count(&channel, 3, "three greeters connected").await;
+    wait_for_connected(&channel, 3).await;
     let caller = Caller::start_many(channel.clone(), 4, Duration::from_millis(1), DEADLINE);
     caller.calls(300).await;
 
     let mut victim = greeters.remove(0);
     victim.signal("TERM");
     victim.wait_for("deregistered");
-    let status = tokio::task::spawn_blocking(move || victim.child.wait())
-        .await
-        .unwrap();
-    assert!(must(status, "wait").success());
-    wait_for_count(&channel, 2, "the stopped greeter gone").await;
+    let status = tokio::task::block_in_place(|| victim.exit_status());
+    assert!(status.success(), "{status:?}");
+    wait_for_connected(&channel, 2).await;
     caller.calls(300).await;
     let (answers, failures) = caller.stop().await;
     assert_eq!(failures, 0, "{answers:?}");

@@ -242,6 +242,25 @@ pub async fn wait_for_ids(channel: &BalancedChannel, ids: &[&str]) {
     .await;
 }
 
+/// Waits until the channel's view holds `n` instances and `n` of its endpoints are connected.
+pub async fn wait_for_connected(channel: &BalancedChannel, n: usize) {
+    crate::within_for(Duration::from_secs(20), "endpoints connected", async {
+        loop {
+            let ready = channel
+                .stats()
+                .endpoints
+                .iter()
+                .filter(|e| e.state == signpost_client::EndpointState::Ready)
+                .count();
+            if ready == n && channel.instances().len() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 /// A `greeter-server` process, killed when dropped.
 #[derive(Debug)]
 pub struct GreeterProcess {
@@ -293,6 +312,21 @@ impl GreeterProcess {
                 Ok(_) => {}
                 Err(_) => panic!("greeter-server printed no line with {needle:?}"),
             }
+        }
+    }
+
+    /// Waits for the process to exit, failing the test past the deadline.
+    pub fn exit_status(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "greeter-server did not exit within {DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -14,7 +14,7 @@ use signpost_examples::pb::SayHelloRequest;
 use signpost_examples::pb::greeter_service_client::GreeterServiceClient;
 use signpost_proto::v1 as pb;
 use signpost_tests::fake::{FakeRegistry, reset};
-use signpost_tests::greeters::Caller;
+use signpost_tests::greeters::{Caller, wait_for_connected};
 use signpost_tests::{instance, must, within};
 use tokio::sync::oneshot;
 
@@ -44,22 +44,6 @@ fn client(fake: &FakeRegistry) -> Client {
     )
 }
 
-async fn until_ready(channel: &BalancedChannel, n: usize) {
-    within("endpoints ready", async {
-        while channel
-            .stats()
-            .endpoints
-            .iter()
-            .filter(|e| e.state == EndpointState::Ready)
-            .count()
-            != n
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
-
 async fn call(channel: &BalancedChannel) -> Result<String, tonic::Status> {
     let mut greeter = GreeterServiceClient::new(channel.clone());
     greeter
@@ -79,7 +63,7 @@ async fn an_empty_reset_after_a_reconnect_keeps_the_endpoints_for_the_grace_peri
         .build();
     let watch = fake.next_watch().await;
     watch.send(reset(10, &instances)).await;
-    until_ready(&channel, 2).await;
+    wait_for_connected(&channel, 2).await;
     let caller = Caller::start(channel.clone());
     caller.calls(50).await;
 
@@ -149,7 +133,7 @@ async fn an_empty_reset_on_a_live_stream_is_applied_at_once() {
     let channel = client.channel("greeter");
     let watch = fake.next_watch().await;
     watch.send(reset(5, &instances)).await;
-    until_ready(&channel, 1).await;
+    wait_for_connected(&channel, 1).await;
     assert_eq!(must(call(&channel).await, "call"), "g1");
 
     // A reset on a stream that never broke is the registry's word (a watcher that fell
