@@ -80,9 +80,38 @@ impl Greeter {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        self.serve_with(tonic::transport::Server::builder(), listener, shutdown)
+            .await
+    }
+
+    /// Serves over TLS with this certificate and key (PEM); with `client_ca_pem`, callers must
+    /// present a certificate that CA signed.
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        client_ca_pem: Option<&[u8]>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+        if let Some(ca) = client_ca_pem {
+            tls = tls.client_ca_root(Certificate::from_pem(ca));
+        }
+        let builder = tonic::transport::Server::builder().tls_config(tls)?;
+        self.serve_with(builder, listener, shutdown).await
+    }
+
+    async fn serve_with(
+        self,
+        mut builder: tonic::transport::Server,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        tonic::transport::Server::builder()
+        builder
             .add_service(GreeterServiceServer::new(self))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await

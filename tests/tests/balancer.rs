@@ -321,3 +321,85 @@ async fn waiting_for_an_empty_service_says_none_is_registered() {
         "no instance of nobody became available within 300ms: none is registered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_that_require_mutual_tls_are_reached_over_tls() {
+    let server = TestServer::start().await;
+    let client = test_client(server.url());
+    let pki = signpost_tests::tls::Pki::new("instances");
+    let (listener, bound) = must(signpost_examples::bind("127.0.0.1", 0).await, "bind");
+    let greeter = Greeter::new("tls1");
+    let tls_pki = pki.clone();
+    tokio::spawn(async move {
+        greeter
+            .serve_tls(
+                listener,
+                tls_pki.server_cert_pem.as_bytes(),
+                tls_pki.server_key_pem.as_bytes(),
+                Some(tls_pki.ca_pem.as_bytes()),
+                std::future::pending(),
+            )
+            .await
+    });
+    let _registration = must(
+        client
+            .register(
+                RegistrationBuilder::new("greeter")
+                    .id("tls1")
+                    .address("127.0.0.1")
+                    .port(bound.port()),
+            )
+            .await,
+        "register",
+    );
+
+    let tls = signpost_client::InstanceTls::new(pki.ca_pem.clone())
+        .identity(pki.client_cert_pem.clone(), pki.client_key_pem.clone());
+    let channel = must(client.balanced("greeter").tls(tls), "tls settings").build();
+    signpost_tests::greeters::wait_for_connected(&channel, 1).await;
+    let caller = Caller::start(channel.clone());
+    caller.calls(50).await;
+    let (answers, failures) = caller.stop().await;
+    assert_eq!(failures, 0, "{answers:?}");
+    assert!(answers["tls1"] >= 50, "{answers:?}");
+
+    // Without a client certificate the instance refuses the handshake, and without TLS the
+    // connection is not HTTP/2 at all: either way the endpoint fails, and says why.
+    let anonymous = must(
+        client
+            .balanced("greeter")
+            .tls(signpost_client::InstanceTls::new(pki.ca_pem.clone())),
+        "tls settings",
+    )
+    .build();
+    let plain = client.channel("greeter");
+    for (channel, what) in [(&anonymous, "no client certificate"), (&plain, "plaintext")] {
+        let error = within("the endpoint fails", async {
+            loop {
+                let stats = channel.stats();
+                if let Some(e) = stats.endpoints.first()
+                    && e.state == EndpointState::Failed
+                {
+                    return e.last_error.clone().unwrap_or_default();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let expected = if what == "plaintext" {
+            "does not answer HTTP/2"
+        } else {
+            "CertificateRequired"
+        };
+        assert!(error.contains(expected), "{what}: {error}");
+    }
+    let refused = client
+        .balanced("greeter")
+        .tls(signpost_client::InstanceTls::new("not a certificate"));
+    match refused {
+        Err(signpost_client::Error::InvalidArgument(message)) => {
+            assert!(message.starts_with("instance TLS: "), "{message}")
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}

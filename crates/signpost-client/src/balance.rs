@@ -24,6 +24,7 @@ use crate::client::Client;
 use crate::endpoint::{Body, Endpoint, Settings};
 use crate::outlier::OutlierDetection;
 use crate::pick::Policy;
+use crate::tls::{InstanceTls, Tls};
 use crate::types::{Health, Instance};
 use crate::watcher::{View, WatchCounts, WatchStats, Watcher};
 use crate::{Error, Filter, Result};
@@ -45,6 +46,7 @@ pub struct BalancedChannelBuilder {
     panic_threshold: f64,
     zone_min_share: f64,
     stale_grace: Duration,
+    tls: Option<Tls>,
 }
 
 impl BalancedChannelBuilder {
@@ -139,6 +141,13 @@ impl BalancedChannelBuilder {
         self
     }
 
+    /// Speaks TLS to every instance (HTTP/2 over TLS, as gRPC servers with TLS expect). Fails
+    /// when the certificates or the name cannot be used.
+    pub fn tls(mut self, tls: InstanceTls) -> Result<Self> {
+        self.tls = Some(tls.connector()?);
+        Ok(self)
+    }
+
     /// Starts the watch behind the channel. Must be called inside a Tokio runtime.
     pub fn build(self) -> BalancedChannel {
         let shared = Arc::new(Shared::new(
@@ -160,6 +169,7 @@ impl BalancedChannelBuilder {
             reconnect_base: base,
             reconnect_max: max,
             ewma_decay: EWMA_DECAY,
+            tls: self.tls,
         });
         let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
         let view_rx = Arc::new(view_rx);
@@ -318,6 +328,7 @@ impl Client {
             panic_threshold: 0.5,
             zone_min_share: 0.5,
             stale_grace: Duration::from_secs(15),
+            tls: None,
         }
     }
 

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::outlier::Outlier;
+use crate::tls::Tls;
 use crate::types::{Health, Instance};
 
 /// The request body of every call a generated client makes.
@@ -64,6 +65,8 @@ pub(crate) struct Settings {
     pub(crate) reconnect_max: Duration,
     /// How the RTT estimate forgets: the weight of an old sample falls by e every `decay`.
     pub(crate) ewma_decay: Duration,
+    /// TLS to the instances, if they speak it.
+    pub(crate) tls: Option<Tls>,
 }
 
 /// The parts of an instance that may change without a new connection.
@@ -91,8 +94,10 @@ impl Meta {
 #[derive(Debug, Default)]
 pub(crate) struct Activity {
     reads: AtomicU64,
-    /// Fired by the first read: the server's SETTINGS frame.
+    /// Fired by the server's first frame, its SETTINGS.
     spoke: Notify,
+    /// The first bytes were not an HTTP/2 frame.
+    not_http2: AtomicBool,
     unresponsive: Notify,
 }
 
@@ -359,7 +364,7 @@ impl Drop for Endpoint {
 /// How long a connection must have lasted for its end to reset the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(1);
 
-type Connection = http2::Connection<TokioIo<Watched<TcpStream>>, Body, TokioExecutor>;
+type Connection = http2::Connection<TokioIo<Watched<Io>>, Body, TokioExecutor>;
 
 /// The connection task's states.
 enum State {
@@ -492,10 +497,28 @@ async fn connect(
         .await
         .map_err(|e| format!("connect to {host}:{port}: {}", describe_io(&e)))?;
     let _ = tcp.set_nodelay(true);
+    let io = match &settings.tls {
+        None => Io::Plain(tcp),
+        Some(tls) => {
+            let name = tls.server_name(host)?;
+            let stream = tls
+                .connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
+            if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(format!(
+                    "TLS with {host}:{port}: the instance did not agree to HTTP/2 (ALPN h2)"
+                ));
+            }
+            Io::Tls(Box::new(stream))
+        }
+    };
     let activity = Arc::new(Activity::default());
     let io = TokioIo::new(Watched {
-        inner: tcp,
+        inner: io,
         activity: activity.clone(),
+        prefix: Some(Vec::with_capacity(16)),
     });
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -512,9 +535,21 @@ async fn connect(
     // The server's SETTINGS frame is its first read.
     let spoke = activity.spoke.notified();
     tokio::select! {
-        result = &mut connection => Err(match result {
-            Ok(()) => "the instance closed the connection before it spoke".to_owned(),
-            Err(e) => format!("the connection broke before the instance spoke: {e}"),
+        result = &mut connection => Err(if activity.not_http2.load(Ordering::Relaxed) {
+            let hint = if settings.tls.is_some() {
+                ""
+            } else {
+                " (if the instance speaks TLS, set BalancedChannelBuilder::tls)"
+            };
+            format!("{host}:{port} does not answer HTTP/2: its first bytes are not an HTTP/2 frame{hint}")
+        } else {
+            match result {
+                Ok(()) => "the instance closed the connection before it spoke".to_owned(),
+                Err(e) => format!(
+                    "the connection broke before the instance spoke: {}",
+                    root_cause(&e)
+                ),
+            }
         }),
         _ = spoke => Ok((sender, connection, activity)),
     }
@@ -538,8 +573,74 @@ pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
 
 fn describe_io(e: &std::io::Error) -> String {
     match e.kind() {
-        std::io::ErrorKind::Other => e.to_string(),
+        // TLS failures come as invalid data; their own words say what the peer refused.
+        std::io::ErrorKind::Other | std::io::ErrorKind::InvalidData => e.to_string(),
         kind => kind.to_string(),
+    }
+}
+
+/// A connection to an instance, plain or TLS.
+#[derive(Debug)]
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
 }
 
@@ -548,7 +649,12 @@ fn describe_io(e: &std::io::Error) -> String {
 struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// The first bytes the instance sent, until there are enough to tell an HTTP/2 frame.
+    prefix: Option<Vec<u8>>,
 }
+
+/// The type of an HTTP/2 SETTINGS frame: the first frame every HTTP/2 server sends.
+const SETTINGS_FRAME: u8 = 0x4;
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     fn poll_read(
@@ -558,11 +664,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(())))
-            && buf.filled().len() > before
-            && self.activity.reads.fetch_add(1, Ordering::Relaxed) == 0
-        {
-            self.activity.spoke.notify_one();
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.reads.fetch_add(1, Ordering::Relaxed);
+            // The instance has spoken once its first frame header shows a SETTINGS frame; a
+            // TLS alert or an HTTP/1 answer is not an HTTP/2 server speaking.
+            if let Some(prefix) = self.prefix.as_mut() {
+                prefix.extend_from_slice(&buf.filled()[before..]);
+                if prefix.len() >= 4 {
+                    if prefix[3] == SETTINGS_FRAME {
+                        self.activity.spoke.notify_one();
+                    } else {
+                        self.activity.not_http2.store(true, Ordering::Relaxed);
+                    }
+                    self.prefix = None;
+                }
+            }
         }
         poll
     }

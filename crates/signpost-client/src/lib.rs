@@ -20,8 +20,9 @@
 //!
 //! The HTTP/2 connections to instances are hyper's own (`hyper`, `hyper-util`, `http`,
 //! `http-body`, `bytes`, `tower-service`: the crates tonic is built on), so that the balancer
-//! sees each connection end and gets back a request that was never written; `fastrand` draws
-//! the weighted picks and the backoff jitter.
+//! sees each connection end and gets back a request that was never written; `tokio-rustls`
+//! (tonic's own TLS) speaks TLS to instances that want it (`tls`); `fastrand` draws the weighted
+//! picks and the backoff jitter.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -68,6 +69,7 @@ mod outlier;
 mod pick;
 mod registration;
 mod signal;
+mod tls;
 mod types;
 mod watcher;
 
@@ -81,5 +83,6 @@ pub use filter::Filter;
 pub use outlier::OutlierDetection;
 pub use registration::{Registration, RegistrationBuilder, RegistrationState};
 pub use signal::{Signal, shutdown_signal};
+pub use tls::InstanceTls;
 pub use types::{Event, Health, HealthCheck, Instance, Probe, RemovalReason, WatchUpdate};
 pub use watcher::{WatchCounts, WatchStats};
