@@ -792,25 +792,31 @@ impl EtcdStore {
 /// Keeps the checker lease alive until it cannot; then says so and gives the lease up.
 ///
 /// Each refresh is one call through the member set, so that a member dying moves the refreshes
-/// to another instead of losing the key. The key counts as lost once no refresh has worked for
-/// two thirds of its ttl: etcd's deadline runs from a refresh etcd took no earlier than the one
-/// this side saw answered, so this server stops before another one can win.
+/// to another instead of losing the key; one that hangs (a member whose leader just died) is
+/// given up on after a third of the ttl and the next refresh goes elsewhere. The key counts as
+/// lost once no refresh has worked for five sixths of the ttl, counted from when the last good
+/// one was sent: etcd's deadline runs from no earlier than that, so this server stops before
+/// another can win. A leader election alone does not lose it: etcd's new leader extends every
+/// lease.
 async fn hold(members: Arc<Members>, ttl: Duration, held: watch::Sender<bool>, lease: i64) {
     let mut refreshed_at = Instant::now();
     loop {
         tokio::select! {
             _ = held.closed() => break,
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep(ttl / 6) => {}
         }
-        let give_up = refreshed_at + ttl * 2 / 3;
+        let sent = Instant::now();
+        let give_up = refreshed_at + ttl * 5 / 6;
         // Safe to repeat: a refresh applied twice is one refresh.
         let refreshed = members
-            .call(Repeat::Safe, give_up, |client| async move {
-                client.lease_client().keep_alive(lease).await
-            })
+            .call(
+                Repeat::Safe,
+                (sent + ttl / 3).min(give_up),
+                |client| async move { client.lease_client().keep_alive(lease).await },
+            )
             .await;
         match refreshed {
-            Ok(_) => refreshed_at = Instant::now(),
+            Ok(_) => refreshed_at = sent,
             Err(e) if failure_is_lease_not_found(&e) => {
                 tracing::warn!(
                     "lost the checker key (its lease expired): health checks move to another server"

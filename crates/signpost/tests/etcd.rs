@@ -865,6 +865,51 @@ async fn killing_each_etcd_member_in_turn_under_load_fails_no_write() {
     )
     .await;
     assert_eq!(ids(&discover(&mut on_b, "leased").await), ["l1"]);
+
+    // One line when a member goes and one when it is back, not one per retry; and nothing that
+    // says the store, or the health checks, were lost.
+    for server in [&a, &b] {
+        let logs: Vec<String> = server.logs.try_iter().collect();
+        let count = |needle: &str| logs.iter().filter(|l| l.contains(needle)).count();
+        // Per member, the lines alternate: down, back, down, back...
+        let mut states: std::collections::BTreeMap<String, Vec<bool>> = Default::default();
+        for line in &logs {
+            let up = if line.contains("etcd member unreachable") {
+                false
+            } else if line.contains("etcd member reachable again") {
+                true
+            } else {
+                continue;
+            };
+            let endpoint = line
+                .split("endpoint=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_default()
+                .to_owned();
+            states.entry(endpoint).or_default().push(up);
+        }
+        for (endpoint, changes) in &states {
+            let alternate = changes
+                .iter()
+                .enumerate()
+                .all(|(i, up)| *up == (i % 2 == 1));
+            // Each of the three kills is at most one down and one back for a member: its own
+            // death, or, for a live one, answering too slowly while the leader was gone.
+            assert!(
+                alternate && changes.len() <= 6,
+                "{endpoint}: {changes:?} in {logs:#?}"
+            );
+        }
+        eprintln!("{}: member state changes logged: {states:?}", server.url());
+        for needle in [
+            "etcd unreachable",
+            "health checks cannot read the store",
+            "lost the checker key",
+        ] {
+            assert_eq!(count(needle), 0, "{needle:?} in {logs:#?}");
+        }
+    }
 }
 
 /// Waits until the server at `url` reports `status` on `grpc.health.v1`; returns how long that

@@ -136,7 +136,7 @@ fn root_cause(status: &tonic::Status) -> String {
 
 #[derive(Debug, Clone)]
 enum State {
-    Up,
+    Up { since: Instant },
     Down { since: Instant, error: String },
 }
 
@@ -166,13 +166,17 @@ impl Member {
     }
 
     fn is_up(&self) -> bool {
-        matches!(*self.lock(), State::Up)
+        matches!(*self.lock(), State::Up { .. })
     }
 
-    fn mark_down(&self, error: &str) {
+    /// `seen` is when the failure was seen to begin: for an answer that did not come in time,
+    /// when the request was sent. Evidence from before the member was last seen back is stale
+    /// (several calls sent to a hung member time out one after another) and changes nothing.
+    fn mark_down(&self, error: &str, seen: Instant) {
         let mut state = self.lock();
         match &mut *state {
-            State::Up => {
+            State::Up { since } if *since > seen => {}
+            State::Up { .. } => {
                 tracing::warn!(endpoint = %self.endpoint, %error, "etcd member unreachable; using the others");
                 *state = State::Down {
                     since: Instant::now(),
@@ -190,13 +194,15 @@ impl Member {
         let mut state = self.lock();
         if let State::Down { since, .. } = &*state {
             tracing::info!(endpoint = %self.endpoint, down_for = ?since.elapsed(), "etcd member reachable again");
-            *state = State::Up;
+            *state = State::Up {
+                since: Instant::now(),
+            };
         }
     }
 
     fn describe(&self) -> String {
         match &*self.lock() {
-            State::Up => format!("{}: up", self.endpoint),
+            State::Up { .. } => format!("{}: up", self.endpoint),
             State::Down { since, error } => {
                 format!(
                     "{}: {error} (down for {:.1?})",
@@ -272,7 +278,9 @@ impl Members {
             members.push(Arc::new(Member {
                 endpoint: endpoint.clone(),
                 client,
-                state: Mutex::new(State::Up),
+                state: Mutex::new(State::Up {
+                    since: Instant::now(),
+                }),
                 down: Notify::new(),
             }));
         }
@@ -322,7 +330,7 @@ impl Members {
     pub(super) fn failed(&self, i: usize, error: &etcd_client::Error) -> bool {
         match classify(error) {
             Attempt::NotSent(reason) | Attempt::Unknown(reason) => {
-                self.members[i].mark_down(&reason);
+                self.members[i].mark_down(&reason, Instant::now());
                 true
             }
             Attempt::Answered => false,
@@ -353,7 +361,9 @@ impl Members {
                 }
                 let member = &self.members[i];
                 let limit = (now + self.attempt_timeout).min(deadline);
-                let attempt =
+                // `seen`: when the failure began. The absence of an answer began when the
+                // request was sent.
+                let (attempt, seen) =
                     match tokio::time::timeout_at(limit, request(member.client.clone())).await {
                         Ok(Ok(answer)) => {
                             self.worked(i);
@@ -361,17 +371,20 @@ impl Members {
                         }
                         Ok(Err(e)) => match classify(&e) {
                             Attempt::Answered => return Err(Failure::Answered(e)),
-                            other => other,
+                            other => (other, Instant::now()),
                         },
-                        Err(_) => Attempt::Unknown(format!(
-                            "no answer within {:?}",
-                            limit.saturating_duration_since(now)
-                        )),
+                        Err(_) => (
+                            Attempt::Unknown(format!(
+                                "no answer within {:?}",
+                                limit.saturating_duration_since(now)
+                            )),
+                            now,
+                        ),
                     };
                 match attempt {
-                    Attempt::NotSent(reason) => member.mark_down(&reason),
+                    Attempt::NotSent(reason) => member.mark_down(&reason, seen),
                     Attempt::Unknown(reason) => {
-                        member.mark_down(&reason);
+                        member.mark_down(&reason, seen);
                         if repeat == Repeat::Never {
                             return Err(Failure::Unknown(format!("{}: {reason}", member.endpoint)));
                         }
@@ -402,6 +415,7 @@ async fn probe(member: Arc<Member>, key: Vec<u8>) {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
         let mut client = member.client.clone();
+        let sent = Instant::now();
         let answered = tokio::time::timeout(
             Duration::from_secs(1),
             client.get(key.as_slice(), Some(GetOptions::new().with_count_only())),
@@ -414,9 +428,9 @@ async fn probe(member: Arc<Member>, key: Vec<u8>) {
                     Attempt::NotSent(r) | Attempt::Unknown(r) => r,
                     Attempt::Answered => e.to_string(),
                 };
-                member.mark_down(&reason);
+                member.mark_down(&reason, Instant::now());
             }
-            Err(_) => member.mark_down("no answer to a probe within 1s"),
+            Err(_) => member.mark_down("no answer to a probe within 1s", sent),
         }
     }
 }
