@@ -163,3 +163,59 @@ async fn sigterm_on_a_greeter_costs_no_call() {
     let (answers, failures) = caller.stop().await;
     assert_eq!(failures, 0, "{answers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_stopped_greeter_ends_at_its_deadline_and_the_greeter_is_probed_out() {
+    use signpost_client::EndpointState;
+    use signpost_examples::pb::SayHelloRequest;
+    use signpost_examples::pb::greeter_service_client::GreeterServiceClient;
+
+    let registry = TestServer::start().await;
+    let url = registry.url();
+    let greeters = start_greeters(&url, 1, 60).await;
+    let client = test_client(url);
+    let channel = client.channel("greeter");
+    wait_for_connected(&channel, 1).await;
+    let mut greeter = GreeterServiceClient::new(channel.clone());
+    let hello = || {
+        let mut request = tonic::Request::new(SayHelloRequest { name: "x".into() });
+        request.set_timeout(Duration::from_millis(1_200));
+        request
+    };
+    assert!(greeter.say_hello(hello()).await.is_ok());
+
+    greeters[0].signal("STOP");
+    let started = Instant::now();
+    let status = greeter.say_hello(hello()).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        took >= Duration::from_millis(1_200) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The call waited past `unresponsive_after` with nothing read: a probe finds the instance
+    // silent and the connection is shut; a new one is not ready while the process is stopped.
+    within("the stopped greeter out of the pick", async {
+        while !channel
+            .stats()
+            .endpoints
+            .iter()
+            .any(|e| e.state == EndpointState::Failed || e.state == EndpointState::Connecting)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let stats = channel.stats();
+    assert!(
+        stats.endpoints[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("stopped answering")),
+        "{stats:?}"
+    );
+
+    greeters[0].signal("CONT");
+    wait_for_connected(&channel, 1).await;
+    assert!(greeter.say_hello(hello()).await.is_ok());
+}

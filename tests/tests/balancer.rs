@@ -403,3 +403,42 @@ async fn instances_that_require_mutual_tls_are_reached_over_tls() {
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_given_up_on_does_not_take_the_connection_down() {
+    let server = TestServer::start().await;
+    let client = test_client(server.url());
+    let _backend = Backend::start_with(
+        &client,
+        Greeter::new("slow").with_delay(Duration::from_secs(3)),
+        RegistrationBuilder::new("greeter")
+            .id("slow")
+            .ttl(Duration::from_secs(10)),
+    )
+    .await;
+    let channel = client.channel("greeter");
+    signpost_tests::greeters::wait_for_connected(&channel, 1).await;
+    let mut greeter =
+        signpost_examples::pb::greeter_service_client::GreeterServiceClient::new(channel.clone());
+    // Given up on by the caller after 1.5 s, with nothing read meanwhile: the connection is
+    // suspect, and the probe it gets is answered at once.
+    let call = greeter.say_hello(signpost_examples::pb::SayHelloRequest { name: "x".into() });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_500), call)
+            .await
+            .is_err()
+    );
+    // A probe that got no answer would shut the connection within its 1 s timeout; past that,
+    // the endpoint is still ready, never failed, never ejected: the same connection goes on.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stats = channel.stats();
+    let endpoint = &stats.endpoints[0];
+    assert_eq!(endpoint.state, EndpointState::Ready, "{stats:?}");
+    assert_eq!(endpoint.last_error, None, "{stats:?}");
+    assert_eq!(endpoint.probes, 1, "the wait made it suspect: {stats:?}");
+    assert_eq!(stats.ejections, 0);
+    let answer = greeter
+        .say_hello(signpost_examples::pb::SayHelloRequest { name: "y".into() })
+        .await;
+    assert!(answer.is_ok(), "{answer:?}");
+}

@@ -417,7 +417,11 @@ impl Feed {
                 if let Some(endpoint) = self.endpoints.get(&id) {
                     endpoint.stale.store(true, Ordering::Relaxed);
                 }
-                self.stale.insert(id, Instant::now() + self.stale_grace);
+                let now = Instant::now();
+                let until = now
+                    .checked_add(self.stale_grace)
+                    .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
+                self.stale.insert(id, until);
             } else if !after_reconnect {
                 self.remove(&id);
             }

@@ -91,6 +91,8 @@ pub struct EndpointStats {
     /// Answers received, and how many of them were failures (UNAVAILABLE or a broken call).
     pub answers: u64,
     pub failures: u64,
+    /// Times a call waited long with nothing read and the connection was probed.
+    pub probes: u64,
     /// Why the connection last failed, if it ever did.
     pub last_error: Option<String>,
 }
@@ -158,25 +160,30 @@ impl Shared {
         let mut endpoints: Vec<EndpointStats> = self
             .snapshot()
             .iter()
-            .map(|e| EndpointStats {
-                id: e.id.clone(),
-                address: e.authority.to_string(),
-                zone: e.zone(),
-                weight: e.weight(),
-                healthy: e.is_healthy(),
-                state: e.state(),
-                ejected_for: e
+            .map(|e| {
+                // Read before the other fields, so that no two locks are held at once.
+                let ejected_for = e
                     .outlier
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .ejected_until(now)
-                    .map(|until| until - now),
-                stale: e.stale.load(Ordering::Relaxed),
-                in_flight: e.load.pending(),
-                latency: e.load.estimate(now),
-                answers: e.calls.load(Ordering::Relaxed),
-                failures: e.failures.load(Ordering::Relaxed),
-                last_error: e.last_error(),
+                    .map(|until| until - now);
+                EndpointStats {
+                    id: e.id.clone(),
+                    address: e.authority.to_string(),
+                    zone: e.zone(),
+                    weight: e.weight(),
+                    healthy: e.is_healthy(),
+                    state: e.state(),
+                    ejected_for,
+                    stale: e.stale.load(Ordering::Relaxed),
+                    in_flight: e.load.pending(),
+                    latency: e.load.estimate(now),
+                    answers: e.calls.load(Ordering::Relaxed),
+                    failures: e.failures.load(Ordering::Relaxed),
+                    probes: e.probes.load(Ordering::Relaxed),
+                    last_error: e.last_error(),
+                }
             })
             .collect();
         endpoints.sort_by(|a, b| a.id.cmp(&b.id));
@@ -190,22 +197,20 @@ impl Shared {
         }
     }
 
-    /// A ready endpoint that `tried` does not hold, by the rules of `pick.rs`. An endpoint
-    /// whose connection turns out closed is set aside and the pick made again.
-    fn pick(&self, tried: &mut Vec<Arc<Endpoint>>) -> Option<(Arc<Endpoint>, Ready)> {
+    /// A ready connection that `tried` does not hold, by the rules of `pick.rs`. A
+    /// connection found closed is set aside and the pick made again; its endpoint's task,
+    /// which has seen it end, is already making the next one.
+    fn pick(&self, tried: &mut Vec<Tried>) -> Option<(Arc<Endpoint>, Ready)> {
         loop {
             let endpoint = self.pick_once(tried)?;
             match endpoint.ready() {
                 Some(ready) => return Some((endpoint, ready)),
-                None => {
-                    endpoint.connection_lost("the connection closed".to_owned());
-                    tried.push(endpoint);
-                }
+                None => tried.push(Tried::now(&endpoint)),
             }
         }
     }
 
-    fn pick_once(&self, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
+    fn pick_once(&self, tried: &[Tried]) -> Option<Arc<Endpoint>> {
         let snapshot = self.snapshot();
         let now = Instant::now();
         let known = Known {
@@ -215,12 +220,11 @@ impl Shared {
         let mut endpoints = Vec::with_capacity(snapshot.len());
         let mut candidates = Vec::with_capacity(snapshot.len());
         for e in snapshot.iter() {
-            if e.state() != EndpointState::Ready || tried.iter().any(|t| Arc::ptr_eq(t, e)) {
+            if e.state() != EndpointState::Ready || tried.iter().any(|t| t.covers(e)) {
                 continue;
             }
             candidates.push(Candidate {
                 weight: e.weight(),
-                cost: e.load.cost(now),
                 local: e.is_local(),
                 healthy: e.is_healthy(),
                 ejected: e
@@ -231,24 +235,26 @@ impl Shared {
             });
             endpoints.push(e);
         }
-        let picked = pick(&candidates, known, &self.policy, &mut fastrand::f64)?;
+        // Only the two drawn endpoints' costs are worked out.
+        let cost = |i: usize| endpoints[i].load.cost(now);
+        let picked = pick(&candidates, known, &self.policy, cost, &mut fastrand::f64)?;
         if picked.panic {
             self.counters.panic_picks.fetch_add(1, Ordering::Relaxed);
         }
         Some(endpoints[picked.index].clone())
     }
 
-    /// Whether waiting may bring an endpoint: the first view has not come yet, or some
-    /// endpoint is still connecting.
-    fn worth_waiting(&self, tried: &[Arc<Endpoint>]) -> bool {
+    /// Whether waiting may bring a connection: the first view has not come yet, or some
+    /// endpoint is connecting or has a connection this call has not tried.
+    fn worth_waiting(&self, tried: &[Tried]) -> bool {
         if self.refused().is_some() {
             return false;
         }
         !self.synced.load(Ordering::Acquire)
-            || self.snapshot().iter().any(|e| {
-                e.state() == EndpointState::Connecting
-                    || (e.state() == EndpointState::Ready
-                        && !tried.iter().any(|t| Arc::ptr_eq(t, e)))
+            || self.snapshot().iter().any(|e| match e.state() {
+                EndpointState::Connecting | EndpointState::Probing => true,
+                EndpointState::Ready => !tried.iter().any(|t| t.covers(e)),
+                EndpointState::Failed => false,
             })
     }
 
@@ -303,8 +309,9 @@ impl Shared {
                     .is_ejected(now)
             })
             .count();
-        if may_eject(&self.outlier, ejected, snapshot.len()) {
-            let until = lock().eject(&self.outlier, now);
+        if may_eject(&self.outlier, ejected, snapshot.len())
+            && let Some(until) = lock().eject(&self.outlier, now)
+        {
             self.counters.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %self.service, id = %endpoint.id, ejected_for = ?(until - now), "endpoint ejected: its calls keep failing");
             self.changed.send_modify(|n| *n += 1);
@@ -316,16 +323,17 @@ impl Shared {
         mut request: http::Request<Body>,
     ) -> Result<http::Response<ResponseBody>, BoxError> {
         let started = Instant::now();
-        let wait =
-            grpc_timeout(request.headers()).map_or(self.wait_timeout, |t| t.min(self.wait_timeout));
-        let wait_until = started + wait;
+        // tonic's generated clients only write the deadline into the header; its own Channel
+        // enforces it, and so must this one.
+        let deadline = grpc_timeout(request.headers()).map(|t| later(started, t));
+        let wait_until = later(started, self.wait_timeout).min(deadline.unwrap_or(*FAR));
         let path = request
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         let mut changes = self.changed.subscribe();
-        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut tried: Vec<Tried> = Vec::new();
         let mut attempts = 0;
         let mut last_error = None;
         loop {
@@ -342,7 +350,7 @@ impl Shared {
             };
             attempts += 1;
             let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.scheme = Some(endpoint.scheme.clone());
             parts.authority = Some(endpoint.authority.clone());
             parts.path_and_query = Some(path.clone());
             if let Ok(uri) = http::Uri::from_parts(parts) {
@@ -352,24 +360,50 @@ impl Shared {
                 self.counters.calls.fetch_add(1, Ordering::Relaxed);
             }
             let call = Call::start(&self, &endpoint, &ready.activity);
+            let this_connection = Tried::of(&endpoint, &ready);
             let mut sender = ready.sender;
-            match sender.try_send_request(request).await {
+            let sent = sender.try_send_request(request);
+            let answer = match deadline {
+                None => sent.await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
+                    Ok(answer) => answer,
+                    // Dropping the attempt lets the call's record see what it waited for.
+                    Err(_) => {
+                        drop(call);
+                        return Err(Box::new(tonic::Status::deadline_exceeded(format!(
+                            "no answer from instance {} of {} within the call's deadline",
+                            endpoint.id, self.service
+                        ))));
+                    }
+                },
+            };
+            match answer {
                 Ok(response) => return Ok(call.answered(response)),
                 Err(mut error) => {
                     let back = error.take_message();
-                    let cause = root_cause(&error.into_error());
+                    let error = error.into_error();
+                    let cause = root_cause(&error);
                     match back {
                         Some(unsent) => {
                             // Never written: the connection went away under the pick.
                             call.never_sent();
-                            endpoint.connection_lost(format!("the connection went away: {cause}"));
                             last_error = Some(format!("instance {}: {cause}", endpoint.id));
                             if attempts >= self.max_attempts {
                                 return Err(self.no_instance(last_error));
                             }
                             self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                            tried.push(endpoint);
+                            tried.push(this_connection);
                             request = unsent;
+                        }
+                        None if refused_unprocessed(&error) => {
+                            // The instance said it never processed the call (a GOAWAY or
+                            // REFUSED_STREAM as it shuts down): no mark against it. The request
+                            // is gone with hyper, so the caller must send it again.
+                            call.never_sent();
+                            return Err(Box::new(tonic::Status::unavailable(format!(
+                                "instance {} of {} refused the call unprocessed ({cause}); it is safe to send again",
+                                endpoint.id, self.service
+                            ))));
                         }
                         None => {
                             call.broke();
@@ -385,8 +419,59 @@ impl Shared {
     }
 }
 
-/// One attempt on one endpoint: counts it in flight until the answer's head arrives, and on
-/// the way out records what happened.
+/// A time `after` past `now`, or as far as a clock goes.
+fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after).unwrap_or(now + FAR_AHEAD)
+}
+
+/// A century: past any deadline a setting could mean.
+const FAR_AHEAD: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Stands for "no deadline" in comparisons of instants.
+static FAR: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(|| Instant::now() + FAR_AHEAD);
+
+/// Whether an error after the request was handed over says the instance did not process it.
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// A connection a call already tried: the endpoint and which of its connections.
+struct Tried {
+    endpoint: Arc<Endpoint>,
+    generation: u64,
+}
+
+impl Tried {
+    fn of(endpoint: &Arc<Endpoint>, ready: &Ready) -> Tried {
+        Tried {
+            endpoint: endpoint.clone(),
+            generation: ready.generation,
+        }
+    }
+
+    fn now(endpoint: &Arc<Endpoint>) -> Tried {
+        Tried {
+            endpoint: endpoint.clone(),
+            generation: endpoint.generation(),
+        }
+    }
+
+    /// A new connection of the same endpoint is worth a try.
+    fn covers(&self, endpoint: &Arc<Endpoint>) -> bool {
+        Arc::ptr_eq(&self.endpoint, endpoint) && endpoint.generation() == self.generation
+    }
+}
+
+/// One attempt on one endpoint: in flight from the start until the answer's body ends (a
+/// stream of answers is load for as long as it lasts); its latency is the time to the answer's
+/// head. On the way out it records what happened.
 struct Call {
     shared: Arc<Shared>,
     endpoint: Arc<Endpoint>,
@@ -409,40 +494,43 @@ impl Call {
         }
     }
 
-    fn finish(&mut self) {
-        self.done = true;
+    fn observe(&self) {
         let now = Instant::now();
-        self.endpoint.load.finish(now - self.started, now);
+        self.endpoint.load.observe(now - self.started, now);
     }
 
     fn answered(
         mut self,
         response: http::Response<hyper::body::Incoming>,
     ) -> http::Response<ResponseBody> {
-        self.finish();
-        let outcome = Outcome {
+        self.done = true;
+        self.observe();
+        let open = OpenCall {
             shared: self.shared.clone(),
             endpoint: self.endpoint.clone(),
+            outcome: true,
         };
         // A trailers-only answer carries its status in the head.
-        let outcome = match grpc_status(response.headers()) {
+        let open = match grpc_status(response.headers()) {
             Some(status) => {
-                outcome.record(status == UNAVAILABLE);
+                open.record(status == UNAVAILABLE);
                 None
             }
-            None => Some(outcome),
+            None => Some(open),
         };
-        response.map(|inner| ResponseBody { inner, outcome })
+        response.map(|inner| ResponseBody { inner, open })
     }
 
     fn never_sent(mut self) {
         self.done = true;
         // Not an answer: the latency estimate learns nothing.
-        self.endpoint.load.cancel();
+        self.endpoint.load.end();
     }
 
     fn broke(mut self) {
-        self.finish();
+        self.done = true;
+        self.observe();
+        self.endpoint.load.end();
         self.shared.record(&self.endpoint, true);
     }
 }
@@ -452,34 +540,51 @@ impl Drop for Call {
         if self.done {
             return;
         }
-        // Given up on before any answer (the caller's deadline, or it went away). The wait
+        // Given up on before any answer (the deadline, or the caller went away). The wait
         // counts as latency, so a hung instance looks as slow as it is; and a long wait with
-        // nothing at all read from the connection means the instance stopped answering.
+        // nothing at all read from the connection makes it suspect.
         let waited = self.started.elapsed();
-        self.finish();
+        self.observe();
+        self.endpoint.load.end();
         if waited >= self.shared.unresponsive_after && self.activity.reads() == self.reads_at_start
         {
-            self.activity.declare_unresponsive();
+            self.activity.declare_suspect();
         }
     }
 }
 
-/// Records the call's outcome once its status is known.
-struct Outcome {
+/// A call whose answer's body is still coming: in flight until it ends, and its outcome
+/// recorded once its status is known.
+struct OpenCall {
     shared: Arc<Shared>,
     endpoint: Arc<Endpoint>,
+    /// Whether the outcome is still to be recorded.
+    outcome: bool,
 }
 
-impl Outcome {
-    fn record(self, failed: bool) {
+impl OpenCall {
+    fn record(mut self, failed: bool) {
+        self.outcome = false;
         self.shared.record(&self.endpoint, failed);
+    }
+
+    fn record_once(&mut self, failed: bool) {
+        if std::mem::take(&mut self.outcome) {
+            self.shared.record(&self.endpoint, failed);
+        }
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        self.endpoint.load.end();
     }
 }
 
 /// The body of an answer; watches for the trailers that carry the call's status.
 pub struct ResponseBody {
     inner: hyper::body::Incoming,
-    outcome: Option<Outcome>,
+    open: Option<OpenCall>,
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -499,19 +604,20 @@ impl HttpBody for ResponseBody {
         let poll = Pin::new(&mut self.inner).poll_frame(cx);
         match &poll {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(outcome) = self.outcome.take()
-                {
-                    outcome.record(grpc_status(trailers) == Some(UNAVAILABLE));
+                if let Some(trailers) = frame.trailers_ref() {
+                    let failed = grpc_status(trailers) == Some(UNAVAILABLE);
+                    if let Some(mut open) = self.open.take() {
+                        open.record_once(failed);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                if let Some(outcome) = self.outcome.take() {
-                    outcome.record(true);
+                if let Some(mut open) = self.open.take() {
+                    open.record_once(true);
                 }
             }
             // Ended without trailers: not a gRPC answer; nothing to learn.
-            Poll::Ready(None) => self.outcome = None,
+            Poll::Ready(None) => self.open = None,
             Poll::Pending => {}
         }
         poll

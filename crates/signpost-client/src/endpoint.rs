@@ -43,6 +43,9 @@ pub enum EndpointState {
     Ready,
     /// The last attempt failed; waiting before the next.
     Failed,
+    /// Connected, but a call waited long with nothing read from the connection: out of the pick
+    /// while a probe asks the instance whether it is still there.
+    Probing,
 }
 
 impl EndpointState {
@@ -50,6 +53,7 @@ impl EndpointState {
         match value {
             1 => EndpointState::Ready,
             2 => EndpointState::Failed,
+            3 => EndpointState::Probing,
             _ => EndpointState::Connecting,
         }
     }
@@ -90,24 +94,44 @@ impl Meta {
 }
 
 /// One connection's activity: how many reads returned bytes. A call that waited long and saw
-/// no read at all found the connection unresponsive.
-#[derive(Debug, Default)]
+/// no read at all makes the connection suspect.
+#[derive(Debug)]
 pub(crate) struct Activity {
     reads: AtomicU64,
     /// Fired by the server's first frame, its SETTINGS.
     spoke: Notify,
     /// The first bytes were not an HTTP/2 frame.
     not_http2: AtomicBool,
-    unresponsive: Notify,
+    suspect: Notify,
+    /// A second handle on the socket, to shut it down: the HTTP/2 connection runs on a task of
+    /// hyper's, which ends (failing every call on it) only when its socket does.
+    socket: Option<std::net::TcpStream>,
 }
 
 impl Activity {
+    fn new(socket: Option<std::net::TcpStream>) -> Activity {
+        Activity {
+            reads: AtomicU64::new(0),
+            spoke: Notify::new(),
+            not_http2: AtomicBool::new(false),
+            suspect: Notify::new(),
+            socket,
+        }
+    }
+
     pub(crate) fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn declare_unresponsive(&self) {
-        self.unresponsive.notify_one();
+    /// A call gave up after waiting long with nothing read: the connection task probes.
+    pub(crate) fn declare_suspect(&self) {
+        self.suspect.notify_one();
+    }
+
+    fn shut_down(&self) {
+        if let Some(socket) = &self.socket {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -116,6 +140,8 @@ impl Activity {
 pub(crate) struct Ready {
     pub(crate) sender: Sender,
     pub(crate) activity: Arc<Activity>,
+    /// Which connection of the endpoint this is (each new one takes the next number).
+    pub(crate) generation: u64,
 }
 
 /// Peak-EWMA latency, as in Finagle and linkerd: a slower sample is taken at once, a faster one
@@ -180,18 +206,18 @@ impl Load {
         Duration::from_nanos(self.decayed(&self.lock(), now) as u64)
     }
 
+    /// A call begins: in flight until [`Load::end`].
     pub(crate) fn start(&self) {
         self.pending.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A call that was never sent.
-    pub(crate) fn cancel(&self) {
+    /// A call (or its stream of answers) is over.
+    pub(crate) fn end(&self) {
         self.pending.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// A call's answer (or its giving up) after `rtt`.
-    pub(crate) fn finish(&self, rtt: Duration, now: Instant) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
+    /// An answer's head (or the giving up on one) came `rtt` after the call began.
+    pub(crate) fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
         let mut ewma = self.lock();
         if rtt > ewma.nanos {
@@ -220,6 +246,10 @@ pub(crate) struct Endpoint {
     pub(crate) host: String,
     pub(crate) port: u16,
     pub(crate) authority: http::uri::Authority,
+    /// `https` when the channel speaks TLS to its instances.
+    pub(crate) scheme: http::uri::Scheme,
+    /// The latest connection's number; see [`Ready::generation`].
+    generation: AtomicU64,
     /// Read on every pick, so kept in atomics; the zone's name only for stats.
     weight: AtomicU32,
     healthy: AtomicBool,
@@ -235,6 +265,8 @@ pub(crate) struct Endpoint {
     pub(crate) outlier: Mutex<Outlier>,
     pub(crate) calls: AtomicU64,
     pub(crate) failures: AtomicU64,
+    /// Probes of a suspect connection (answered or not).
+    pub(crate) probes: AtomicU64,
     /// Wakes calls that wait for an endpoint to become ready.
     changed: Arc<watch::Sender<u64>>,
     stop: CancellationToken,
@@ -262,6 +294,12 @@ impl Endpoint {
             host: instance.address.clone(),
             port: instance.port,
             authority,
+            scheme: if settings.tls.is_some() {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            generation: AtomicU64::new(0),
             weight: AtomicU32::new(meta.weight),
             healthy: AtomicBool::new(meta.healthy),
             local: AtomicBool::new(!client_zone.is_empty() && meta.zone == client_zone),
@@ -274,6 +312,7 @@ impl Endpoint {
             outlier: Mutex::new(Outlier::default()),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
             changed,
             stop: CancellationToken::new(),
         });
@@ -341,12 +380,8 @@ impl Endpoint {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Takes the endpoint out of the pick because a call found its connection gone, before
-    /// the connection task has noticed.
-    pub(crate) fn connection_lost(&self, reason: String) {
-        if self.state() == EndpointState::Ready {
-            self.set(EndpointState::Connecting, None, Some(reason));
-        }
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Stops the connection task. Calls in flight finish on the connection; no new one is sent.
@@ -371,6 +406,7 @@ enum State {
     Connecting,
     Connected {
         connection: Pin<Box<Connection>>,
+        sender: Sender,
         activity: Arc<Activity>,
         since: Instant,
     },
@@ -393,6 +429,9 @@ async fn keep_connected(endpoint: Arc<Endpoint>, settings: Arc<Settings>) {
                 let Some(endpoint) = weak.upgrade() else {
                     return;
                 };
+                if endpoint.state() != EndpointState::Connecting {
+                    endpoint.set(EndpointState::Connecting, None, None);
+                }
                 let (host, port) = (endpoint.host.clone(), endpoint.port);
                 drop(endpoint);
                 let attempt =
@@ -408,16 +447,19 @@ async fn keep_connected(endpoint: Arc<Endpoint>, settings: Arc<Settings>) {
                     Ok(Ok((sender, connection, activity))) => {
                         endpoint.load.reset();
                         tracing::debug!(id = %endpoint.id, authority = %endpoint.authority, "endpoint ready");
+                        let generation = endpoint.generation.fetch_add(1, Ordering::AcqRel) + 1;
                         endpoint.set(
                             EndpointState::Ready,
                             Some(Ready {
-                                sender,
+                                sender: sender.clone(),
                                 activity: activity.clone(),
+                                generation,
                             }),
                             None,
                         );
                         State::Connected {
                             connection,
+                            sender,
                             activity,
                             since: Instant::now(),
                         }
@@ -442,24 +484,37 @@ async fn keep_connected(endpoint: Arc<Endpoint>, settings: Arc<Settings>) {
             }
             State::Connected {
                 mut connection,
+                sender,
                 activity,
                 since,
             } => {
-                let ended = tokio::select! {
-                    _ = stop.cancelled() => {
-                        // Removed from the channel: no new calls (the handle is gone with the
-                        // endpoint); the connection finishes the calls in flight and closes.
-                        if let Some(endpoint) = weak.upgrade() {
-                            endpoint.set(EndpointState::Connecting, None, None);
+                let ended = loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            // Removed from the channel: no new calls (the handle is gone with
+                            // the endpoint); the connection finishes the calls in flight.
+                            if let Some(endpoint) = weak.upgrade() {
+                                endpoint.set(EndpointState::Connecting, None, None);
+                            }
+                            drop(sender);
+                            let _ = connection.await;
+                            return;
                         }
-                        let _ = connection.await;
-                        return;
+                        _ = activity.suspect.notified() => {
+                            match probe(&weak, &sender, &mut connection, &stop).await {
+                                Probe::Answered => continue,
+                                Probe::Silent => {
+                                    activity.shut_down();
+                                    break format!(
+                                        "the instance stopped answering: a call waited with nothing read, and a probe got no answer within {PROBE_TIMEOUT:?}"
+                                    );
+                                }
+                                Probe::Ended(reason) => break reason,
+                                Probe::Stopped => return,
+                            }
+                        }
+                        result = &mut connection => break ended(result),
                     }
-                    _ = activity.unresponsive.notified() => "the instance stopped answering (a call waited with nothing read on its connection)".to_owned(),
-                    result = &mut connection => match result {
-                        Ok(()) => "the instance closed the connection".to_owned(),
-                        Err(e) => format!("the connection broke: {}", root_cause(&e)),
-                    },
                 };
                 let Some(endpoint) = weak.upgrade() else {
                     return;
@@ -487,6 +542,70 @@ async fn keep_connected(endpoint: Arc<Endpoint>, settings: Arc<Settings>) {
     }
 }
 
+/// How long a suspect connection's probe may wait for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn ended(result: Result<(), hyper::Error>) -> String {
+    match result {
+        Ok(()) => "the instance closed the connection".to_owned(),
+        Err(e) => format!("the connection broke: {}", root_cause(&e)),
+    }
+}
+
+enum Probe {
+    Answered,
+    Silent,
+    Ended(String),
+    Stopped,
+}
+
+/// Asks a suspect connection whether the instance is still there, with a request any HTTP/2
+/// server answers at once (a gRPC server with UNIMPLEMENTED if it has no health service): a
+/// slow handler answers this, a stopped or hung process does not. The endpoint is out of the
+/// pick meanwhile, so no new call waits on it.
+async fn probe(
+    weak: &std::sync::Weak<Endpoint>,
+    sender: &Sender,
+    connection: &mut Pin<Box<Connection>>,
+    stop: &CancellationToken,
+) -> Probe {
+    let Some(endpoint) = weak.upgrade() else {
+        return Probe::Stopped;
+    };
+    let ready = endpoint.ready();
+    endpoint.probes.fetch_add(1, Ordering::Relaxed);
+    endpoint.set(EndpointState::Probing, ready.clone(), None);
+    let uri = http::Uri::builder()
+        .scheme(endpoint.scheme.clone())
+        .authority(endpoint.authority.clone())
+        .path_and_query("/grpc.health.v1.Health/Check")
+        .build();
+    let request = uri.map_err(|e| e.to_string()).and_then(|uri| {
+        http::Request::post(uri)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(Body::empty())
+            .map_err(|e| e.to_string())
+    });
+    let Ok(request) = request else {
+        return Probe::Answered;
+    };
+    let mut sender = sender.clone();
+    let outcome = tokio::select! {
+        _ = stop.cancelled() => return Probe::Stopped,
+        answer = tokio::time::timeout(PROBE_TIMEOUT, sender.send_request(request)) => match answer {
+            Ok(_) => Probe::Answered,
+            Err(_) => Probe::Silent,
+        },
+        result = connection.as_mut() => Probe::Ended(ended(result)),
+    };
+    if matches!(outcome, Probe::Answered) && endpoint.state() == EndpointState::Probing {
+        tracing::debug!(id = %endpoint.id, "a suspect connection answered its probe");
+        endpoint.set(EndpointState::Ready, ready, None);
+    }
+    outcome
+}
+
 /// TCP, the HTTP/2 handshake, and the server's first frame.
 async fn connect(
     host: &str,
@@ -497,6 +616,11 @@ async fn connect(
         .await
         .map_err(|e| format!("connect to {host}:{port}: {}", describe_io(&e)))?;
     let _ = tcp.set_nodelay(true);
+    let socket = tcp
+        .into_std()
+        .and_then(|std| Ok((std.try_clone()?, std)))
+        .and_then(|(clone, std)| Ok((clone, TcpStream::from_std(std)?)));
+    let (socket, tcp) = socket.map_err(|e| format!("connect to {host}:{port}: {e}"))?;
     let io = match &settings.tls {
         None => Io::Plain(tcp),
         Some(tls) => {
@@ -514,7 +638,7 @@ async fn connect(
             Io::Tls(Box::new(stream))
         }
     };
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity::new(Some(socket)));
     let io = TokioIo::new(Watched {
         inner: io,
         activity: activity.clone(),

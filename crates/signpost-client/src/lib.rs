@@ -18,7 +18,7 @@
 //! [`Client::discover`] answers from such a watch's view when one runs for the same filter,
 //! without a round trip.
 //!
-//! The HTTP/2 connections to instances are hyper's own (`hyper`, `hyper-util`, `http`,
+//! The HTTP/2 connections to instances are hyper's own (`hyper`, `hyper-util`, `h2`, `http`,
 //! `http-body`, `bytes`, `tower-service`: the crates tonic is built on), so that the balancer
 //! sees each connection end and gets back a request that was never written; `tokio-rustls`
 //! (tonic's own TLS) speaks TLS to instances that want it (`tls`); `fastrand` draws the weighted

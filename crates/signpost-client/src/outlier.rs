@@ -67,8 +67,12 @@ impl Outlier {
         policy.consecutive_failures > 0 && self.consecutive >= policy.consecutive_failures
     }
 
-    /// Ejects the endpoint; returns until when.
-    pub(crate) fn eject(&mut self, policy: &OutlierDetection, now: Instant) -> Instant {
+    /// Ejects the endpoint and says until when; `None` when it already is (two failures that
+    /// crossed the threshold at once eject it once).
+    pub(crate) fn eject(&mut self, policy: &OutlierDetection, now: Instant) -> Option<Instant> {
+        if self.is_ejected(now) {
+            return None;
+        }
         // An endpoint that stayed out of trouble for a whole max ejection starts afresh.
         if let Some(last) = self.ejected_until
             && now.saturating_duration_since(last) > policy.max_ejection
@@ -80,10 +84,13 @@ impl Outlier {
             .base_ejection
             .saturating_mul(self.ejections)
             .min(policy.max_ejection);
-        let until = now + length;
+        // A setting too large for the clock means "for good".
+        let until = now
+            .checked_add(length)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
         self.ejected_until = Some(until);
         self.consecutive = 0;
-        until
+        Some(until)
     }
 }
 
@@ -109,7 +116,8 @@ mod tests {
             assert!(!o.failure(&policy, now), "a success resets the count");
         }
         assert!(o.failure(&policy, now));
-        assert_eq!(o.eject(&policy, now), now + Duration::from_secs(30));
+        assert_eq!(o.eject(&policy, now), Some(now + Duration::from_secs(30)));
+        assert_eq!(o.eject(&policy, now), None, "already ejected");
         assert!(o.is_ejected(now + Duration::from_secs(29)));
         assert!(
             !o.failure(&policy, now),
@@ -122,16 +130,20 @@ mod tests {
             assert!(!o.failure(&policy, back));
         }
         assert!(o.failure(&policy, back));
-        assert_eq!(o.eject(&policy, back), back + Duration::from_secs(60));
+        assert_eq!(o.eject(&policy, back), Some(back + Duration::from_secs(60)));
 
-        // Ten more: capped at the maximum.
+        // Each time it is back and ejected again, longer, up to the maximum.
         let mut at = back;
-        for _ in 0..10 {
-            at += Duration::from_secs(301);
-            at = o.eject(&policy, at.min(o.ejected_until.unwrap_or(at)));
+        let mut lengths = Vec::new();
+        for _ in 0..12 {
+            let until = o.ejected_until.unwrap_or(at);
+            at = until + Duration::from_secs(1);
+            let next = o.eject(&policy, at).unwrap_or(at);
+            lengths.push((next - at).as_secs());
         }
-        let later = at + Duration::from_secs(1);
-        assert!(o.eject(&policy, later) <= later + policy.max_ejection);
+        assert_eq!(&lengths[..3], [90, 120, 150]);
+        assert!(lengths.iter().all(|&l| l <= 300), "{lengths:?}");
+        assert_eq!(lengths.last(), Some(&300));
     }
 
     #[test]
@@ -143,7 +155,7 @@ mod tests {
         let much_later = now + Duration::from_secs(30 + 301);
         assert_eq!(
             o.eject(&policy, much_later),
-            much_later + Duration::from_secs(30)
+            Some(much_later + Duration::from_secs(30))
         );
     }
 

@@ -20,8 +20,6 @@ const TIE_FACTOR: f64 = 3.0;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Candidate {
     pub(crate) weight: u32,
-    /// Load cost: the latency estimate times the calls in flight plus one.
-    pub(crate) cost: f64,
     /// In the client's zone (always false when the client names none).
     pub(crate) local: bool,
     /// The registry calls it PASSING or WARNING.
@@ -50,11 +48,14 @@ pub(crate) struct Picked {
     pub(crate) panic: bool,
 }
 
-/// Picks one of `candidates`; `None` when there is none. `random` returns a number in [0, 1).
+/// Picks one of `candidates`; `None` when there is none. `cost(i)` is candidate `i`'s load
+/// cost (its latency estimate times its calls in flight plus one), asked only of the two drawn;
+/// `random` returns a number in [0, 1).
 pub(crate) fn pick(
     candidates: &[Candidate],
     known: Known,
     policy: &Policy,
+    cost: impl Fn(usize) -> f64,
     random: &mut impl FnMut() -> f64,
 ) -> Option<Picked> {
     if candidates.is_empty() {
@@ -64,7 +65,10 @@ pub(crate) fn pick(
         .filter(|&i| candidates[i].healthy && !candidates[i].ejected)
         .collect();
     // Panic only when it changes something: every connected endpoint is not already healthy.
-    let panic = healthy.len() < candidates.len()
+    // Panic only when it changes something (not every connected endpoint is healthy), and a
+    // threshold of 0 turns it off: then nothing unhealthy is ever picked.
+    let panic = policy.panic_threshold > 0.0
+        && healthy.len() < candidates.len()
         && ((healthy.len() as f64) < policy.panic_threshold * known.all as f64
             || healthy.is_empty());
     let mut set = if panic {
@@ -82,20 +86,21 @@ pub(crate) fn pick(
             set = local;
         }
     }
-    let index = power_of_two(candidates, &set, random)?;
+    let index = power_of_two(candidates, &set, cost, random)?;
     Some(Picked { index, panic })
 }
 
 fn power_of_two(
     candidates: &[Candidate],
     set: &[usize],
+    cost: impl Fn(usize) -> f64,
     random: &mut impl FnMut() -> f64,
 ) -> Option<usize> {
     let first = weighted(candidates, set, None, random)?;
     let Some(second) = weighted(candidates, set, Some(first), random) else {
         return Some(first);
     };
-    let (a, b) = (candidates[first].cost, candidates[second].cost);
+    let (a, b) = (cost(first), cost(second));
     Some(if b * TIE_FACTOR < a { second } else { first })
 }
 
@@ -131,14 +136,26 @@ fn weighted(
 mod tests {
     use super::*;
 
-    fn c(weight: u32, cost: f64) -> Candidate {
-        Candidate {
+    /// A candidate and its cost.
+    fn c(weight: u32, cost: f64) -> (Candidate, f64) {
+        let candidate = Candidate {
             weight,
-            cost,
             local: false,
             healthy: true,
             ejected: false,
-        }
+        };
+        (candidate, cost)
+    }
+
+    fn pick_in(
+        cands: &[(Candidate, f64)],
+        known: Known,
+        rng: &mut fastrand::Rng,
+    ) -> Option<Picked> {
+        let candidates: Vec<Candidate> = cands.iter().map(|(c, _)| *c).collect();
+        pick(&candidates, known, &POLICY, |i| cands[i].1, &mut || {
+            rng.f64()
+        })
     }
 
     const POLICY: Policy = Policy {
@@ -146,11 +163,11 @@ mod tests {
         zone_min_share: 0.5,
     };
 
-    fn shares(candidates: &[Candidate], known: Known, n: usize) -> Vec<f64> {
+    fn shares(candidates: &[(Candidate, f64)], known: Known, n: usize) -> Vec<f64> {
         let mut rng = fastrand::Rng::with_seed(7);
         let mut counts = vec![0usize; candidates.len()];
         for _ in 0..n {
-            let p = pick(candidates, known, &POLICY, &mut || rng.f64()).unwrap();
+            let p = pick_in(candidates, known, &mut rng).unwrap();
             counts[p.index] += 1;
         }
         counts.iter().map(|&k| k as f64 / n as f64).collect()
@@ -177,14 +194,14 @@ mod tests {
     #[test]
     fn unhealthy_and_ejected_endpoints_are_avoided_until_panic() {
         let mut cands = [c(100, 1.0), c(100, 1.0), c(100, 1.0), c(100, 1.0)];
-        cands[0].ejected = true;
-        cands[1].healthy = false;
+        cands[0].0.ejected = true;
+        cands[1].0.healthy = false;
         let s = shares(&cands, known(4), 5_000);
         assert_eq!((s[0], s[1]), (0.0, 0.0), "{s:?}");
         // One of four left healthy: below the threshold, spread over every connected one.
-        cands[2].healthy = false;
+        cands[2].0.healthy = false;
         let mut rng = fastrand::Rng::with_seed(1);
-        let p = pick(&cands, known(4), &POLICY, &mut || rng.f64()).unwrap();
+        let p = pick_in(&cands, known(4), &mut rng).unwrap();
         assert!(p.panic);
         let s = shares(&cands, known(4), 8_000);
         assert!(s.iter().all(|&x| x > 0.2), "{s:?}");
@@ -195,16 +212,16 @@ mod tests {
         // Two connected and healthy, two more known but down: 2/4 is not below one half.
         let cands = [c(100, 1.0), c(100, 1.0)];
         let mut rng = fastrand::Rng::with_seed(3);
-        let p = pick(&cands, known(4), &POLICY, &mut || rng.f64()).unwrap();
+        let p = pick_in(&cands, known(4), &mut rng).unwrap();
         assert!(!p.panic);
-        assert!(pick(&[], known(4), &POLICY, &mut || 0.5).is_none());
+        assert!(pick_in(&[], known(4), &mut rng).is_none());
     }
 
     #[test]
     fn the_local_zone_is_preferred_while_enough_of_it_is_up() {
         let mut cands = [c(100, 1.0), c(100, 1.0), c(100, 1.0), c(100, 1.0)];
-        cands[0].local = true;
-        cands[1].local = true;
+        cands[0].0.local = true;
+        cands[1].0.local = true;
         let zoned = Known { all: 4, local: 2 };
         let s = shares(&cands, zoned, 5_000);
         assert_eq!(s[2] + s[3], 0.0, "{s:?}");
@@ -218,6 +235,20 @@ mod tests {
         let three_local = Known { all: 5, local: 3 };
         let s = shares(&cands[1..], three_local, 9_000);
         assert!(s.iter().all(|&x| x > 0.25), "{s:?}");
+    }
+
+    #[test]
+    fn a_panic_threshold_of_zero_never_picks_an_unhealthy_endpoint() {
+        let mut cands = [c(100, 1.0), c(100, 1.0)];
+        cands[0].0.ejected = true;
+        cands[1].0.healthy = false;
+        let candidates: Vec<Candidate> = cands.iter().map(|(c, _)| *c).collect();
+        let off = Policy {
+            panic_threshold: 0.0,
+            ..POLICY
+        };
+        assert!(pick(&candidates, known(2), &off, |_| 1.0, &mut || 0.3).is_none());
+        assert!(pick(&candidates, known(2), &POLICY, |_| 1.0, &mut || 0.3).is_some());
     }
 
     #[test]
