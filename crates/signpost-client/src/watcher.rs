@@ -189,7 +189,11 @@ async fn open(
         Ok(response) => Ok(response.into_inner()),
         Err(status) => {
             let error = conn.error(index, status);
-            if matches!(error, Error::Unavailable { .. }) {
+            // Another registry may reach its store when this one cannot.
+            if matches!(
+                error,
+                Error::Unavailable { .. } | Error::StoreUnavailable { .. }
+            ) {
                 conn.failed(index);
             }
             Err(error)
