@@ -205,10 +205,17 @@ pub async fn serve<S: Store>(
         ));
     }
 
+    // Each of tonic-reflection's builders adds only its own version's descriptor set, so
+    // `grpcurl list` would show whichever version answered and hide the other one this port also
+    // serves. Both sets go into both builders (a file registered twice is kept once).
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(signpost_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
     let (reflection_v1, reflection_v1alpha) = if with_reflection {
         (

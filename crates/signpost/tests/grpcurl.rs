@@ -35,6 +35,9 @@ fn the_readme_walkthrough_runs_verbatim_against_the_binary() {
     for expected in [
         "signpost.v1.RegistryService",
         "grpc.health.v1.Health",
+        // `list` shows both reflection versions the port serves, not only the one that answered.
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
         "\"ttl\": \"30s\"", // Register's granted ttl, and KeepAlive's
         "\"health\": \"HEALTH_STATUS_PASSING\"", // in Discover
         "\"existed\": true", // Deregister
@@ -243,4 +246,26 @@ fn reflection_and_health_need_no_token_and_reflection_can_be_turned_off() {
     let (ok, _, err) =
         run(Command::new(&grpcurl).args(["-plaintext", &hidden.addr.to_string(), "list"]));
     assert!(!ok, "reflection was served with --no-reflection: {err}");
+}
+
+#[test]
+fn reflection_lists_both_of_its_versions() {
+    let Some(grpcurl) = require_program("grpcurl") else {
+        return;
+    };
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let addr = server.addr.to_string();
+    let (ok, out, err) = run(Command::new(&grpcurl).args(["-plaintext", &addr, "list"]));
+    assert!(ok, "{out}{err}");
+    let listed: Vec<&str> = out.lines().collect();
+    for service in [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(listed.contains(&service), "{service} not listed: {out}");
+        // And each is described, so a client can ask either version what it offers.
+        let (ok, out, err) =
+            run(Command::new(&grpcurl).args(["-plaintext", &addr, "describe", service]));
+        assert!(ok && out.contains("ServerReflectionInfo"), "{out}{err}");
+    }
 }
