@@ -193,6 +193,51 @@ async fn http_status_drives_health_with_hysteresis_and_watchers_follow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_never_passes_says_what_its_probes_see() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    // A port nobody listens on: every probe is refused, from the first on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let tcp = pb::health_check::Probe::Tcp(pb::TcpProbe {});
+    let registered = register(
+        &mut client,
+        checked("down", "d1", u32::from(closed), tcp, 1, 1),
+    )
+    .await;
+    let stored = registered.instance.unwrap();
+    assert_eq!(stored.health_output, "not checked yet");
+
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let first = loop {
+        let now = health_of(&mut client, "down", "d1").await.unwrap();
+        if now.health_output != "not checked yet" {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "healthOutput still says not checked yet after 4 s of 1 s probes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(first.health(), pb::HealthStatus::Critical);
+    assert!(
+        first.health_output.to_lowercase().contains("refused"),
+        "{}",
+        first.health_output
+    );
+    assert!(first.health_checked_at.is_some());
+    assert!(first.mod_revision > stored.mod_revision);
+
+    // Later probes that see the same thing are no store change.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let later = health_of(&mut client, "down", "d1").await.unwrap();
+    assert_eq!(later.mod_revision, first.mod_revision, "{later:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_probe_says_so() {
     let server = TestServer::start().await;
     let mut client = server.client().await;

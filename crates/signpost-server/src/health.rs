@@ -49,6 +49,11 @@ struct Tracked {
     successes: u32,
     failures: u32,
     critical_since: Option<Instant>,
+    /// Whether the store holds a verdict of this check. The first verdict is written even when
+    /// the status stays what it started as (CRITICAL), so that `healthOutput` says what the probe
+    /// saw from the first probe on; after that only a status change is written, so that a steady
+    /// check is not a store change (a revision, an event to every watcher) on every probe.
+    checked: bool,
     /// Bumped when the check is replaced, so stale schedule entries and probe results are dropped.
     generation: u64,
     probing: bool,
@@ -107,6 +112,7 @@ impl Checks {
         {
             // The same check; the store's copy of the health is the truth.
             t.health = instance.health;
+            t.checked = instance.health_checked_at.is_some();
             return;
         }
         self.next_generation += 1;
@@ -123,6 +129,7 @@ impl Checks {
                 successes: 0,
                 failures: 0,
                 critical_since: (!instance.health.is_healthy()).then_some(now),
+                checked: instance.health_checked_at.is_some(),
                 generation,
                 probing: false,
             },
@@ -233,10 +240,11 @@ impl Checks {
             self.tracked.remove(key);
             return Action::Evict(key.clone(), create_revision);
         }
-        if next == t.health {
+        if next == t.health && t.checked {
             return Action::None;
         }
         t.health = next;
+        t.checked = true;
         Action::SetHealth(HealthUpdate {
             key: key.clone(),
             create_revision: t.create_revision,
@@ -485,8 +493,9 @@ mod tests {
                 SystemTime::now(),
             )
         };
-        // Starts critical: one pass is not enough, two in a row are.
-        assert_eq!(health_of(&record(Health::Passing)), None);
+        // Starts critical: one pass is not enough, two in a row are. The first verdict is
+        // written all the same, for its output.
+        assert_eq!(health_of(&record(Health::Passing)), Some(Health::Critical));
         assert_eq!(
             health_of(&record(Health::Critical)),
             None,
@@ -519,7 +528,11 @@ mod tests {
             Instant::now(),
             SystemTime::now(),
         );
-        assert_eq!(early, Action::None);
+        assert_eq!(
+            health_of(&early),
+            Some(Health::Critical),
+            "the first verdict is written, not yet the eviction"
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
         let late = checks.record(
             &i.key(),
@@ -577,6 +590,56 @@ mod tests {
         assert!(
             checks.take_due(Instant::now()).is_empty(),
             "still probing: skip this beat"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_failing_from_the_start_writes_its_first_output_once() {
+        let mut checks = Checks::default();
+        let i = instance("a", check(1, 1, None), Health::Critical);
+        checks.follow(&i, Instant::now());
+        let generation = checks.tracked[&i.key()].generation;
+        let mut record = |output: &str| {
+            checks.record(
+                &i.key(),
+                generation,
+                Health::Critical,
+                output.into(),
+                Instant::now(),
+                SystemTime::now(),
+            )
+        };
+        match record("connection refused") {
+            Action::SetHealth(update) => {
+                assert_eq!(update.health, Health::Critical);
+                assert_eq!(update.output, "connection refused");
+            }
+            other => panic!("the first verdict was not written: {other:?}"),
+        }
+        assert_eq!(
+            record("connection refused"),
+            Action::None,
+            "a steady status is no store change"
+        );
+
+        // The store's copy, once it has the verdict, says so; following it keeps that.
+        let mut checked = instance("a", check(1, 1, None), Health::Critical);
+        checked.health_checked_at = Some(SystemTime::now());
+        let mut fresh = Checks::default();
+        fresh.follow(&checked, Instant::now());
+        let generation = fresh.tracked[&checked.key()].generation;
+        let again = fresh.record(
+            &checked.key(),
+            generation,
+            Health::Critical,
+            "connection refused".into(),
+            Instant::now(),
+            SystemTime::now(),
+        );
+        assert_eq!(
+            again,
+            Action::None,
+            "a restarted checker writes nothing new"
         );
     }
 }

@@ -561,7 +561,8 @@ impl EtcdStore {
         let Some(prev) = prev.filter(|p| {
             p.create_revision == update.create_revision
                 && p.check.as_ref() == Some(&update.check)
-                && p.health != update.health
+                // As the memory engine: a status change, or the check's first verdict.
+                && (p.health != update.health || p.health_checked_at.is_none())
         }) else {
             return Ok(Some(None));
         };

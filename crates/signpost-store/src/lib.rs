@@ -193,7 +193,9 @@ pub trait Store: Send + Sync + 'static {
         after: Option<Revision>,
     ) -> impl Future<Output = Result<Watch>> + Send;
 
-    /// Records a health verdict. Only a change of status is a change (one revision); a verdict
+    /// Records a health verdict. Only a change of status is a change (one revision), and the
+    /// first verdict on a check even when the status stays the same (so that its output is
+    /// there for an instance that never passed); a verdict
     /// for an instance that is gone, was registered anew, or whose check changed is dropped.
     /// Answers the stored instance when it changed.
     fn set_health(

@@ -283,7 +283,9 @@ impl State {
 
     /// Records a health verdict for the instance that has this identity and check. `None` when
     /// it is gone, was registered anew, or its check changed (the verdict is stale), and when the
-    /// health is what it already was: only a change of status takes a revision.
+    /// health is what it already was: only a change of status takes a revision. The first verdict
+    /// on a check is the exception, written even when the status stays CRITICAL, so that
+    /// `health_output` says what the probe saw rather than "not checked yet" for ever.
     pub(crate) fn set_health(
         &mut self,
         key: &InstanceKey,
@@ -296,7 +298,7 @@ impl State {
         let prev = self.get(key)?.clone();
         if prev.create_revision != create_revision
             || prev.check.as_ref() != Some(check)
-            || prev.health == health
+            || (prev.health == health && prev.health_checked_at.is_some())
         {
             return None;
         }
