@@ -11,6 +11,11 @@ use crate::DEADLINE;
 
 /// Finds `program` on PATH. A missing program skips the test (returns `None`) unless
 /// `SIGNPOST_REQUIRE_ALL` is set, as it is in CI, where it fails the test instead.
+///
+/// A skipped test still reports `ok`, so the skip is said where a person sees it: a line
+/// `SKIPPED: <test>: <program> not installed` straight to stderr (past libtest's capture of
+/// `eprintln!`, which would hide it), and the same line appended to [`skips_file`], which
+/// `.ci/run` sums up at the end of a run.
 pub fn require_program(program: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -23,11 +28,47 @@ pub fn require_program(program: &str) -> Option<PathBuf> {
             panic!("{program} is required (SIGNPOST_REQUIRE_ALL is set) but is not on PATH")
         }
         None => {
-            eprintln!(
-                "skipping: {program} is not on PATH (set SIGNPOST_REQUIRE_ALL to make this fail)"
-            );
+            report_skip(program);
             None
         }
+    }
+}
+
+/// `target/signpost-skips.txt` of the workspace (or of `CARGO_TARGET_DIR`): one line per test
+/// skipped for a missing program.
+pub fn skips_file() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("signpost-skips.txt")
+}
+
+fn report_skip(program: &str) {
+    use std::io::Write;
+    // libtest names each test's thread after the test.
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("a test");
+    let line = format!("SKIPPED: {test}: {program} not installed");
+    let _ = writeln!(
+        std::io::stderr(),
+        "{line} (set SIGNPOST_REQUIRE_ALL to make this fail)"
+    );
+    let path = skips_file();
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    // One write of one short line per skip: appends from parallel tests do not interleave.
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| file.write_all(format!("{line}\n").as_bytes()));
+    if let Err(e) = appended {
+        let _ = writeln!(
+            std::io::stderr(),
+            "cannot record the skip in {}: {e}",
+            path.display()
+        );
     }
 }
 
