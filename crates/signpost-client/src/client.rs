@@ -10,10 +10,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::connections::{Auth, Connections, WATCH_IDLE_TIMEOUT};
+use crate::connections::{Auth, Connections, TlsMode, WATCH_IDLE_TIMEOUT};
 use crate::keepalive::KeepAlives;
 use crate::types::{WatchUpdate, instance_from_pb};
-use crate::watcher::{View, Watcher};
+use crate::watcher::{View, WatchStats, Watcher};
 use crate::{Error, Filter, Instance, Result};
 
 /// Settings for a [`Client`].
@@ -61,8 +61,9 @@ impl Default for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Adds a registry address such as `http://127.0.0.1:7070`. With several, calls go to one
-    /// and move to the next when it cannot be reached.
+    /// Adds a registry address such as `http://127.0.0.1:7070`; one without a scheme
+    /// (`127.0.0.1:7070`, as grpcurl takes it) is `http://`, or `https://` with TLS settings.
+    /// With several, calls go to one and move to the next when it cannot be reached.
     pub fn registry(mut self, address: impl Into<String>) -> Self {
         self.addresses.push(address.into());
         self
@@ -188,15 +189,20 @@ impl ClientBuilder {
         let tls = self.tls();
         let mut registries = Vec::with_capacity(self.addresses.len());
         for address in &self.addresses {
-            // A TLS registry is addressed with https, whatever the caller wrote.
-            let address = match (&tls, address.strip_prefix("http://")) {
+            // A TLS registry is addressed with https, whatever the caller wrote; an address
+            // without a scheme is taken as the host:port grpcurl and other tools accept.
+            let rest = address
+                .strip_prefix("http://")
+                .or_else(|| (!address.contains("://")).then_some(address.as_str()));
+            let address = match (&tls, rest) {
                 (Some(_), Some(rest)) => format!("https://{rest}"),
+                (None, Some(rest)) => format!("http://{rest}"),
                 _ => address.clone(),
             };
             let mut endpoint = Endpoint::from_shared(address.clone())
                 .map_err(|e| Error::InvalidAddress {
                     address: address.clone(),
-                    reason: e.to_string(),
+                    reason: format!("{e}; write it as http://HOST:PORT or https://HOST:PORT"),
                 })?
                 .connect_timeout(self.connect_timeout)
                 .timeout(self.request_timeout)
@@ -215,12 +221,20 @@ impl ClientBuilder {
             registries.push((address.clone(), endpoint.connect_lazy()));
         }
         Ok(Client {
-            conn: Arc::new(Connections::new(
-                registries,
-                auth,
-                (self.backoff_base, self.backoff_max),
-                self.watch_idle_timeout,
-            )),
+            conn: Arc::new(
+                Connections::new(
+                    registries,
+                    auth,
+                    (self.backoff_base, self.backoff_max),
+                    self.watch_idle_timeout,
+                )
+                .with_tls(match tls {
+                    Some(_) => TlsMode::On {
+                        identity: self.identity.is_some(),
+                    },
+                    None => TlsMode::Off,
+                }),
+            ),
             keep_alives: Arc::new(OnceLock::new()),
             views: Arc::default(),
         })
@@ -298,8 +312,18 @@ impl Client {
     /// stream reconnects on its own (with backoff) and resumes from the last revision it saw;
     /// it ends with an error only when the registry refuses the filter.
     pub fn watch(&self, filter: impl Into<Filter>) -> ReceiverStream<Result<WatchUpdate>> {
+        self.watch_with_stats(filter).0
+    }
+
+    /// [`Client::watch`], with the counts of what its stream went through (reconnects, resumes,
+    /// resets), for a caller that reports a lost and regained stream as it happens.
+    pub fn watch_with_stats(
+        &self,
+        filter: impl Into<Filter>,
+    ) -> (ReceiverStream<Result<WatchUpdate>>, Arc<WatchStats>) {
         let (tx, rx) = mpsc::channel(16);
         let mut watcher = Watcher::new(self.conn.clone(), filter.into());
+        let stats = watcher.stats.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -313,7 +337,7 @@ impl Client {
                 }
             }
         });
-        ReceiverStream::new(rx)
+        (ReceiverStream::new(rx), stats)
     }
 
     /// Lists the services of `namespace` ("" for the default one) with their counts.

@@ -82,6 +82,16 @@ pub(crate) struct Connections {
     pub(crate) backoff: (Duration, Duration),
     /// See [`WATCH_IDLE_TIMEOUT`].
     pub(crate) watch_idle_timeout: Duration,
+    /// Whether calls speak TLS, so that a failed handshake can be told apart from a refusal.
+    tls: TlsMode,
+}
+
+/// What TLS this side speaks to the registries. A failed handshake means different things with
+/// and without a client certificate, so the message says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsMode {
+    Off,
+    On { identity: bool },
 }
 
 impl Connections {
@@ -98,7 +108,14 @@ impl Connections {
             active: AtomicUsize::new(0),
             backoff,
             watch_idle_timeout,
+            tls: TlsMode::Off,
         }
+    }
+
+    /// Says which TLS the registries' channels were built with (none by default).
+    pub(crate) fn with_tls(mut self, tls: TlsMode) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// A fresh retry schedule with the client's settings; each reconnect loop keeps its own.
@@ -139,6 +156,26 @@ impl Connections {
     /// and a registry that answered that its store is unreachable is not called unreachable.
     pub(crate) fn error(&self, index: usize, status: Status) -> Error {
         let address = || self.registries[index % self.registries.len()].0.clone();
+        // A handshake that failed is the registry's connection, whatever code the call got:
+        // under TLS 1.3 a refused client certificate surfaces mid-call, as UNKNOWN.
+        if let TlsMode::On { identity } = self.tls
+            && let Some(reason) = tls_failure(&status, identity)
+        {
+            return Error::Unavailable {
+                address: address(),
+                reason,
+            };
+        }
+        // A call that failed on this side's transport (a timeout, a closed connection) never
+        // reached the registry, whatever code tonic gave it.
+        if matches!(status.code(), Code::Unknown | Code::Cancelled)
+            && std::error::Error::source(&status).is_some()
+        {
+            return Error::Unavailable {
+                address: address(),
+                reason: root_cause(&status),
+            };
+        }
         match status.code() {
             Code::Unavailable => match store_failure(&status) {
                 Some(reason) => Error::StoreUnavailable {
@@ -213,6 +250,110 @@ pub(crate) fn root_cause(status: &Status) -> String {
     }
 }
 
+/// Why a TLS connection failed, in words that say what to change: the registry does not speak
+/// TLS, its certificate is not trusted, or it wants (another) client certificate. `None` when
+/// the failure was not the handshake's.
+fn tls_failure(status: &Status, identity: bool) -> Option<String> {
+    use tokio_rustls::rustls;
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(error) = tls {
+            return Some(describe_tls(error, identity));
+        }
+        // Some layers keep only the text of rustls's error; it names the same cases.
+        if let Some(reason) = describe_tls_text(&c.to_string(), identity) {
+            return Some(reason);
+        }
+        // Under TLS 1.3 a server that refuses the client's certificate (or its absence) does so
+        // after the client thinks the handshake is done: the client's first write meets a
+        // closed connection instead of an alert.
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return Some(refused_identity(identity, &io.kind().to_string()));
+        }
+        cause = c.source();
+    }
+    None
+}
+
+fn refused_identity(identity: bool, how: &str) -> String {
+    if identity {
+        format!(
+            "the registry closed the TLS connection ({how}): it does not accept this client \
+             certificate; present one signed by the CA it trusts for clients"
+        )
+    } else {
+        format!(
+            "the registry closed the TLS connection ({how}): it wants a client certificate \
+             (mutual TLS); present one signed by the CA it trusts for clients"
+        )
+    }
+}
+
+fn describe_tls_text(text: &str, identity: bool) -> Option<String> {
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        return Some(NOT_TLS.to_owned());
+    }
+    // A plaintext HTTP/2 server takes the ClientHello for a bad preface and hangs up without a
+    // word; a TLS server that refuses a client says why with an alert instead.
+    if text.contains("operation was canceled: connection closed") {
+        return Some(NOT_TLS.to_owned());
+    }
+    if let Some(rest) = text.split("invalid peer certificate: ").nth(1) {
+        if rest.starts_with("NotValidForName") {
+            return Some(WRONG_NAME.to_owned());
+        }
+        return Some(format!(
+            "the registry's certificate is not trusted ({rest}): trust the CA that signed it"
+        ));
+    }
+    if let Some(alert) = text.split("received fatal alert: ").nth(1) {
+        let identity = identity && alert != "CertificateRequired";
+        return Some(refused_identity(identity, &format!("alert {alert}")));
+    }
+    None
+}
+
+const NOT_TLS: &str = "the registry does not speak TLS (it hung up on the TLS handshake): use \
+                       an http:// address and no CA certificate";
+const WRONG_NAME: &str = "the registry's certificate is not valid for this host name: address \
+                          it by a name the certificate holds, or set the TLS domain to one";
+
+fn describe_tls(error: &tokio_rustls::rustls::Error, identity: bool) -> String {
+    use tokio_rustls::rustls::{AlertDescription, CertificateError, Error as Tls};
+    match error {
+        Tls::InvalidMessage(_) | Tls::InappropriateMessage { .. } => NOT_TLS.to_owned(),
+        Tls::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => WRONG_NAME.to_owned(),
+        Tls::InvalidCertificate(reason) => format!(
+            "the registry's certificate is not trusted ({reason:?}): trust the CA that signed it"
+        ),
+        Tls::AlertReceived(
+            AlertDescription::CertificateRequired | AlertDescription::HandshakeFailure,
+        ) if !identity => refused_identity(false, "alert"),
+        Tls::AlertReceived(
+            alert @ (AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateRequired
+            | AlertDescription::HandshakeFailure),
+        ) => refused_identity(identity, &format!("alert {alert:?}")),
+        other => format!("TLS failed: {other}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +366,28 @@ mod tests {
             (Duration::from_millis(10), Duration::from_millis(100)),
             WATCH_IDLE_TIMEOUT,
         )
+    }
+
+    #[test]
+    fn tls_failures_say_which_of_three_it_is() {
+        let says = |text: &str, identity| describe_tls_text(text, identity).unwrap_or_default();
+        assert!(
+            says("received corrupt message of type InvalidContentType", false)
+                .contains("does not speak TLS")
+        );
+        assert!(
+            says("invalid peer certificate: UnknownIssuer", false)
+                .contains("not trusted (UnknownIssuer)")
+        );
+        assert!(
+            says("received fatal alert: CertificateRequired", false)
+                .contains("wants a client certificate")
+        );
+        assert!(
+            says("received fatal alert: UnknownCA", true)
+                .contains("does not accept this client certificate")
+        );
+        assert_eq!(describe_tls_text("connection refused", false), None);
     }
 
     #[tokio::test]
