@@ -5,6 +5,8 @@
 //! variables with clap, sets up `tracing` logs, builds the chosen store, and hands both to
 //! `signpost_server::serve` until SIGINT or SIGTERM. The operator's commands (`cli`) are built on
 //! `signpost-client`; `output` prints their tables. `serde`/`serde_json` are here for `-o json`.
+//! `toml` is here for `serve --config FILE` (docs/config.md), read for people who run the server
+//! under a supervisor and would rather keep its settings in a file than in a unit's command line.
 //!
 //! The workspace builds with `--cfg tokio_unstable` (`.cargo/config.toml`) so that the runtime can
 //! run without its LIFO slot (see `main`); a build without the flag works the same, with slower
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use signpost_store::{DurableStore, EtcdConfig, EtcdStore, MemoryConfig, MemoryStore, Store};
 use tokio::net::TcpListener;
 
@@ -73,6 +75,11 @@ enum StoreKind {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    /// Read settings from this TOML file (docs/config.md): each key is a flag's long name
+    /// (`listen = "0.0.0.0:7070"`). Flags and environment variables override the file.
+    #[arg(long, env = "SIGNPOST_CONFIG")]
+    config: Option<PathBuf>,
+
     /// Address to listen on. Use 0.0.0.0:7070 to accept connections from other hosts.
     #[arg(long, env = "SIGNPOST_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -176,7 +183,17 @@ enum LogFormat {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(error) => match error.downcast::<clap::Error>() {
+            // --help, --version and bad flags, as clap says them.
+            Ok(clap_error) => clap_error.exit(),
+            Err(error) => {
+                eprintln!("signpost: {error:#}");
+                return std::process::ExitCode::from(2);
+            }
+        },
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // A task woken by another runs next in the LIFO slot. A change fanned out to thousands of
     // watch streams then goes out one write per stream: each stream's frame wakes its
@@ -206,6 +223,98 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Parses the command line. For `serve` with `--config FILE` (or `SIGNPOST_CONFIG`), each of the
+/// file's settings that neither a flag nor the environment gave is added as the flag it names,
+/// and the whole is parsed again: the file is checked by the same parsers as the flags, and flags
+/// and environment win.
+fn parse(args: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
+    // The first pass only finds the file and what is already set: a flag may need another that
+    // only the file gives (`--strict-ownership` with `auth-tokens` in the file), so the
+    // `requires` between flags wait for the second pass.
+    let relaxed = Cli::command().mut_subcommand("serve", |serve| {
+        serve.mut_args(|arg| arg.requires(clap::builder::Resettable::<clap::Id>::Reset))
+    });
+    let matches = relaxed.try_get_matches_from(&args)?;
+    let config = matches
+        .subcommand_matches("serve")
+        .and_then(|serve| Some((serve, serve.get_one::<PathBuf>("config")?)));
+    let Some((serve, path)) = config else {
+        return Ok(Cli::try_parse_from(args)?);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let extra = config_flags(&text, serve)
+        .with_context(|| format!("in the config file {}", path.display()))?;
+    let mut all = args;
+    all.extend(extra.into_iter().map(std::ffi::OsString::from));
+    Cli::try_parse_from(all).map_err(|e| {
+        // clap names the flag; say that the value came from the file.
+        let said = e.render().to_string();
+        let first = said.lines().next().unwrap_or_default();
+        anyhow::anyhow!(
+            "in the config file {}: {}",
+            path.display(),
+            first.trim_start_matches("error: ")
+        )
+    })
+}
+
+/// The flags a config file's settings stand for, leaving out those the command line or the
+/// environment already set. An unknown key, or a value of the wrong kind, is an error naming it.
+fn config_flags(text: &str, serve: &clap::ArgMatches) -> anyhow::Result<Vec<String>> {
+    use clap::parser::ValueSource;
+    let table: toml::Table = text.parse().context("not valid TOML")?;
+    let command = Cli::command();
+    let serve_command = command
+        .find_subcommand("serve")
+        .context("the serve command has no arguments")?;
+    let mut flags = Vec::new();
+    for (key, value) in &table {
+        let arg = serve_command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()) && key != "config");
+        let Some(arg) = arg else {
+            anyhow::bail!(
+                "unknown key {key:?}: the keys are the long names of `signpost serve`'s flags \
+                 (see `signpost serve --help` and docs/config.md)"
+            );
+        };
+        let id = arg.get_id().as_str();
+        if matches!(
+            serve.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+        match value {
+            toml::Value::Boolean(on) if is_switch => {
+                if *on {
+                    flags.push(format!("--{key}"));
+                }
+            }
+            _ if is_switch => anyhow::bail!("{key} is true or false, not a {}", value.type_str()),
+            toml::Value::String(s) => flags.push(format!("--{key}={s}")),
+            toml::Value::Integer(n) => flags.push(format!("--{key}={n}")),
+            toml::Value::Array(items) if arg.get_value_delimiter().is_some() => {
+                let mut parts = Vec::new();
+                for item in items {
+                    match item {
+                        toml::Value::String(s) => parts.push(s.clone()),
+                        other => anyhow::bail!(
+                            "{key} is a list of strings, not one with a {}",
+                            other.type_str()
+                        ),
+                    }
+                }
+                flags.push(format!("--{key}={}", parts.join(",")));
+            }
+            other => anyhow::bail!("{key} is a string or a number, not a {}", other.type_str()),
+        }
+    }
+    Ok(flags)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -386,5 +495,92 @@ pub(crate) async fn shutdown_signal() {
             tracing::error!(error = %e, "cannot listen for SIGINT or SIGTERM");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed expectation is the test failing.
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+    use super::*;
+
+    fn serve_with(file: &str, flags: &[&str]) -> anyhow::Result<ServeArgs> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signpost.toml");
+        std::fs::write(&path, file).unwrap();
+        let mut args: Vec<std::ffi::OsString> = vec!["signpost".into(), "serve".into()];
+        args.push("--config".into());
+        args.push(path.into_os_string());
+        args.extend(flags.iter().map(Into::into));
+        match parse(args)?.command {
+            Command::Serve(serve) => Ok(serve),
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_file_fills_in_what_the_flags_leave_out() {
+        let serve = serve_with(
+            r#"
+            listen = "0.0.0.0:7171"
+            store = "etcd"
+            etcd-endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+            watch-progress-interval = "2s"
+            history-size = 500
+            no-reflection = true
+            "#,
+            &["--listen", "127.0.0.1:7272"],
+        )
+        .unwrap();
+        assert_eq!(serve.listen.to_string(), "127.0.0.1:7272", "the flag wins");
+        assert_eq!(serve.store, StoreKind::Etcd);
+        assert_eq!(
+            serve.etcd_endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(serve.watch_progress_interval, Duration::from_secs(2));
+        assert_eq!(serve.history_size, 500);
+        assert!(serve.no_reflection);
+        assert!(!serve.strict_ownership);
+
+        // A flag may need a setting that only the file gives.
+        let serve = serve_with(
+            "auth-tokens = \"/etc/signpost/tokens.toml\"\n",
+            &["--strict-ownership"],
+        )
+        .unwrap();
+        assert!(serve.strict_ownership && serve.auth_tokens.is_some());
+        assert!(
+            serve_with("", &["--strict-ownership"]).is_err(),
+            "and without it the flag is refused as before"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let full = format!("{:#}", serve_with("listen-port = 7070\n", &[]).unwrap_err());
+        assert!(full.contains("unknown key \"listen-port\""), "{full}");
+        let config = format!("{:#}", serve_with("config = \"x\"\n", &[]).unwrap_err());
+        assert!(config.contains("unknown key \"config\""), "{config}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_and_the_file() {
+        let error = format!(
+            "{:#}",
+            serve_with("history-size = \"many\"\n", &[]).unwrap_err()
+        );
+        assert!(
+            error.contains("in the config file") && error.contains("--history-size"),
+            "{error}"
+        );
+        let error = format!(
+            "{:#}",
+            serve_with("no-reflection = \"yes\"\n", &[]).unwrap_err()
+        );
+        assert!(error.contains("no-reflection is true or false"), "{error}");
+        let error = format!("{:#}", serve_with("listen = [1, 2]\n", &[]).unwrap_err());
+        assert!(error.contains("listen is a string or a number"), "{error}");
     }
 }
