@@ -194,6 +194,9 @@ fn the_readme_health_check_walkthrough_shows_an_instance_turn_critical() {
         out[passing + critical..].contains("\"healthOutput\""),
         "{out}"
     );
+    // It cleans up after itself: the persistent instance is deregistered, as the watch saw.
+    assert!(out.contains("\"existed\": true"), "{out}");
+    assert!(out.contains("REMOVAL_REASON_DEREGISTERED"), "{out}");
 }
 
 #[test]

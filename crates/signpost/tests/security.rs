@@ -22,17 +22,23 @@ fn the_readme_secure_setup_serves_the_cli_over_mutual_tls_with_tokens() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // The setup block, keeping its tokens for the CLI block.
+    // The setup block, keeping its tokens and its secrets' directory for the CLI block.
     let setup = format!(
-        "{}\ndeclare -p PAYMENTS_TOKEN OPS_TOKEN GREETER_TOKEN > tokens.env",
+        "{}\ndeclare -p PAYMENTS_TOKEN OPS_TOKEN GREETER_TOKEN dir > tokens.env",
         readme_block("secure-setup")
     );
     let (ok, out, err) = bash(dir.path(), &setup);
     assert!(ok, "setup failed\n{out}\n{err}");
+    let (ok, secrets, err) = bash(dir.path(), "source tokens.env; printf %s \"$dir\"");
+    assert!(ok, "{err}");
+    let secrets = std::path::PathBuf::from(secrets);
+    assert!(
+        !secrets.starts_with(dir.path()),
+        "the secrets are in a directory of their own, not where the setup ran"
+    );
 
-    let certs = dir.path().join("certs");
-    let path = |name: &str| certs.join(name).to_str().unwrap().to_owned();
-    let tokens = dir.path().join("tokens.toml");
+    let path = |name: &str| secrets.join(name).to_str().unwrap().to_owned();
+    let tokens = secrets.join("tokens.toml");
     let server = ServerProcess::start(
         Path::new(EXE),
         &[
@@ -90,4 +96,18 @@ fn the_readme_secure_setup_serves_the_cli_over_mutual_tls_with_tokens() {
         .current_dir(dir.path()));
     assert!(!ok);
     assert!(err.contains("not authenticated"), "{err}");
+
+    // The teardown removes the secrets (its `kill` is for the processes the README starts,
+    // which here are the test's own).
+    let block = readme_block("secure-teardown");
+    let teardown: Vec<&str> = block
+        .lines()
+        .filter(|line| !line.starts_with("kill "))
+        .collect();
+    let (ok, out, err) = bash(
+        dir.path(),
+        &format!("source tokens.env\n{}", teardown.join("\n")),
+    );
+    assert!(ok, "the teardown failed\n{out}\n{err}");
+    assert!(!secrets.exists(), "the teardown left {}", secrets.display());
 }
