@@ -12,8 +12,14 @@ pub fn line(text: &str) -> std::io::Result<()> {
     out.flush()
 }
 
-/// Prints rows under a header, each column as wide as its widest cell.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+/// Prints rows under a header, each column as wide as its widest cell. A row's note, if any,
+/// goes on the line under it, indented: text too long for a column (a failing check's output)
+/// that would otherwise widen every row.
+pub fn table_with_notes(
+    header: &[&str],
+    rows: &[Vec<String>],
+    notes: &[Option<String>],
+) -> std::io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -32,8 +38,11 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
         out.trim_end().to_owned()
     };
     line(&render(header.to_vec()))?;
-    for row in rows {
+    for (i, row) in rows.iter().enumerate() {
         line(&render(row.iter().map(String::as_str).collect()))?;
+        if let Some(Some(note)) = notes.get(i) {
+            line(&format!("  {note}"))?;
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The operator's commands against a real server: tables, JSON, watch, register --ttl, and the
-//! one-line error when the registry is down.
+//! The operator's commands against a real server: tables, JSON, watch, register --ttl, the
+//! one-line error when the registry is down or TLS is set up wrong, and the exit codes.
 
 // Test code: a failed expectation is the test failing.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use signpost_tests::DEADLINE;
 use signpost_tests::process::{ServerProcess, run};
+use signpost_tests::tls::Pki;
 
 const EXE: &str = env!("CARGO_BIN_EXE_signpost");
 
@@ -174,7 +175,9 @@ fn tables_and_json_for_services_ls_register_deregister() {
     assert!(ok(&url, &["ls", "api", "--selector", "version=v9"]).contains("no instances"));
 
     assert!(ok(&url, &["deregister", "api", "api-2"]).contains("deregistered api/api-2"));
-    assert!(ok(&url, &["deregister", "api", "api-2"]).contains("was not registered"));
+    assert!(
+        ok(&url, &["deregister", "api", "api-2"]).contains("was not registered; nothing to do")
+    );
     let answer: serde_json::Value =
         serde_json::from_str(&ok(&url, &["deregister", "api", "api-1", "-o", "json"])).unwrap();
     assert_eq!(answer, serde_json::json!({"existed": true}));
@@ -280,10 +283,10 @@ fn register_with_a_ttl_holds_the_instance_until_stopped() {
     );
     next_line_with(&lines, "deregistered job/j1");
     assert!(holder.wait().unwrap().success());
-    assert!(
-        ok(&url, &["ls", "job"]).contains("no instances"),
-        "deregistered at once, not left to expire"
-    );
+    // Its only instance gone, the service is gone too.
+    let (status, _, err) = code(&url, &["ls", "job"]);
+    assert_eq!(status, Some(1), "deregistered at once, not left to expire");
+    assert!(err.contains("no service \"job\""), "{err}");
 }
 
 #[test]
@@ -347,4 +350,363 @@ fn bad_input_is_one_line_naming_the_field() {
         err.contains("instance.service \"Bad Name\" is invalid"),
         "{err}"
     );
+}
+
+/// Runs the CLI and returns its exit code with stdout and stderr.
+fn code(registry: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(EXE)
+        .args(args)
+        .env("SIGNPOST_REGISTRY", registry)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run signpost");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A long-running command whose stderr lines arrive on a channel.
+fn spawn_stderr(registry: &str, args: &[&str]) -> (Child, Receiver<String>) {
+    let mut child = Command::new(EXE)
+        .args(args)
+        .env("SIGNPOST_REGISTRY", registry)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn signpost");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, lines)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_registry_that_never_answers_fails_within_the_timeout() {
+    // Connections are accepted by the kernel, and nothing ever answers on them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    for args in [
+        &["services", "--timeout", "1s"][..],
+        &["ls", "x", "--timeout", "1s"],
+        &["deregister", "x", "y", "--timeout", "1s"],
+        &[
+            "register",
+            "x",
+            "--address",
+            "a",
+            "--port",
+            "1",
+            "--timeout",
+            "1s",
+        ],
+    ] {
+        let started = Instant::now();
+        let (status, out, err) = code(&url, args);
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(status, Some(1), "{args:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("signpost: ") && err.contains(&url),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn long_running_commands_say_what_they_wait_for() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        &["watch", "greeter"][..],
+        &[
+            "register",
+            "x",
+            "--address",
+            "a",
+            "--port",
+            "1",
+            "--ttl",
+            "10s",
+        ],
+    ] {
+        let (mut child, lines) = spawn_stderr(&url, args);
+        let line = next_line_with(&lines, "waiting for");
+        assert_eq!(
+            line,
+            format!("signpost: waiting for registry at {url}: connection refused; retrying in 1s"),
+            "{args:?}"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn watch_says_when_it_loses_its_stream() {
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let url = server.url();
+    let (mut child, lines) = spawn(&url, &["watch", "w"]);
+    let (mut quiet, errors) = spawn_stderr(&url, &["watch", "w"]);
+    ok(
+        &url,
+        &[
+            "register",
+            "w",
+            "--id",
+            "w1",
+            "--address",
+            "10.0.0.1",
+            "--port",
+            "1",
+        ],
+    );
+    next_line_with(&lines, "w1");
+    server.kill9();
+    let lost = next_line_with(&errors, "lost");
+    assert_eq!(
+        lost,
+        format!("signpost: lost the watch stream from registry at {url}; reconnecting")
+    );
+    next_line_with(&errors, "waiting for registry");
+    for c in [&mut child, &mut quiet] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn an_address_without_a_scheme_is_http() {
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let bare = server.addr.to_string();
+    let out = ok(
+        &bare,
+        &["register", "api", "--address", "10.0.0.1", "--port", "80"],
+    );
+    assert!(out.contains("registered api/10.0.0.1-80"), "{out}");
+    assert!(ok(&bare, &["ls", "api"]).contains("10.0.0.1:80"));
+}
+
+#[test]
+fn exit_codes_say_done_failed_or_bad_usage() {
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let url = server.url();
+    assert_eq!(code(&url, &["services"]).0, Some(0));
+    // Deregistering what is not there is done, not failed: the instance is gone either way.
+    let (status, out, _) = code(&url, &["deregister", "api", "nope"]);
+    assert_eq!(status, Some(0));
+    assert!(out.contains("was not registered"), "{out}");
+    let (status, _, err) = code(
+        &url,
+        &["register", "Bad Name", "--address", "a", "--port", "1"],
+    );
+    assert_eq!(status, Some(1), "{err}");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    assert_eq!(code(&dead, &["services"]).0, Some(1));
+    for (args, needle) in [
+        (
+            &["register", "x", "--address", "a", "--port", "0"][..],
+            "--port",
+        ),
+        (
+            &[
+                "register",
+                "x",
+                "--address",
+                "a",
+                "--port",
+                "1",
+                "--ttl",
+                "0s",
+            ],
+            "--ttl",
+        ),
+        (
+            &[
+                "register",
+                "x",
+                "--address",
+                "a",
+                "--port",
+                "1",
+                "--interval",
+                "5s",
+            ],
+            "--http-check",
+        ),
+        (
+            &[
+                "register",
+                "x",
+                "--address",
+                "a",
+                "--port",
+                "1",
+                "--tcp-check",
+                "--interval",
+                "2s",
+                "--check-timeout",
+                "3s",
+            ],
+            "--check-timeout",
+        ),
+        (&["ls"], "<SERVICE>"),
+    ] {
+        let (status, _, err) = code(&url, args);
+        assert_eq!(status, Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let (status, _, err) = run(Command::new(EXE)
+        .args(["ls", "x", "--registry", &url])
+        .env("SIGNPOST_CLIENT_CERT", "")
+        .env("SIGNPOST_CLIENT_KEY", "/nonexistent"));
+    assert!(!status);
+    assert!(
+        err.contains("SIGNPOST_CLIENT_CERT is empty") && !err.contains("--client-cert"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ls_of_a_service_that_does_not_exist_suggests_the_near_name() {
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let url = server.url();
+    ok(
+        &url,
+        &[
+            "register",
+            "greeter",
+            "--address",
+            "10.0.0.1",
+            "--port",
+            "1",
+        ],
+    );
+    let (status, out, err) = code(&url, &["ls", "greter"]);
+    assert_eq!(status, Some(1), "{out}{err}");
+    assert_eq!(
+        err.trim_end(),
+        "signpost: no service \"greter\" in namespace \"default\"; did you mean \"greeter\"?"
+    );
+    // An existing service with nothing matching is an answer, not a failure.
+    let (status, out, _) = code(&url, &["ls", "greeter", "--tags", "none"]);
+    assert_eq!(status, Some(0));
+    assert!(out.contains("no instances"), "{out}");
+}
+
+#[test]
+fn the_table_shows_why_an_instance_is_critical() {
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let url = server.url();
+    let closed = free_port().to_string();
+    ok(
+        &url,
+        &[
+            "register",
+            "db",
+            "--id",
+            "db-1",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &closed,
+            "--tcp-check",
+            "--interval",
+            "1s",
+        ],
+    );
+    let deadline = Instant::now() + DEADLINE;
+    let table = loop {
+        let table = ok(&url, &["ls", "db", "--all"]);
+        if table.contains("CRITICAL") {
+            break table;
+        }
+        assert!(Instant::now() < deadline, "never critical: {table}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[1].starts_with("db-1"), "{table}");
+    assert!(lines[2].starts_with("  check: "), "{table}");
+    assert!(lines[2].len() > "  check: ".len(), "{table}");
+}
+
+/// A registry speaking TLS, with `mutual` asking clients for certificates too.
+fn tls_server(dir: &Path, pki: &Pki, mutual: bool) -> ServerProcess {
+    pki.write(dir);
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let mut args = vec![
+        "--store".to_owned(),
+        "memory".into(),
+        "--tls-cert".into(),
+        path("server.pem"),
+        "--tls-key".into(),
+        path("server.key"),
+    ];
+    if mutual {
+        args.extend(["--tls-client-ca".to_owned(), path("ca.pem")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ServerProcess::start(Path::new(EXE), &args)
+}
+
+fn one_line_error(registry: &str, args: &[&str]) -> String {
+    let (status, _, err) = code(registry, args);
+    assert_eq!(status, Some(1), "{args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    err
+}
+
+#[test]
+fn tls_mistakes_say_which_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("cli");
+    let other = tempfile::tempdir().unwrap();
+    Pki::new("other").write(other.path());
+    let ca = dir.path().join("ca.pem").to_str().unwrap().to_owned();
+    let wrong_ca = other.path().join("ca.pem").to_str().unwrap().to_owned();
+
+    let plain = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let err = one_line_error(&format!("https://{}", plain.addr), &["services"]);
+    assert!(err.contains("does not speak TLS"), "{err}");
+
+    let mutual = tls_server(dir.path(), &pki, true);
+    let url = format!("https://localhost:{}", mutual.addr.port());
+    let err = one_line_error(&url, &["services", "--ca-cert", &ca]);
+    assert!(err.contains("wants a client certificate"), "{err}");
+    let err = one_line_error(&url, &["services", "--ca-cert", &wrong_ca]);
+    assert!(err.contains("certificate is not trusted"), "{err}");
+    let client = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let out = ok(
+        &url,
+        &[
+            "services",
+            "--ca-cert",
+            &ca,
+            "--client-cert",
+            &client("client.pem"),
+            "--client-key",
+            &client("client.key"),
+        ],
+    );
+    assert!(out.contains("no services"), "{out}");
 }
