@@ -353,11 +353,13 @@ async fn watchers_of_one_change_each_see_it_through_their_own_filter() {
     b.metadata = [("zone".to_string(), "b".to_string())].into();
     register(&mut client, b).await;
     // A health check makes an instance critical until probed: only include_unhealthy sees it.
+    // Its first probe, jittered over one interval, is recorded (an UPDATED event) even though it
+    // fails: the longest interval keeps it out of this test's few seconds.
     let mut checked = instance("pay", "p-checked", 3);
     checked.check = Some(pb::HealthCheck {
         probe: Some(pb::health_check::Probe::Tcp(pb::TcpProbe {})),
         interval: Some(prost_types::Duration {
-            seconds: 60,
+            seconds: 3600,
             nanos: 0,
         }),
         timeout: Some(prost_types::Duration {
