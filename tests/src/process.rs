@@ -84,7 +84,13 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `exe serve --listen 127.0.0.1:0 ARGS…` and waits for the address it bound.
     pub fn start(exe: &Path, args: &[&str]) -> Self {
-        let mut server = Self::spawn(exe, args);
+        Self::start_at(exe, "127.0.0.1:0", args)
+    }
+
+    /// Starts `exe serve --listen LISTEN ARGS…` (the address of a server that was just stopped,
+    /// say) and waits for the address it bound.
+    pub fn start_at(exe: &Path, listen: &str, args: &[&str]) -> Self {
+        let mut server = Self::spawn_at(exe, listen, args);
         let line = server.wait_for_log("listening on ");
         let addr = line
             .rsplit("listening on ")
@@ -98,8 +104,12 @@ impl ServerProcess {
 
     /// Starts `exe serve --listen 127.0.0.1:0 ARGS…` without waiting for anything.
     pub fn spawn(exe: &Path, args: &[&str]) -> Self {
+        Self::spawn_at(exe, "127.0.0.1:0", args)
+    }
+
+    fn spawn_at(exe: &Path, listen: &str, args: &[&str]) -> Self {
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(args)
             .env("RUST_LOG", "info")
             .env("SIGNPOST_LOG_FORMAT", "text")

@@ -482,6 +482,7 @@ fn watch_says_when_it_loses_its_stream() {
         ],
     );
     next_line_with(&lines, "w1");
+    let server_addr = server.addr;
     server.kill9();
     let lost = next_line_with(&errors, "lost");
     assert_eq!(
@@ -489,6 +490,14 @@ fn watch_says_when_it_loses_its_stream() {
         format!("signpost: lost the watch stream from registry at {url}; reconnecting")
     );
     next_line_with(&errors, "waiting for registry");
+    // The registry back on the same address: the watch says it is watching again.
+    let addr = server_addr.to_string();
+    let _back = ServerProcess::start_at(Path::new(EXE), &addr, &["--store", "memory"]);
+    let again = next_line_with(&errors, "watching again");
+    assert_eq!(
+        again,
+        format!("signpost: watching again (registry at {url})")
+    );
     for c in [&mut child, &mut quiet] {
         let _ = c.kill();
         let _ = c.wait();
