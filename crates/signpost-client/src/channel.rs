@@ -332,18 +332,26 @@ impl Shared {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let mut changes = self.changed.subscribe();
+        // Subscribed to endpoint changes only once a pick found nothing (most calls never
+        // wait), and then the pick is made again before waiting, so no change is missed.
+        let mut changes: Option<watch::Receiver<u64>> = None;
         let mut tried: Vec<Tried> = Vec::new();
         let mut attempts = 0;
         let mut last_error = None;
         loop {
-            changes.borrow_and_update();
+            if let Some(changes) = changes.as_mut() {
+                changes.borrow_and_update();
+            }
             let Some((endpoint, ready)) = self.pick(&mut tried) else {
+                let Some(waiting) = changes.as_mut() else {
+                    changes = Some(self.changed.subscribe());
+                    continue;
+                };
                 if !self.worth_waiting(&tried) || Instant::now() >= wait_until {
                     return Err(self.no_instance(last_error));
                 }
                 tokio::select! {
-                    _ = changes.changed() => {}
+                    _ = waiting.changed() => {}
                     _ = tokio::time::sleep_until(wait_until) => {}
                 }
                 continue;
@@ -360,7 +368,7 @@ impl Shared {
                 self.counters.calls.fetch_add(1, Ordering::Relaxed);
             }
             let call = Call::start(&self, &endpoint, &ready.activity);
-            let this_connection = Tried::of(&endpoint, &ready);
+            let generation = ready.generation;
             let mut sender = ready.sender;
             let sent = sender.try_send_request(request);
             let answer = match deadline {
@@ -392,7 +400,10 @@ impl Shared {
                                 return Err(self.no_instance(last_error));
                             }
                             self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                            tried.push(this_connection);
+                            tried.push(Tried {
+                                endpoint,
+                                generation,
+                            });
                             request = unsent;
                         }
                         None if refused_unprocessed(&error) => {
@@ -449,13 +460,6 @@ struct Tried {
 }
 
 impl Tried {
-    fn of(endpoint: &Arc<Endpoint>, ready: &Ready) -> Tried {
-        Tried {
-            endpoint: endpoint.clone(),
-            generation: ready.generation,
-        }
-    }
-
     fn now(endpoint: &Arc<Endpoint>) -> Tried {
         Tried {
             endpoint: endpoint.clone(),

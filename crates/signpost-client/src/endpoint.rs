@@ -649,8 +649,7 @@ async fn connect(
         .timer(TokioTimer::new())
         .keep_alive_interval(settings.keep_alive_interval)
         .keep_alive_timeout(settings.keep_alive_timeout)
-        .keep_alive_while_idle(false)
-        .adaptive_window(true);
+        .keep_alive_while_idle(false);
     let (sender, connection) = builder
         .handshake(io)
         .await
