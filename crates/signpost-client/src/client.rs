@@ -178,6 +178,20 @@ impl ClientBuilder {
         Some(tls)
     }
 
+    /// The same TLS settings as a connector of this crate's own, for diagnosing a failed
+    /// handshake; only with a CA, since nothing else here can vouch for a registry.
+    fn tls_probe(&self) -> Option<crate::tls::Tls> {
+        let ca = self.ca_pem.as_ref()?;
+        let mut tls = crate::InstanceTls::new(ca.clone());
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(cert.clone(), key.clone());
+        }
+        if let Some(domain) = &self.tls_domain {
+            tls = tls.domain(domain.clone());
+        }
+        tls.connector().ok()
+    }
+
     /// Builds the client. No connection is made until the first call.
     pub fn build(self) -> Result<Client> {
         if self.addresses.is_empty() {
@@ -228,6 +242,7 @@ impl ClientBuilder {
                     (self.backoff_base, self.backoff_max),
                     self.watch_idle_timeout,
                 )
+                .with_tls_probe(self.tls_probe())
                 .with_tls(match tls {
                     Some(_) => TlsMode::On {
                         identity: self.identity.is_some(),

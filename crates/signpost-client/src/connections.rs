@@ -84,6 +84,9 @@ pub(crate) struct Connections {
     pub(crate) watch_idle_timeout: Duration,
     /// Whether calls speak TLS, so that a failed handshake can be told apart from a refusal.
     tls: TlsMode,
+    /// A TLS connector with the client's own settings, to ask a registry directly why a TLS
+    /// call died without a word (see [`Connections::diagnose_tls`]).
+    tls_probe: Option<crate::tls::Tls>,
 }
 
 /// What TLS this side speaks to the registries. A failed handshake means different things with
@@ -109,7 +112,55 @@ impl Connections {
             backoff,
             watch_idle_timeout,
             tls: TlsMode::Off,
+            tls_probe: None,
         }
+    }
+
+    /// The connector [`Connections::diagnose_tls`] uses.
+    pub(crate) fn with_tls_probe(mut self, probe: Option<crate::tls::Tls>) -> Self {
+        self.tls_probe = probe;
+        self
+    }
+
+    /// Why TLS with registry `index` fails, found by a handshake of this side's own and a short
+    /// read: a call on tonic's channel that a server refused for want of a client certificate
+    /// can die with a bare "connection closed" (the client's first write meets the closed
+    /// socket, and the alert that said why is lost with it), while a handshake that sends
+    /// nothing after it always gets the alert. `None` when TLS works or no answer came.
+    pub(crate) async fn diagnose_tls(&self, index: usize) -> Option<String> {
+        let TlsMode::On { identity } = self.tls else {
+            return None;
+        };
+        let probe = self.tls_probe.as_ref()?;
+        let address = &self.registries[index % self.registries.len()].0;
+        let uri: http::Uri = address.parse().ok()?;
+        let host = uri
+            .host()?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let name = probe.server_name(&host).ok()?;
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .ok()?;
+            let mut stream = match probe.connector.connect(name, tcp).await {
+                Ok(stream) => stream,
+                Err(e) => return Some(describe_handshake(&e, identity)),
+            };
+            let mut byte = [0u8; 1];
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut byte).await {
+                // The server spoke (its HTTP/2 settings): TLS is not what failed.
+                Ok(n) if n > 0 => None,
+                Ok(_) => Some(refused_identity(identity, "closed after the handshake")),
+                Err(e) => Some(describe_handshake(&e, identity)),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), attempt)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Says which TLS the registries' channels were built with (none by default).
@@ -209,16 +260,28 @@ impl Connections {
                 Err(status) if status.code() == Code::Unavailable => {
                     // Another registry may reach the store when this one cannot.
                     self.failed(index);
-                    let error = self.error(index, status);
+                    let error = self.explain(index, status).await;
                     // A registry that answered says more than one that could not be reached.
                     if !matches!(last, Some(Error::StoreUnavailable { .. })) {
                         last = Some(error);
                     }
                 }
-                Err(status) => return Err(self.error(index, status)),
+                Err(status) => return Err(self.explain(index, status).await),
             }
         }
         Err(last.unwrap_or(Error::Stopped))
+    }
+
+    /// [`Connections::error`], and for a TLS call that died without a word, why.
+    async fn explain(&self, index: usize, status: Status) -> Error {
+        let mut error = self.error(index, status);
+        if let Error::Unavailable { reason, .. } = &mut error
+            && is_bare_close(reason)
+            && let Some(why) = self.diagnose_tls(index).await
+        {
+            *reason = why;
+        }
+        error
     }
 }
 
@@ -285,6 +348,37 @@ fn tls_failure(status: &Status, identity: bool) -> Option<String> {
         cause = c.source();
     }
     None
+}
+
+/// A transport failure that says nothing of its cause.
+fn is_bare_close(reason: &str) -> bool {
+    [
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+        "operation was canceled",
+    ]
+    .iter()
+    .any(|bare| reason.contains(bare))
+}
+
+/// A failed handshake or read of [`Connections::diagnose_tls`], in the words of `describe_tls`.
+fn describe_handshake(error: &std::io::Error, identity: bool) -> String {
+    use tokio_rustls::rustls;
+    if let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        return describe_tls(tls, identity);
+    }
+    match error.kind() {
+        // Hung up on the ClientHello: the far end does not speak TLS.
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+            NOT_TLS.to_owned()
+        }
+        _ => describe_tls_text(&error.to_string(), identity)
+            .unwrap_or_else(|| format!("TLS failed: {error}")),
+    }
 }
 
 fn refused_identity(identity: bool, how: &str) -> String {
