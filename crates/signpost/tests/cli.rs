@@ -31,18 +31,33 @@ fn ok(registry: &str, args: &[&str]) -> String {
 
 /// A long-running command whose stdout lines arrive on a channel.
 fn spawn(registry: &str, args: &[&str]) -> (Child, Receiver<String>) {
-    let mut child = Command::new(EXE)
+    spawn_reading(registry, args, false)
+}
+
+/// Starts `signpost ARGS` against `registry`, sending the lines of its stdout (or, with
+/// `stderr`, of its stderr, with RUST_LOG unset so that only its own lines are there) to the
+/// returned channel.
+fn spawn_reading(registry: &str, args: &[&str], stderr: bool) -> (Child, Receiver<String>) {
+    let piped = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
+    let mut command = Command::new(EXE);
+    command
         .args(args)
         .env("SIGNPOST_REGISTRY", registry)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn signpost");
-    let stdout = child.stdout.take().unwrap();
+        .stdout(piped(!stderr))
+        .stderr(piped(stderr));
+    if stderr {
+        command.env_remove("RUST_LOG");
+    }
+    let mut child = command.spawn().expect("spawn signpost");
+    let output: Box<dyn std::io::Read + Send> = if stderr {
+        Box::new(child.stderr.take().unwrap())
+    } else {
+        Box::new(child.stdout.take().unwrap())
+    };
     let (tx, lines) = channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
@@ -370,23 +385,7 @@ fn code(registry: &str, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// A long-running command whose stderr lines arrive on a channel.
 fn spawn_stderr(registry: &str, args: &[&str]) -> (Child, Receiver<String>) {
-    let mut child = Command::new(EXE)
-        .args(args)
-        .env("SIGNPOST_REGISTRY", registry)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn signpost");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, lines)
+    spawn_reading(registry, args, true)
 }
 
 fn free_port() -> u16 {
