@@ -31,37 +31,34 @@ fn ok(registry: &str, args: &[&str]) -> String {
 
 /// A long-running command whose stdout lines arrive on a channel.
 fn spawn(registry: &str, args: &[&str]) -> (Child, Receiver<String>) {
-    spawn_reading(registry, args, false)
+    let (child, stdout, _) = spawn_both(registry, args);
+    (child, stdout)
 }
 
-/// Starts `signpost ARGS` against `registry`, sending the lines of its stdout (or, with
-/// `stderr`, of its stderr, with RUST_LOG unset so that only its own lines are there) to the
-/// returned channel.
-fn spawn_reading(registry: &str, args: &[&str], stderr: bool) -> (Child, Receiver<String>) {
-    let piped = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
-    let mut command = Command::new(EXE);
-    command
+/// Starts `signpost ARGS` against `registry` (with RUST_LOG unset, so that stderr holds only
+/// its own lines), sending the lines of its stdout and of its stderr to two channels.
+fn spawn_both(registry: &str, args: &[&str]) -> (Child, Receiver<String>, Receiver<String>) {
+    let mut child = Command::new(EXE)
         .args(args)
         .env("SIGNPOST_REGISTRY", registry)
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
-        .stdout(piped(!stderr))
-        .stderr(piped(stderr));
-    if stderr {
-        command.env_remove("RUST_LOG");
-    }
-    let mut child = command.spawn().expect("spawn signpost");
-    let output: Box<dyn std::io::Read + Send> = if stderr {
-        Box::new(child.stderr.take().unwrap())
-    } else {
-        Box::new(child.stdout.take().unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn signpost");
+    let lines = |output: Box<dyn std::io::Read + Send>| {
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        lines
     };
-    let (tx, lines) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(output).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, lines)
+    let stdout = lines(Box::new(child.stdout.take().unwrap()));
+    let stderr = lines(Box::new(child.stderr.take().unwrap()));
+    (child, stdout, stderr)
 }
 
 fn next_line_with(lines: &Receiver<String>, needle: &str) -> String {
@@ -385,7 +382,8 @@ fn code(registry: &str, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// A long-running command whose stderr lines arrive on a channel.
 fn spawn_stderr(registry: &str, args: &[&str]) -> (Child, Receiver<String>) {
-    spawn_reading(registry, args, true)
+    let (child, _, stderr) = spawn_both(registry, args);
+    (child, stderr)
 }
 
 fn free_port() -> u16 {
@@ -465,8 +463,9 @@ fn long_running_commands_say_what_they_wait_for() {
 fn watch_says_when_it_loses_its_stream() {
     let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
     let url = server.url();
-    let (mut child, lines) = spawn(&url, &["watch", "w"]);
-    let (mut quiet, errors) = spawn_stderr(&url, &["watch", "w"]);
+    // One watch, both its outputs: its stream must be open (its event printed) before the
+    // registry dies, or it has no stream to lose.
+    let (mut child, lines, errors) = spawn_both(&url, &["watch", "w"]);
     ok(
         &url,
         &[
@@ -497,10 +496,8 @@ fn watch_says_when_it_loses_its_stream() {
         again,
         format!("signpost: watching again (registry at {url})")
     );
-    for c in [&mut child, &mut quiet] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]
