@@ -462,7 +462,7 @@ async fn the_watch_behind_a_channel_ends_when_the_last_clone_is_dropped() {
         let metrics = metrics.clone();
         let store = server.store.clone();
         async move {
-            let text = metrics.render(&*store).await;
+            let text = metrics.render(&*store);
             text.lines()
                 .find_map(|l| l.strip_prefix("signpost_watch_streams "))
                 .and_then(|v| v.trim().parse::<i64>().ok())

@@ -50,6 +50,11 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::ResourceExhausted(_) => Status::resource_exhausted(message),
             Error::Store(Store::LeaseNotFound(_)) => Status::not_found(message),
+            // Worded as every other limit: "limit NAME (VALUE) reached in SCOPE".
+            Error::Store(Store::Limit { name, limit, scope }) => {
+                Status::resource_exhausted(Error::limit(name, limit, &scope).to_string())
+            }
+            Error::Store(Store::Conflict(_)) => Status::failed_precondition(message),
             Error::Store(Store::Unavailable(_) | Store::Open { .. }) => {
                 Status::unavailable(message)
             }

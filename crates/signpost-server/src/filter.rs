@@ -1,9 +1,7 @@
 //! The filter shared by Discover and Watch, and how a store change looks through it.
 
-use signpost_proto::v1 as pb;
-use signpost_store::{Event, Instance};
+use signpost_store::{Event, Instance, RemovalCause};
 
-use crate::convert::removal_to_pb;
 use crate::error::{Error, Result};
 use crate::selector::Selector;
 use crate::validate;
@@ -57,32 +55,44 @@ impl Filter {
     }
 
     /// What a store event means to a view through this filter, if anything: an instance entering
-    /// the view is ADDED, one changing inside it UPDATED, one leaving it REMOVED with the reason.
-    pub(crate) fn view_event(&self, event: &Event, revision: u64) -> Option<crate::wire::Event> {
+    /// the view is added, one changing inside it updated, one leaving it removed with the reason.
+    pub(crate) fn view_event<'a>(&self, event: &'a Event) -> Option<View<'a>> {
         let was = event.prev.as_deref().filter(|i| self.matches(i));
         let is = event.current.as_deref().filter(|i| self.matches(i));
-        let (kind, instance, reason) = match (was, is) {
+        Some(match (was, is) {
             (None, None) => return None,
-            (None, Some(now)) => (pb::EventType::Added, now, pb::RemovalReason::Unspecified),
-            (Some(_), Some(now)) => (pb::EventType::Updated, now, pb::RemovalReason::Unspecified),
-            (Some(before), None) => {
-                let reason = match (&event.current, event.removal) {
-                    (None, Some(cause)) => removal_to_pb(cause),
+            (None, Some(now)) => View::Added(now),
+            (Some(_), Some(now)) => View::Updated(now),
+            (Some(before), None) => View::Removed(
+                before,
+                match (&event.current, event.removal) {
+                    (None, Some(cause)) => Left::Gone(cause),
                     // Removed without a recorded cause: only a deregister does that.
-                    (None, None) => pb::RemovalReason::Deregistered,
-                    (Some(now), _) if self.matches_ignoring_health(now) => {
-                        pb::RemovalReason::Unhealthy
-                    }
-                    (Some(_), _) => pb::RemovalReason::Filtered,
-                };
-                (pb::EventType::Removed, before, reason)
-            }
-        };
-        Some(crate::wire::Event {
-            r#type: kind.into(),
-            instance: crate::wire::encoded(instance),
-            reason: reason.into(),
-            revision,
+                    (None, None) => Left::Gone(RemovalCause::Deregistered),
+                    (Some(now), _) if self.matches_ignoring_health(now) => Left::Unhealthy,
+                    (Some(_), _) => Left::Filtered,
+                },
+            ),
         })
     }
+}
+
+/// A store event as one view sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum View<'a> {
+    Added(&'a Instance),
+    Updated(&'a Instance),
+    /// The instance as the view last saw it, and why it left.
+    Removed(&'a Instance, Left),
+}
+
+/// Why an instance left a view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Left {
+    /// It left the store.
+    Gone(RemovalCause),
+    /// It is still registered, but critical.
+    Unhealthy,
+    /// It is still registered, but no longer matches the view's tags or selector.
+    Filtered,
 }

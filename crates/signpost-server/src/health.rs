@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use signpost_store::{
-    Event, FeedItem, Health, HealthCheck, HealthUpdate, Instance, InstanceKey, Revision, Store,
+    Condition, Event, FeedItem, Health, HealthCheck, HealthUpdate, Instance, InstanceKey,
+    RemovalCause, Revision, Store, Write, Written,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
@@ -264,11 +265,7 @@ struct Outcome {
 }
 
 /// Runs every check in `store` until `shutdown` is cancelled.
-pub(crate) async fn run<S: Store>(
-    store: Arc<S>,
-    config: HealthConfig,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn run(store: Arc<dyn Store>, config: HealthConfig, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let (results_tx, mut results) = mpsc::unbounded_channel::<Outcome>();
     let mut checks = Checks::default();
@@ -363,7 +360,7 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn apply<S: Store>(store: &S, action: Action) {
+async fn apply(store: &dyn Store, action: Action) {
     match action {
         Action::None => {}
         Action::SetHealth(update) => {
@@ -373,25 +370,37 @@ async fn apply<S: Store>(store: &S, action: Action) {
                 update.health,
             );
             let output = update.output.clone();
-            match store.set_health(update).await {
-                Ok(Some(stored)) => {
+            match store.write(Write::Health(update)).await {
+                Ok(Written::Stored(stored)) => {
                     tracing::info!(%service, %id, ?health, %output, revision = stored.mod_revision, "health changed")
                 }
-                Ok(None) => {}
+                Ok(_) => {}
+                // The instance changed since it was probed: the verdict is stale, and dropped.
+                Err(signpost_store::Error::Conflict(reason)) => {
+                    tracing::debug!(%service, %id, %reason, "health verdict dropped")
+                }
                 Err(e) => {
                     tracing::warn!(%service, %id, error = %e, "cannot record a health change")
                 }
             }
         }
-        Action::Evict(key, create_revision) => match store.evict(&key, create_revision).await {
-            Ok(deleted) if deleted.prev.is_some() => {
-                tracing::info!(service = %key.service, id = %key.id, "removed after staying critical too long");
+        Action::Evict(key, create_revision) => {
+            let evict = Write::Delete {
+                key: key.clone(),
+                cause: RemovalCause::Unhealthy,
+                condition: Condition::Registration(create_revision),
+            };
+            match store.write(evict).await {
+                Ok(Written::Removed { .. }) => {
+                    tracing::info!(service = %key.service, id = %key.id, "removed after staying critical too long");
+                }
+                // Gone already, or registered anew since: nothing to evict.
+                Ok(_) | Err(signpost_store::Error::Conflict(_)) => {}
+                Err(e) => {
+                    tracing::warn!(service = %key.service, id = %key.id, error = %e, "cannot remove a critical instance")
+                }
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(service = %key.service, id = %key.id, error = %e, "cannot remove a critical instance")
-            }
-        },
+        }
     }
 }
 

@@ -40,7 +40,7 @@ pub(crate) struct Hub {
 
 impl Hub {
     /// A hub fed by `store`'s changes; its task ends when the store's feed closes.
-    pub(crate) fn start<S: Store>(store: &S) -> Arc<Hub> {
+    pub(crate) fn start(store: &dyn Store) -> Arc<Hub> {
         let hub = Arc::new(Hub::default());
         tokio::spawn(route(store.changes(), Arc::downgrade(&hub)));
         hub
@@ -226,6 +226,7 @@ impl Drop for Topic {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use signpost_store::conformance::Shorthand;
     use signpost_store::{Instance, MemoryConfig, MemoryStore};
     use std::time::Duration;
 

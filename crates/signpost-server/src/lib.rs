@@ -32,6 +32,7 @@
 
 pub mod auth;
 mod convert;
+mod encode;
 mod error;
 mod filter;
 mod health;
@@ -39,17 +40,16 @@ mod hub;
 mod limits;
 pub mod metrics;
 mod probe;
+mod route;
 pub mod selector;
 mod service;
 mod validate;
 mod watch;
-mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use signpost_proto::v1::registry_service_server::RegistryServiceServer;
 use signpost_store::Store;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -60,6 +60,8 @@ pub use auth::Tokens;
 pub use convert::{DEFAULT_WEIGHT, MAX_CHECK_INTERVAL, MIN_CHECK_INTERVAL};
 pub use error::Error;
 pub use health::HealthConfig;
+pub use limits::Limits;
+pub use route::RegistryServer;
 pub use service::{MAX_TTL, MIN_TTL, Registry};
 pub use validate::DEFAULT_NAMESPACE;
 
@@ -91,32 +93,6 @@ pub struct Config {
     pub reflection: bool,
     /// The longest a unary call may run (the client's `grpc-timeout` can only shorten it).
     pub request_timeout: Duration,
-}
-
-/// Limits that keep one client from exhausting the server. Reaching one is `RESOURCE_EXHAUSTED`
-/// with its name and value. The defaults leave room for 100,000 instances and their watchers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    pub max_instances_per_service: u64,
-    pub max_instances_per_namespace: u64,
-    /// Live leases (not enforced on etcd, whose leases the store does not count).
-    pub max_leases: u64,
-    /// Watch streams open on this server.
-    pub max_watches: usize,
-    /// Watch streams open on one client connection.
-    pub max_watches_per_connection: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_instances_per_service: 100_000,
-            max_instances_per_namespace: 1_000_000,
-            max_leases: 1_000_000,
-            max_watches: 200_000,
-            max_watches_per_connection: 20_000,
-        }
-    }
 }
 
 /// PEM-encoded TLS material for the server.
@@ -169,13 +145,13 @@ pub enum ServeError {
 ///
 /// On shutdown the health status turns NOT_SERVING, open Watch and KeepAlive streams end with
 /// `UNAVAILABLE` (so clients reconnect elsewhere), and in-flight unary calls finish.
-pub async fn serve<S: Store>(
-    store: Arc<S>,
+pub async fn serve(
+    store: Arc<dyn Store>,
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let (max_request, max_response) = (config.max_request_size, config.max_response_size);
+    let max_request = config.max_request_size;
     let (tls, with_reflection, request_timeout) = (
         config.tls.clone(),
         config.reflection,
@@ -194,15 +170,9 @@ pub async fn serve<S: Store>(
     let checker = health_checks.map(|c| tokio::spawn(health::run(store, c, streams.clone())));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<RegistryServiceServer<Registry<S>>>()
-        .await;
+    health.set_serving::<RegistryServer>().await;
     if let Some(serving) = store_serving {
-        tokio::spawn(follow_backend::<S>(
-            serving,
-            health.clone(),
-            streams.clone(),
-        ));
+        tokio::spawn(follow_backend(serving, health.clone(), streams.clone()));
     }
 
     // Each of tonic-reflection's builders adds only its own version's descriptor set, so
@@ -226,7 +196,7 @@ pub async fn serve<S: Store>(
         (None, None)
     };
 
-    let registry = wire::RegistryServer::new(registry, max_request, max_response);
+    let registry = RegistryServer::new(registry);
 
     let stop_streams = streams.clone();
     let shutdown = async move {
@@ -235,9 +205,7 @@ pub async fn serve<S: Store>(
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        health
-            .set_not_serving::<RegistryServiceServer<Registry<S>>>()
-            .await;
+        health.set_not_serving::<RegistryServer>().await;
         stop_streams.cancel();
     };
 
@@ -280,13 +248,11 @@ pub async fn serve<S: Store>(
 
 /// Mirrors the backend's availability in the health status, so that load balancers and clients
 /// stop sending to a server whose backend (etcd) it cannot reach.
-async fn follow_backend<S>(
+async fn follow_backend(
     mut serving: tokio::sync::watch::Receiver<Result<(), String>>,
     health: tonic_health::server::HealthReporter,
     stop: tokio_util::sync::CancellationToken,
-) where
-    S: Store,
-{
+) {
     loop {
         let status = match &*serving.borrow_and_update() {
             Ok(()) => ServingStatus::Serving,
@@ -295,7 +261,7 @@ async fn follow_backend<S>(
         health.set_service_status("", status).await;
         health
             .set_service_status(
-                <RegistryServiceServer<Registry<S>> as tonic::server::NamedService>::NAME,
+                <RegistryServer as tonic::server::NamedService>::NAME,
                 status,
             )
             .await;

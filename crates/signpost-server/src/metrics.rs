@@ -170,8 +170,8 @@ impl Metrics {
     }
 
     /// Reads the store's sizes and renders everything as Prometheus text.
-    pub async fn render<S: Store>(&self, store: &S) -> String {
-        if let Ok(counts) = store.counts().await {
+    pub fn render(&self, store: &dyn Store) -> String {
+        if let Ok(counts) = store.usage("", "") {
             self.instances.set(to_i64(counts.instances));
             self.services.set(to_i64(counts.services));
             self.leases.set(to_i64(counts.leases));
@@ -218,10 +218,10 @@ fn code_name(code: tonic::Code) -> &'static str {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes.
-pub async fn serve_metrics<S: Store>(
+pub async fn serve_metrics(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    store: Arc<S>,
+    store: Arc<dyn Store>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
@@ -245,7 +245,7 @@ pub async fn serve_metrics<S: Store>(
                         let response = if request.uri().path() == "/metrics" {
                             hyper::Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                                .body(Full::new(Bytes::from(metrics.render(&*store).await)))
+                                .body(Full::new(Bytes::from(metrics.render(&*store))))
                         } else {
                             hyper::Response::builder()
                                 .status(hyper::StatusCode::NOT_FOUND)

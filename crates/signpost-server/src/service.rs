@@ -1,15 +1,13 @@
 //! `signpost.v1.RegistryService` over a [`Store`].
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
 use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_server::RegistryService;
-use signpost_store::{InstanceKey, Store};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use signpost_store::{Condition, InstanceKey, RemovalCause, Store, Write, Written};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -18,63 +16,37 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::Config;
 use crate::auth::{Principal, Verb};
 use crate::convert::{duration_from_pb, duration_to_pb, instance_from_pb, instance_to_pb};
+use crate::encode;
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::hub::Hub;
+use crate::limits::{WatchLimits, request_too_large, too_large_request};
 use crate::validate;
-use crate::watch::{WatchReceiver, WatchTask};
+use crate::watch::{Sent, WatchReceiver, WatchTask};
 
 /// The shortest lease ttl: shorter leases cannot be kept alive reliably over a real network.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 /// The longest lease ttl; an instance that should outlive this is registered without a ttl.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// The registry service. Cheap to clone; clones share the store and the shutdown signal.
-#[derive(Debug)]
-pub struct Registry<S> {
-    store: Arc<S>,
+/// The registry service over a store, with the limits and settings of [`Config`]. Cheap to
+/// clone; clones share the store and the shutdown signal. Mount it with
+/// [`RegistryServer`](crate::RegistryServer).
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn Store>,
     config: Arc<Config>,
     shutdown: CancellationToken,
-    watches: Arc<Semaphore>,
-    per_connection: PerConnection,
+    watches: WatchLimits,
     /// Routes changes to each service's watch streams; started with the first watch.
     hub: Arc<OnceLock<Arc<Hub>>>,
 }
 
-impl<S> Clone for Registry<S> {
-    fn clone(&self) -> Self {
-        Registry {
-            store: self.store.clone(),
-            config: self.config.clone(),
-            shutdown: self.shutdown.clone(),
-            watches: self.watches.clone(),
-            per_connection: self.per_connection.clone(),
-            hub: self.hub.clone(),
-        }
-    }
-}
-
-/// Open watch streams per client connection (keyed by its remote address).
-type PerConnection = Arc<Mutex<HashMap<SocketAddr, usize>>>;
-
-/// A watch stream's places under the limits; dropping it frees them.
-#[derive(Debug)]
-pub(crate) struct WatchSlots {
-    _total: OwnedSemaphorePermit,
-    connection: Option<(SocketAddr, PerConnection)>,
-}
-
-impl Drop for WatchSlots {
-    fn drop(&mut self) {
-        if let Some((addr, counts)) = &self.connection {
-            let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = counts.get_mut(addr) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(addr);
-                }
-            }
-        }
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -83,16 +55,20 @@ fn allow(principal: Option<&Principal>, verb: Verb, namespace: &str) -> Result<(
     principal.map_or(Ok(()), |p| p.check(verb, namespace))
 }
 
-impl<S: Store> Registry<S> {
-    pub fn new(store: Arc<S>, config: Config) -> Self {
+impl Registry {
+    pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
         Registry {
             store,
-            watches: Arc::new(Semaphore::new(config.limits.max_watches)),
-            per_connection: Arc::default(),
+            watches: WatchLimits::new(&config.limits),
             hub: Arc::default(),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         }
+    }
+
+    /// The largest request and response the service is built for.
+    pub(crate) fn message_limits(&self) -> (usize, usize) {
+        (self.config.max_request_size, self.config.max_response_size)
     }
 
     /// The token a request carries, when the server checks tokens. Checked before anything
@@ -106,39 +82,6 @@ impl<S: Store> Registry<S> {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         tokens.authenticate(header).map(Some)
-    }
-
-    /// Takes a place for one more watch stream, or says which limit is full.
-    fn watch_slots(&self, remote: Option<SocketAddr>) -> Result<WatchSlots> {
-        let limits = &self.config.limits;
-        let total = self
-            .watches
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::limit("max_watches", limits.max_watches, ""))?;
-        let connection = match remote {
-            None => None,
-            Some(addr) => {
-                let mut counts = self
-                    .per_connection
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let n = counts.entry(addr).or_insert(0);
-                if *n >= limits.max_watches_per_connection {
-                    return Err(Error::limit(
-                        "max_watches_per_connection",
-                        limits.max_watches_per_connection,
-                        "",
-                    ));
-                }
-                *n += 1;
-                Some((addr, self.per_connection.clone()))
-            }
-        };
-        Ok(WatchSlots {
-            _total: total,
-            connection,
-        })
     }
 
     /// Cancelling this token ends every Watch and KeepAlive stream with `UNAVAILABLE`, so that a
@@ -182,37 +125,9 @@ impl<S: Store> Registry<S> {
         let mut instance = instance_from_pb("instance", instance)?;
         allow(principal.as_ref(), Verb::Write, &instance.namespace)?;
         let ttl = req.ttl.map(|d| duration_from_pb("ttl", d)).transpose()?;
-        let existing = self.store.get(&instance.key()).await?;
-        self.check_owner(principal.as_ref(), existing.as_deref())?;
-        instance.owner = principal.map(|p| p.name.to_string());
-        let limits = &self.config.limits;
-        if existing.is_none() || ttl.is_some() {
-            let sizes = self
-                .store
-                .sizes(&instance.namespace, &instance.service)
-                .await?;
-            if existing.is_none() {
-                let at = format!(" in {}/{}", instance.namespace, instance.service);
-                if sizes.service_instances >= limits.max_instances_per_service {
-                    return Err(Error::limit(
-                        "max_instances_per_service",
-                        limits.max_instances_per_service,
-                        &at,
-                    ));
-                }
-                if sizes.namespace_instances >= limits.max_instances_per_namespace {
-                    let at = format!(" in namespace {}", instance.namespace);
-                    return Err(Error::limit(
-                        "max_instances_per_namespace",
-                        limits.max_instances_per_namespace,
-                        &at,
-                    ));
-                }
-            }
-            if ttl.is_some() && sizes.leases >= limits.max_leases {
-                return Err(Error::limit("max_leases", limits.max_leases, ""));
-            }
-        }
+        instance.owner = principal.as_ref().map(|p| p.name.to_string());
+        let condition = self.ownership(principal.as_ref());
+        let quota = self.config.limits.quota();
         let lease = match (ttl, req.lease_id) {
             (Some(_), id) if id != 0 => {
                 return Err(Error::invalid(
@@ -230,7 +145,7 @@ impl<S: Store> Registry<S> {
                     ));
                 }
                 let started = Instant::now();
-                let lease = self.store.grant_lease(ttl).await?;
+                let lease = self.store.grant_lease(ttl, quota).await?;
                 self.store_write("grant_lease", started);
                 Some(lease)
             }
@@ -245,17 +160,28 @@ impl<S: Store> Registry<S> {
             ),
         };
         let started = Instant::now();
-        let stored = match self.store.put(instance, lease.map(|l| l.id)).await {
-            Ok(stored) => {
+        let put = Write::Put {
+            instance,
+            lease: lease.map(|l| l.id),
+            condition,
+            quota,
+        };
+        let stored = match self.store.write(put).await {
+            Ok(Written::Stored(stored)) => {
                 self.store_write("put", started);
                 stored
+            }
+            Ok(other) => {
+                return Err(Error::Store(signpost_store::Error::Unavailable(format!(
+                    "the store answered a put with {other:?}"
+                ))));
             }
             Err(e) => {
                 if let (Some(lease), Some(_)) = (lease, ttl) {
                     // Do not leave the lease granted for this request behind, empty.
                     let _ = self.store.revoke_lease(lease.id).await;
                 }
-                return Err(e.into());
+                return Err(ownership_error(e));
             }
         };
         tracing::debug!(service = %stored.service, id = %stored.id, revision = stored.mod_revision, "registered");
@@ -267,23 +193,12 @@ impl<S: Store> Registry<S> {
         })
     }
 
-    /// Under strict ownership, only the token that registered an instance may change it.
-    fn check_owner(
-        &self,
-        principal: Option<&Principal>,
-        existing: Option<&signpost_store::Instance>,
-    ) -> Result<()> {
-        let (Some(principal), Some(existing)) = (principal, existing) else {
-            return Ok(());
-        };
-        match &existing.owner {
-            Some(owner) if self.config.strict_ownership && **owner != *principal.name => {
-                Err(Error::PermissionDenied(format!(
-                    "instance {}/{}/{} was registered with another token (strict ownership)",
-                    existing.namespace, existing.service, existing.id
-                )))
-            }
-            _ => Ok(()),
+    /// Under strict ownership, only the token that registered an instance may change it: the
+    /// store judges that atomically with the write.
+    fn ownership(&self, principal: Option<&Principal>) -> Condition {
+        match principal {
+            Some(p) if self.config.strict_ownership => Condition::OwnedBy(p.name.to_string()),
+            _ => Condition::Always,
         }
     }
 
@@ -301,16 +216,17 @@ impl<S: Store> Registry<S> {
             service: req.service,
             id: req.id,
         };
-        if self.config.strict_ownership && principal.is_some() {
-            let existing = self.store.get(&key).await?;
-            self.check_owner(principal.as_ref(), existing.as_deref())?;
-        }
         let started = Instant::now();
-        let deleted = self.store.delete(&key).await?;
+        let delete = Write::Delete {
+            key,
+            cause: RemovalCause::Deregistered,
+            condition: self.ownership(principal.as_ref()),
+        };
+        let deleted = self.store.write(delete).await.map_err(ownership_error)?;
         self.store_write("delete", started);
         Ok(pb::DeregisterResponse {
-            existed: deleted.prev.is_some(),
-            revision: deleted.revision,
+            existed: matches!(deleted, Written::Removed { .. }),
+            revision: deleted.revision(),
         })
     }
 
@@ -329,7 +245,7 @@ impl<S: Store> Registry<S> {
             req.include_unhealthy,
         )?;
         allow(principal.as_ref(), Verb::Read, &filter.namespace)?;
-        let snapshot = self.store.list(&filter.namespace, &filter.service).await?;
+        let snapshot = self.store.list(&filter.namespace, &filter.service)?;
         let instances = snapshot
             .instances
             .iter()
@@ -352,17 +268,17 @@ impl<S: Store> Registry<S> {
     pub(crate) async fn discover_encoded(
         &self,
         request: Request<pb::DiscoverRequest>,
-    ) -> Result<Response<crate::wire::DiscoverResponse>, Status> {
+    ) -> Result<Response<encode::DiscoverResponse>, Status> {
         self.timed("Discover", async {
             let principal = self.authenticate(&request)?;
             let (instances, revision) = self
-                .do_discover(principal, request.into_inner(), crate::wire::encoded)
+                .do_discover(principal, request.into_inner(), encode::encoded)
                 .await?;
-            let answer = crate::wire::DiscoverResponse {
+            let answer = encode::DiscoverResponse {
                 instances,
                 revision,
             };
-            crate::wire::fits(&answer, self.config.max_response_size)?;
+            encode::fits(&answer, self.config.max_response_size)?;
             Ok(answer)
         })
         .await
@@ -375,7 +291,7 @@ impl<S: Store> Registry<S> {
     ) -> Result<pb::ListServicesResponse> {
         let namespace = validate::namespace("namespace", req.namespace)?;
         allow(principal.as_ref(), Verb::Read, &namespace)?;
-        let list = self.store.list_services(&namespace).await?;
+        let list = self.store.list_services(&namespace)?;
         Ok(pb::ListServicesResponse {
             services: list
                 .services
@@ -402,7 +318,7 @@ impl<S: Store> Registry<S> {
             req.include_unhealthy,
         )?;
         allow(principal.as_ref(), Verb::Read, &filter.namespace)?;
-        let slots = self.watch_slots(remote)?;
+        let slots = self.watches.take(remote)?;
         let (tx, rx) = mpsc::channel(self.config.watch_buffer.max(1));
         let task = WatchTask {
             store: self.store.clone(),
@@ -427,11 +343,13 @@ impl<S: Store> Registry<S> {
 
     fn start_keep_alive(
         &self,
+        principal: Option<Principal>,
         mut inbound: Streaming<pb::KeepAliveRequest>,
     ) -> ReceiverStream<Result<pb::KeepAliveResponse, Status>> {
         let (tx, rx) = mpsc::channel(16);
         let store = self.store.clone();
         let shutdown = self.shutdown.clone();
+        let max_request = self.config.max_request_size;
         tokio::spawn(async move {
             loop {
                 let request = tokio::select! {
@@ -441,15 +359,15 @@ impl<S: Store> Registry<S> {
                     }
                     next = inbound.next() => match next {
                         Some(Ok(request)) => request,
+                        Some(Err(status)) if request_too_large(&status) => {
+                            let _ = tx.send(Err(Status::from(too_large_request(max_request)))).await;
+                            return;
+                        }
                         // The client closed its side or the connection broke: nothing to answer.
                         Some(Err(_)) | None => return,
                     },
                 };
-                let answer = match request.lease_id {
-                    0 => Ok(None),
-                    id => store.keep_alive(id).await,
-                };
-                let response = match answer {
+                let response = match refresh(&*store, principal.as_ref(), request.lease_id).await {
                     Ok(Some(lease)) => Ok(pb::KeepAliveResponse {
                         lease_id: lease.id,
                         ttl: Some(duration_to_pb(lease.ttl)),
@@ -460,7 +378,7 @@ impl<S: Store> Registry<S> {
                         ttl: Some(duration_to_pb(Duration::ZERO)),
                         expired: true,
                     }),
-                    Err(e) => Err(Status::from(Error::from(e))),
+                    Err(e) => Err(Status::from(e)),
                 };
                 let failed = response.is_err();
                 if tx.send(response).await.is_err() || failed {
@@ -472,8 +390,34 @@ impl<S: Store> Registry<S> {
     }
 }
 
+/// Refreshes a lease for `principal`: only a token that may write the namespace whose instances
+/// the lease holds may keep it alive (a lease that holds none keeps nothing visible alive).
+async fn refresh(
+    store: &dyn Store,
+    principal: Option<&Principal>,
+    lease: signpost_store::LeaseId,
+) -> Result<Option<signpost_store::Lease>> {
+    if lease == 0 {
+        return Ok(None);
+    }
+    if let Some(principal) = principal
+        && let Some(namespace) = store.lease_namespace(lease).await?
+    {
+        principal.check(Verb::Write, &namespace)?;
+    }
+    Ok(store.keep_alive(lease).await?)
+}
+
+/// A refused ownership condition is the caller's token not being the owner's.
+fn ownership_error(e: signpost_store::Error) -> Error {
+    match e {
+        signpost_store::Error::Conflict(reason) => Error::PermissionDenied(reason),
+        other => Error::Store(other),
+    }
+}
+
 #[tonic::async_trait]
-impl<S: Store> RegistryService for Registry<S> {
+impl RegistryService for Registry {
     #[tracing::instrument(skip_all, level = "debug")]
     async fn register(
         &self,
@@ -505,30 +449,26 @@ impl<S: Store> RegistryService for Registry<S> {
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         self.timed("KeepAlive", async {
-            if let Some(principal) = self.authenticate(&request)? {
+            let principal = self.authenticate(&request)?;
+            if let Some(principal) = &principal {
                 principal.check_any(Verb::Write)?;
             }
-            Ok(self.start_keep_alive(request.into_inner()))
+            Ok(self.start_keep_alive(principal, request.into_inner()))
         })
         .await
     }
 
+    /// The generated type, for callers of this trait directly; the server itself answers with
+    /// the encoded answer of `discover_encoded`, and this decodes it.
     #[tracing::instrument(skip_all, level = "debug")]
     async fn discover(
         &self,
         request: Request<pb::DiscoverRequest>,
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
-        self.timed("Discover", async {
-            let principal = self.authenticate(&request)?;
-            let (instances, revision) = self
-                .do_discover(principal, request.into_inner(), instance_to_pb)
-                .await?;
-            Ok(pb::DiscoverResponse {
-                instances,
-                revision,
-            })
-        })
-        .await
+        let answer = self.discover_encoded(request).await?.into_inner();
+        pb::DiscoverResponse::decode(answer.encode_to_vec().as_slice())
+            .map(Response::new)
+            .map_err(|e| Status::internal(format!("cannot re-read a Discover answer: {e}")))
     }
 
     /// The generated types, for callers of this trait directly; the server itself sends Watch
@@ -544,11 +484,9 @@ impl<S: Store> RegistryService for Registry<S> {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let frames = ReceiverStream::new(self.watch_frames(request).await?);
         let decoded = frames.map(|sent| match sent {
-            crate::watch::Sent::Message(data) => {
-                pb::WatchResponse::decode(data.get(5..).unwrap_or_default())
-                    .map_err(|e| Status::internal(format!("cannot re-read a watch message: {e}")))
-            }
-            crate::watch::Sent::End(status) => Err(*status),
+            Sent::Message(data) => pb::WatchResponse::decode(data.get(5..).unwrap_or_default())
+                .map_err(|e| Status::internal(format!("cannot re-read a watch message: {e}"))),
+            Sent::End(status) => Err(*status),
         });
         Ok(Response::new(Box::pin(decoded)))
     }

@@ -6,7 +6,7 @@
 //! lags, and the task answers a lag by sending one fresh `reset` view. So a slow watcher costs
 //! bounded memory and never slows the store or any other watcher.
 //!
-//! The task sends gRPC frames, not messages (`wire::frame`): a change that every watcher of its
+//! The task sends gRPC frames, not messages (`encode::frame`): a change that every watcher of its
 //! service sees the same way is framed once, on the change itself, and the same bytes go down
 //! every stream. The stream's end is a trailers frame carrying the status.
 
@@ -21,10 +21,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::filter::Filter;
+use crate::convert::removal_to_pb;
+use crate::encode::{Event, WatchResponse, encoded, frame};
+use crate::filter::{Filter, Left, View};
 use crate::hub::Topic;
+use crate::limits::WatchSlots;
 use crate::metrics::Metrics;
-use crate::wire::{Event, WatchResponse, encoded, frame};
 
 /// What a watch task sends towards its stream: framed messages, then at most one end. Small on
 /// purpose: each stream's channel allocates its slots 32 at a time.
@@ -37,8 +39,8 @@ pub(crate) enum Sent {
 pub(crate) type WatchSender = mpsc::Sender<Sent>;
 pub(crate) type WatchReceiver = mpsc::Receiver<Sent>;
 
-pub(crate) struct WatchTask<S> {
-    pub(crate) store: Arc<S>,
+pub(crate) struct WatchTask {
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) filter: Filter,
     pub(crate) start_revision: Option<Revision>,
     pub(crate) progress_interval: Duration,
@@ -48,7 +50,7 @@ pub(crate) struct WatchTask<S> {
     pub(crate) max_message: usize,
     pub(crate) tx: WatchSender,
     /// The stream's places under the watch limits, given back when the task ends.
-    pub(crate) _slots: crate::service::WatchSlots,
+    pub(crate) _slots: WatchSlots,
 }
 
 /// Counts an open stream for as long as it lives.
@@ -77,7 +79,7 @@ enum Stop {
     Shutdown,
 }
 
-impl<S: Store> WatchTask<S> {
+impl WatchTask {
     /// Runs the stream; `topic` was subscribed to before the task was started, so that the start
     /// the task reads from the store leaves no gap before the topic's first change.
     pub(crate) async fn run(self, topic: Topic) {
@@ -103,14 +105,13 @@ impl<S: Store> WatchTask<S> {
 
     async fn follow(&self, mut feed: Topic) -> Result<Stop, Status> {
         let f = &self.filter;
-        let watch = self
+        // The topic follows this service from before the start is read: no gap between them.
+        let start = self
             .store
             .watch(&f.namespace, &f.service, self.start_revision)
             .await
             .map_err(|e| Status::from(crate::error::Error::from(e)))?;
-        // The topic follows this service from before the start was read.
-        drop(watch.feed);
-        let mut revision = match watch.start {
+        let mut revision = match start {
             WatchStart::Snapshot(snapshot) => {
                 let revision = snapshot.revision;
                 if let Err(stop) = self.send(self.reset(snapshot)?).await {
@@ -202,7 +203,6 @@ impl<S: Store> WatchTask<S> {
                 let snapshot = self
                     .store
                     .list(&f.namespace, &f.service)
-                    .await
                     .map_err(|e| Status::from(crate::error::Error::from(e)))?;
                 tracing::debug!(service = %f.service, revision = snapshot.revision, "slow watcher collapsed into a reset");
                 if let Some(m) = &self.metrics {
@@ -264,7 +264,8 @@ impl<S: Store> WatchTask<S> {
         let events: Vec<Event> = change
             .events
             .iter()
-            .filter_map(|e| self.filter.view_event(e, change.revision))
+            .filter_map(|e| self.filter.view_event(e))
+            .map(|view| view_to_wire(view, change.revision))
             .collect();
         if events.is_empty() {
             return Ok((Bytes::new(), 0));
@@ -295,6 +296,29 @@ impl<S: Store> WatchTask<S> {
             sent = self.tx.send(Sent::Message(bytes)) => sent.map_err(|_| Stop::ClientGone),
             _ = self.shutdown.cancelled() => Err(Stop::Shutdown),
         }
+    }
+}
+
+/// A view event as the wire carries it.
+fn view_to_wire(view: View<'_>, revision: Revision) -> Event {
+    let (kind, instance, reason) = match view {
+        View::Added(now) => (pb::EventType::Added, now, pb::RemovalReason::Unspecified),
+        View::Updated(now) => (pb::EventType::Updated, now, pb::RemovalReason::Unspecified),
+        View::Removed(before, left) => (
+            pb::EventType::Removed,
+            before,
+            match left {
+                Left::Gone(cause) => removal_to_pb(cause),
+                Left::Unhealthy => pb::RemovalReason::Unhealthy,
+                Left::Filtered => pb::RemovalReason::Filtered,
+            },
+        ),
+    };
+    Event {
+        r#type: kind.into(),
+        instance: encoded(instance),
+        reason: reason.into(),
+        revision,
     }
 }
 

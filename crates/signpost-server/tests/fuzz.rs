@@ -17,7 +17,7 @@ use tonic::{Code, Request};
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
-    registry: Registry<MemoryStore>,
+    registry: Registry,
 }
 
 impl Harness {

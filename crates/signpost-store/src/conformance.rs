@@ -13,8 +13,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{
-    Change, ChangeFeed, Error, FeedItem, Instance, InstanceKey, RemovalCause, Store, WatchStart,
+    Change, ChangeFeed, Condition, Error, FeedItem, Health, HealthCheck, HealthUpdate, Instance,
+    InstanceKey, Lease, LeaseId, Probe, Quota, RemovalCause, Store, WatchStart, Write, Written,
 };
+
+/// The suite's shorthands for the writes it makes most, each one [`Store::write`].
+pub trait Shorthand: Store {
+    fn put(
+        &self,
+        instance: Instance,
+        lease: Option<LeaseId>,
+    ) -> crate::BoxFuture<'_, crate::Result<Arc<Instance>>> {
+        let write = self.write(Write::put(instance, lease));
+        Box::pin(async move {
+            match write.await? {
+                Written::Stored(stored) => Ok(stored),
+                other => panic!("a put answered {other:?}"),
+            }
+        })
+    }
+
+    fn delete(&self, key: &InstanceKey) -> crate::BoxFuture<'_, crate::Result<Written>> {
+        self.write(Write::delete(key.clone()))
+    }
+
+    fn grant(&self, ttl: Duration) -> crate::BoxFuture<'_, crate::Result<Lease>> {
+        self.grant_lease(ttl, Quota::default())
+    }
+}
+
+impl<S: Store + ?Sized> Shorthand for S {}
 
 /// How the suite wants a store made for one test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +87,13 @@ macro_rules! conformance_tests {
             compacted_history_gives_a_snapshot,
             a_lagging_feed_says_so_and_goes_on,
             concurrent_writers_get_distinct_ordered_revisions,
+            conditions_are_judged_with_the_write,
+            health_verdicts_follow_the_rules,
+            usage_counts_what_the_store_holds,
+            a_lease_holds_one_namespace,
+            watch_checks_follows_every_checked_instance,
+            racing_writers_never_pass_a_quota_or_an_owner,
+            a_lease_quota_counts_live_leases,
         );
     };
     (@each $make:path, $ready:expr; $($name:ident,)*) => {
@@ -98,7 +133,7 @@ async fn next_change(feed: &mut ChangeFeed) -> Arc<Change> {
 }
 
 async fn revision<S: Store>(store: &S) -> u64 {
-    store.list("default", "-").await.unwrap().revision
+    store.list("default", "-").unwrap().revision
 }
 
 pub async fn revisions_increase_by_one_per_change<S: Store, G, F, Fut>(make: F)
@@ -112,16 +147,21 @@ where
     assert_eq!(a.mod_revision, start + 1);
     let b = store.put(instance("svc", "b"), None).await.unwrap();
     assert_eq!(b.mod_revision, start + 2);
-    let gone = store.delete(&key("svc", "a")).await.unwrap();
-    assert_eq!(gone.revision, start + 3);
-    assert_eq!(gone.prev.map(|p| p.id.clone()), Some("a".to_string()));
-    let nothing = store.delete(&key("svc", "a")).await.unwrap();
+    match store.delete(&key("svc", "a")).await.unwrap() {
+        Written::Removed { prev, revision } => {
+            assert_eq!(revision, start + 3);
+            assert_eq!(prev.id, "a");
+        }
+        other => panic!("expected a removal, got {other:?}"),
+    }
     assert_eq!(
-        (nothing.prev, nothing.revision),
-        (None, start + 3),
+        store.delete(&key("svc", "a")).await.unwrap(),
+        Written::Unchanged {
+            revision: start + 3
+        },
         "deleting nothing takes no revision"
     );
-    let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let lease = store.grant(Duration::from_secs(30)).await.unwrap();
     store.keep_alive(lease.id).await.unwrap();
     assert_eq!(
         revision(&store).await,
@@ -143,7 +183,7 @@ where
     assert_eq!(second.create_revision, first.create_revision);
     assert_eq!(second.mod_revision, first.mod_revision + 1);
     assert_eq!(second.port, 9090);
-    let listed = store.list("default", "svc").await.unwrap();
+    let listed = store.list("default", "svc").unwrap();
     assert_eq!(listed.instances, vec![second.clone()]);
     assert_eq!(listed.revision, second.mod_revision);
 }
@@ -162,10 +202,10 @@ where
     other.namespace = "staging".into();
     let last = store.put(other, None).await.unwrap();
 
-    let web = store.list("default", "web").await.unwrap();
+    let web = store.list("default", "web").unwrap();
     let ids: Vec<&str> = web.instances.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, ["a", "b", "c"]);
-    let services = store.list_services("default").await.unwrap();
+    let services = store.list_services("default").unwrap();
     assert_eq!(services.revision, last.mod_revision);
     let counts: Vec<(&str, u32, u32)> = services
         .services
@@ -173,18 +213,8 @@ where
         .map(|s| (s.name.as_str(), s.instances, s.healthy))
         .collect();
     assert_eq!(counts, [("api", 1, 1), ("web", 3, 3)]);
-    assert_eq!(
-        store.list_services("staging").await.unwrap().services.len(),
-        1
-    );
-    assert!(
-        store
-            .list_services("empty")
-            .await
-            .unwrap()
-            .services
-            .is_empty()
-    );
+    assert_eq!(store.list_services("staging").unwrap().services.len(), 1);
+    assert!(store.list_services("empty").unwrap().services.is_empty());
 }
 
 pub async fn leases_expire_with_their_instances<S: Store, G, F, Fut>(make: F)
@@ -193,7 +223,7 @@ where
     Fut: std::future::Future<Output = (S, G)>,
 {
     let (store, _guard) = make(Options::default()).await;
-    let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+    let lease = store.grant(Duration::from_secs(1)).await.unwrap();
     assert_eq!(lease.ttl, Duration::from_secs(1));
     store
         .put(instance("svc", "a"), Some(lease.id))
@@ -208,7 +238,7 @@ where
         .await
         .unwrap();
     assert_eq!(b.lease_id, Some(lease.id));
-    let mut feed = store.watch("default", "svc", None).await.unwrap().feed;
+    let mut feed = store.changes();
     let granted = std::time::Instant::now();
 
     let change = next_change(&mut feed).await;
@@ -233,7 +263,7 @@ where
             .iter()
             .all(|e| e.current.is_none() && e.removal == Some(RemovalCause::Expired))
     );
-    let left = store.list("default", "svc").await.unwrap();
+    let left = store.list("default", "svc").unwrap();
     assert_eq!(left.instances.len(), 1);
     assert_eq!(store.keep_alive(lease.id).await.unwrap(), None);
 }
@@ -244,7 +274,7 @@ where
     Fut: std::future::Future<Output = (S, G)>,
 {
     let (store, _guard) = make(Options::default()).await;
-    let kept = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+    let kept = store.grant(Duration::from_secs(1)).await.unwrap();
     store
         .put(instance("svc", "kept"), Some(kept.id))
         .await
@@ -258,12 +288,9 @@ where
             "a refreshed lease stays alive"
         );
     }
-    assert_eq!(
-        store.list("default", "svc").await.unwrap().instances.len(),
-        1
-    );
+    assert_eq!(store.list("default", "svc").unwrap().instances.len(), 1);
 
-    let mut feed = store.watch("default", "svc", None).await.unwrap().feed;
+    let mut feed = store.changes();
     assert!(store.revoke_lease(kept.id).await.unwrap());
     let change = next_change(&mut feed).await;
     assert_eq!(change.events.len(), 1);
@@ -286,7 +313,7 @@ where
     Fut: std::future::Future<Output = (S, G)>,
 {
     let (store, _guard) = make(Options::default()).await;
-    let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let lease = store.grant(Duration::from_secs(30)).await.unwrap();
     store.revoke_lease(lease.id).await.unwrap();
     let before = revision(&store).await;
     assert_eq!(
@@ -298,14 +325,7 @@ where
         before,
         "a failed put takes no revision"
     );
-    assert!(
-        store
-            .list("default", "svc")
-            .await
-            .unwrap()
-            .instances
-            .is_empty()
-    );
+    assert!(store.list("default", "svc").unwrap().instances.is_empty());
 }
 
 pub async fn watch_replays_exactly_after_a_revision<S: Store, G, F, Fut>(make: F)
@@ -319,11 +339,12 @@ where
     store.delete(&key("svc", "a")).await.unwrap();
     let last = store.put(instance("elsewhere", "c"), None).await.unwrap();
 
-    let watch = store
+    let mut feed = store.changes();
+    let start = store
         .watch("default", "svc", Some(first.mod_revision))
         .await
         .unwrap();
-    match watch.start {
+    match start {
         WatchStart::Replay { changes, revision } => {
             let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
             let expected: Vec<u64> = (first.mod_revision + 1..=last.mod_revision).collect();
@@ -336,7 +357,6 @@ where
         other => panic!("expected a replay, got {other:?}"),
     }
     // The feed goes on after the replay with no gap.
-    let mut feed = watch.feed;
     let next = store.put(instance("svc", "d"), None).await.unwrap();
     loop {
         let change = next_change(&mut feed).await;
@@ -347,7 +367,7 @@ where
     }
 
     let fresh = store.watch("default", "svc", None).await.unwrap();
-    match fresh.start {
+    match fresh {
         WatchStart::Snapshot(s) => {
             let ids: Vec<&str> = s.instances.iter().map(|i| i.id.as_str()).collect();
             assert_eq!(ids, ["b", "d"]);
@@ -376,12 +396,7 @@ where
             .unwrap();
     }
     for gone in [first.mod_revision, last.mod_revision + 1_000] {
-        match store
-            .watch("default", "svc", Some(gone))
-            .await
-            .unwrap()
-            .start
-        {
+        match store.watch("default", "svc", Some(gone)).await.unwrap() {
             WatchStart::Snapshot(s) => {
                 assert_eq!(s.revision, last.mod_revision);
                 let ids: Vec<&str> = s.instances.iter().map(|i| i.id.as_str()).collect();
@@ -406,7 +421,7 @@ where
         ..Options::default()
     };
     let (store, _guard) = make(options).await;
-    let mut feed = store.watch("default", "svc", None).await.unwrap().feed;
+    let mut feed = store.changes();
     let mut last = 0;
     for n in 0..32 {
         last = store
@@ -438,7 +453,7 @@ where
     })
     .await;
     let store = Arc::new(store);
-    let mut feed = store.watch("default", "svc", None).await.unwrap().feed;
+    let mut feed = store.changes();
     let start = revision(&*store).await;
     let writers: Vec<_> = (0..16)
         .map(|w| {
@@ -478,8 +493,491 @@ where
             "the feed is in revision order"
         );
     }
-    assert_eq!(
-        store.list("default", "svc").await.unwrap().instances.len(),
-        400
+    assert_eq!(store.list("default", "svc").unwrap().instances.len(), 400);
+}
+
+fn checked(service: &str, id: &str, path: &str) -> Instance {
+    let mut instance = instance(service, id);
+    instance.check = Some(HealthCheck {
+        probe: Probe::Http { path: path.into() },
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(1),
+        deregister_critical_after: None,
+        successes_before_passing: 1,
+        failures_before_critical: 1,
+    });
+    instance
+}
+
+fn verdict(of: &Instance, health: Health, output: &str) -> Write {
+    Write::Health(HealthUpdate {
+        key: of.key(),
+        create_revision: of.create_revision,
+        check: of.check.clone().unwrap(),
+        health,
+        output: output.into(),
+        checked_at: std::time::SystemTime::now(),
+    })
+}
+
+fn conflict<T: std::fmt::Debug>(result: crate::Result<T>) -> String {
+    match result {
+        Err(Error::Conflict(reason)) => reason,
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+pub async fn conditions_are_judged_with_the_write<S: Store, G, F, Fut>(make: F)
+where
+    F: FnOnce(Options) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
+{
+    let (store, _guard) = make(Options::default()).await;
+    let create = |instance: Instance, condition: Condition| Write::Put {
+        instance,
+        lease: None,
+        condition,
+        quota: Quota::default(),
+    };
+    let first = store
+        .write(create(instance("svc", "a"), Condition::Absent))
+        .await
+        .unwrap();
+    let first = first.stored().unwrap().clone();
+    let before = revision(&store).await;
+    let again = conflict(
+        store
+            .write(create(instance("svc", "a"), Condition::Absent))
+            .await,
     );
+    assert!(again.contains("svc/a already exists"), "{again}");
+    assert_eq!(
+        revision(&store).await,
+        before,
+        "a refused write takes no revision"
+    );
+
+    // The registration condition: an update of exactly that registration.
+    let mut moved = instance("svc", "a");
+    moved.port = 9;
+    let updated = store
+        .write(create(
+            moved.clone(),
+            Condition::Registration(first.create_revision),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(updated.stored().unwrap().port, 9);
+    store.delete(&first.key()).await.unwrap();
+    let reborn = store.put(instance("svc", "a"), None).await.unwrap();
+    conflict(
+        store
+            .write(create(
+                moved,
+                Condition::Registration(first.create_revision),
+            ))
+            .await,
+    );
+    conflict(
+        store
+            .write(Write::Delete {
+                key: first.key(),
+                cause: RemovalCause::Unhealthy,
+                condition: Condition::Registration(first.create_revision),
+            })
+            .await,
+    );
+    assert_eq!(
+        store.list("default", "svc").unwrap().instances,
+        vec![reborn]
+    );
+
+    // Ownership: a foreign owner can neither overwrite nor remove; the owner and an unowned
+    // instance's writers can.
+    let mut owned = instance("svc", "o");
+    owned.owner = Some("alice".into());
+    store
+        .write(create(owned.clone(), Condition::OwnedBy("alice".into())))
+        .await
+        .unwrap();
+    let mut taken = owned.clone();
+    taken.owner = Some("mallory".into());
+    let refused = conflict(
+        store
+            .write(create(taken, Condition::OwnedBy("mallory".into())))
+            .await,
+    );
+    assert!(refused.contains("another token"), "{refused}");
+    conflict(
+        store
+            .write(Write::Delete {
+                key: owned.key(),
+                cause: RemovalCause::Deregistered,
+                condition: Condition::OwnedBy("mallory".into()),
+            })
+            .await,
+    );
+    let listed = store.list("default", "svc").unwrap();
+    let o = listed.instances.iter().find(|i| i.id == "o").unwrap();
+    assert_eq!(o.owner.as_deref(), Some("alice"));
+    store
+        .write(Write::Delete {
+            key: owned.key(),
+            cause: RemovalCause::Deregistered,
+            condition: Condition::OwnedBy("alice".into()),
+        })
+        .await
+        .unwrap();
+    let mut claimed = instance("svc", "a");
+    claimed.owner = Some("bob".into());
+    store
+        .write(create(claimed, Condition::OwnedBy("bob".into())))
+        .await
+        .unwrap();
+}
+
+pub async fn health_verdicts_follow_the_rules<S: Store, G, F, Fut>(make: F)
+where
+    F: FnOnce(Options) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
+{
+    let (store, _guard) = make(Options::default()).await;
+    let new = store
+        .put(checked("svc", "a", "/health"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (new.health, new.health_output.as_str()),
+        (Health::Critical, "not checked yet")
+    );
+    assert_eq!(new.health_checked_at, None);
+
+    // The first verdict is recorded even when it keeps the status, for its output.
+    let first = store
+        .write(verdict(&new, Health::Critical, "connection refused"))
+        .await
+        .unwrap();
+    let first = first.stored().unwrap().clone();
+    assert_eq!(first.mod_revision, new.mod_revision + 1);
+    assert_eq!(first.health_output, "connection refused");
+    assert!(first.health_checked_at.is_some());
+    // A verdict that changes no status takes no revision.
+    assert_eq!(
+        store
+            .write(verdict(&first, Health::Critical, "still refused"))
+            .await
+            .unwrap(),
+        Written::Unchanged {
+            revision: first.mod_revision
+        }
+    );
+    let passing = store
+        .write(verdict(&first, Health::Passing, "200 OK"))
+        .await
+        .unwrap();
+    let passing = passing.stored().unwrap().clone();
+    assert_eq!(passing.health, Health::Passing);
+
+    // An update with the same check keeps the verdict; a new check must pass again.
+    let mut moved = checked("svc", "a", "/health");
+    moved.port = 9;
+    let kept = store.put(moved, None).await.unwrap();
+    assert_eq!(
+        (kept.health, kept.health_output.as_str()),
+        (Health::Passing, "200 OK")
+    );
+    let rechecked = store
+        .put(checked("svc", "a", "/ready"), None)
+        .await
+        .unwrap();
+    assert_eq!(rechecked.health, Health::Critical);
+    assert_eq!(rechecked.create_revision, new.create_revision);
+
+    // A verdict on the old check, or on an older registration, is stale.
+    let before = revision(&store).await;
+    conflict(
+        store
+            .write(verdict(&passing, Health::Passing, "200 OK"))
+            .await,
+    );
+    store.delete(&new.key()).await.unwrap();
+    let reborn = store
+        .put(checked("svc", "a", "/ready"), None)
+        .await
+        .unwrap();
+    conflict(
+        store
+            .write(verdict(&rechecked, Health::Passing, "200 OK"))
+            .await,
+    );
+    assert_eq!(
+        revision(&store).await,
+        before + 2,
+        "stale verdicts take no revision"
+    );
+
+    // Eviction is a delete of that registration, with its cause on the feed.
+    let mut feed = store.changes();
+    let evicted = store
+        .write(Write::Delete {
+            key: reborn.key(),
+            cause: RemovalCause::Unhealthy,
+            condition: Condition::Registration(reborn.create_revision),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(evicted, Written::Removed { .. }), "{evicted:?}");
+    let change = next_change(&mut feed).await;
+    assert_eq!(change.events[0].removal, Some(RemovalCause::Unhealthy));
+    conflict(store.write(verdict(&reborn, Health::Passing, "late")).await);
+}
+
+pub async fn usage_counts_what_the_store_holds<S: Store, G, F, Fut>(make: F)
+where
+    F: FnOnce(Options) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
+{
+    let (store, _guard) = make(Options::default()).await;
+    let lease = store.grant(Duration::from_secs(30)).await.unwrap();
+    for id in ["a", "b", "c"] {
+        store
+            .put(instance("web", id), Some(lease.id))
+            .await
+            .unwrap();
+    }
+    store.put(instance("api", "x"), None).await.unwrap();
+    let mut staging = instance("api", "y");
+    staging.namespace = "staging".into();
+    let last = store.put(staging, None).await.unwrap();
+    let usage = store.usage("default", "web").unwrap();
+    assert_eq!(
+        (
+            usage.instances,
+            usage.services,
+            usage.namespace_instances,
+            usage.service_instances
+        ),
+        (5, 3, 4, 3)
+    );
+    assert_eq!(usage.leases, 1);
+    assert_eq!(usage.revision, last.mod_revision);
+    store.delete(&key("web", "a")).await.unwrap();
+    let usage = store.usage("staging", "api").unwrap();
+    assert_eq!(
+        (
+            usage.instances,
+            usage.namespace_instances,
+            usage.service_instances
+        ),
+        (4, 1, 1)
+    );
+    assert_eq!(store.usage("none", "none").unwrap().namespace_instances, 0);
+}
+
+pub async fn a_lease_holds_one_namespace<S: Store, G, F, Fut>(make: F)
+where
+    F: FnOnce(Options) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
+{
+    let (store, _guard) = make(Options::default()).await;
+    let lease = store.grant(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        store.lease_namespace(lease.id).await.unwrap(),
+        None,
+        "holds nothing yet"
+    );
+    let mut payments = instance("pay", "p1");
+    payments.namespace = "payments".into();
+    store.put(payments, Some(lease.id)).await.unwrap();
+    assert_eq!(
+        store.lease_namespace(lease.id).await.unwrap().as_deref(),
+        Some("payments")
+    );
+    match store.put(instance("pay", "p2"), Some(lease.id)).await {
+        Err(Error::Invalid {
+            field: "lease_id",
+            reason,
+        }) => {
+            assert!(reason.contains("payments"), "{reason}")
+        }
+        other => panic!("an instance of another namespace joined the lease: {other:?}"),
+    }
+    assert_eq!(store.lease_namespace(u64::MAX - 3).await.unwrap(), None);
+}
+
+pub async fn watch_checks_follows_every_checked_instance<S: Store, G, F, Fut>(make: F)
+where
+    F: FnOnce(Options) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
+{
+    let (store, _guard) = make(Options::default()).await;
+    store.put(checked("web", "a", "/h"), None).await.unwrap();
+    let mut elsewhere = checked("api", "b", "/h");
+    elsewhere.namespace = "staging".into();
+    store.put(elsewhere, None).await.unwrap();
+    store.put(instance("web", "unchecked"), None).await.unwrap();
+    let (snapshot, mut feed) = tokio::time::timeout(Duration::from_secs(20), store.watch_checks())
+        .await
+        .expect("watch_checks answers")
+        .unwrap();
+    let ids: BTreeSet<&str> = snapshot.instances.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, BTreeSet::from(["a", "b"]));
+    let next = store.put(checked("web", "c", "/h"), None).await.unwrap();
+    loop {
+        let change = next_change(&mut feed).await;
+        if change.revision > snapshot.revision {
+            assert_eq!(
+                change.revision, next.mod_revision,
+                "no gap after the snapshot"
+            );
+            break;
+        }
+    }
+}
+
+/// Many writers racing for the last places: never more than the quota, never a foreign
+/// overwrite, and every refusal says why.
+pub async fn racing_writers_never_pass_a_quota_or_an_owner<S: Store, G, F, Fut>(make: F)
+where
+    F: FnOnce(Options) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
+{
+    let (store, _guard) = make(Options::default()).await;
+    let store = Arc::new(store);
+    let quota = Quota {
+        instances_per_service: 10,
+        instances_per_namespace: 15,
+        ..Quota::default()
+    };
+    for n in 0..9 {
+        store
+            .put(instance("svc", &format!("old{n}")), None)
+            .await
+            .unwrap();
+    }
+    let race = |service: &'static str, writers: usize| {
+        let racers: Vec<_> = (0..writers)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .write(Write::Put {
+                            instance: instance(service, &format!("new{n}")),
+                            lease: None,
+                            condition: Condition::Always,
+                            quota,
+                        })
+                        .await
+                })
+            })
+            .collect();
+        async move {
+            let mut won = 0;
+            for racer in racers {
+                match racer.await.unwrap() {
+                    Ok(_) => won += 1,
+                    Err(Error::Limit { .. }) => {}
+                    Err(other) => panic!("a racer failed otherwise: {other}"),
+                }
+            }
+            won
+        }
+    };
+    assert_eq!(race("svc", 60).await, 1, "one place left in the service");
+    assert_eq!(store.list("default", "svc").unwrap().instances.len(), 10);
+    // The namespace holds 10; 5 places are left in it, raced for from another service.
+    assert_eq!(
+        race("other", 60).await,
+        5,
+        "five places left in the namespace"
+    );
+    assert_eq!(
+        store.usage("default", "other").unwrap().namespace_instances,
+        15
+    );
+
+    // Two owners racing for the same ids: each id ends with one owner, whose write was the one
+    // that won; the other got a conflict, and nothing was overwritten.
+    let racers: Vec<_> = (0..40)
+        .map(|n| {
+            let store = store.clone();
+            let owner = if n % 2 == 0 { "alice" } else { "bob" };
+            tokio::spawn(async move {
+                let mut claim = instance("owned", &format!("id{}", n / 2));
+                claim.owner = Some(owner.into());
+                let result = store
+                    .write(Write::Put {
+                        instance: claim,
+                        lease: None,
+                        condition: Condition::OwnedBy(owner.into()),
+                        quota: Quota::default(),
+                    })
+                    .await;
+                (n / 2, owner, result)
+            })
+        })
+        .collect();
+    let mut winners = std::collections::BTreeMap::new();
+    for racer in racers {
+        let (id, owner, result) = racer.await.unwrap();
+        match result {
+            Ok(_) => assert!(winners.insert(id, owner).is_none(), "two owners won id{id}"),
+            Err(Error::Conflict(_)) => {}
+            Err(other) => panic!("a claim failed otherwise: {other}"),
+        }
+    }
+    assert_eq!(winners.len(), 20, "every id was won once");
+    for stored in store.list("default", "owned").unwrap().instances {
+        let id: usize = stored.id.trim_start_matches("id").parse().unwrap();
+        assert_eq!(
+            stored.owner.as_deref(),
+            Some(winners[&id]),
+            "{} overwritten",
+            stored.id
+        );
+    }
+}
+
+pub async fn a_lease_quota_counts_live_leases<S: Store, G, F, Fut>(make: F)
+where
+    F: FnOnce(Options) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
+{
+    let (store, _guard) = make(Options::default()).await;
+    let quota = Quota {
+        leases: 2,
+        ..Quota::default()
+    };
+    let mut leases = Vec::new();
+    for n in 0..2 {
+        let lease = store
+            .grant_lease(Duration::from_secs(30), quota)
+            .await
+            .unwrap();
+        store
+            .put(instance("svc", &n.to_string()), Some(lease.id))
+            .await
+            .unwrap();
+        leases.push(lease);
+    }
+    match store.grant_lease(Duration::from_secs(30), quota).await {
+        Err(Error::Limit {
+            name: "max_leases",
+            limit: 2,
+            ..
+        }) => {}
+        other => panic!("a third lease under a quota of 2: {other:?}"),
+    }
+    store.revoke_lease(leases[0].id).await.unwrap();
+    // A backend that counts from its replica sees the revoke a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match store.grant_lease(Duration::from_secs(30), quota).await {
+            Ok(_) => break,
+            Err(Error::Limit { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("a lease after a revoke made room: {other:?}"),
+        }
+    }
 }

@@ -10,11 +10,10 @@ use tokio::time::Instant;
 
 use crate::feed::ChangeFeed;
 use crate::model::{
-    Change, Deleted, Instance, InstanceKey, Lease, LeaseId, RemovalCause, Revision, ServiceList,
-    Snapshot,
+    Change, Lease, LeaseId, Quota, Revision, ServiceList, Snapshot, Usage, Write, Written,
 };
 use crate::state::State;
-use crate::{Error, HealthUpdate, Result, Watch};
+use crate::{Error, Result, WatchStart};
 
 /// How many leases one expiry pass takes, so that a mass expiry commits in bounded batches.
 const EXPIRY_BATCH: usize = 256;
@@ -111,7 +110,7 @@ impl Engine {
             .unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, State> {
+    fn lock(&self) -> RwLockWriteGuard<'_, State> {
         self.state
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -135,7 +134,7 @@ impl Engine {
     ) -> Result<T> {
         self.check()?;
         let Some(log) = &self.log else {
-            let mut state = self.write();
+            let mut state = self.lock();
             let applied = f(&mut state, Instant::now())?;
             for change in applied.changes {
                 // No subscribers is not an error: nobody is watching.
@@ -153,7 +152,7 @@ impl Engine {
             .map_err(|_| Error::Unavailable("the store is closed".into()))?;
         let (done, committed) = oneshot::channel();
         let value = {
-            let mut state = self.write();
+            let mut state = self.lock();
             let applied = f(&mut state, Instant::now())?;
             if applied.changes.is_empty() && applied.leases.is_empty() {
                 return Ok(applied.value);
@@ -179,91 +178,24 @@ impl Engine {
         }
     }
 
-    pub(crate) async fn put(
-        &self,
-        instance: Instance,
-        lease: Option<LeaseId>,
-    ) -> Result<Arc<Instance>> {
+    pub(crate) async fn write(&self, write: Write) -> Result<Written> {
         self.mutate(1, |state, now| {
-            let (stored, change) = state.put(instance, lease, now)?;
+            let (written, change) = state.write(write, now)?;
             Ok(Applied {
-                value: stored,
-                changes: vec![change],
+                value: written,
+                changes: change.into_iter().collect(),
                 leases: Vec::new(),
             })
         })
         .await
     }
 
-    pub(crate) async fn delete(&self, key: &InstanceKey) -> Result<Deleted> {
-        self.remove(key, RemovalCause::Deregistered, None).await
+    pub(crate) fn usage(&self, namespace: &str, service: &str) -> Result<Usage> {
+        Ok(self.read()?.usage(namespace, service))
     }
 
-    /// Removes an instance for `cause`; with `create_revision`, only that registration of it.
-    async fn remove(
-        &self,
-        key: &InstanceKey,
-        cause: RemovalCause,
-        create_revision: Option<Revision>,
-    ) -> Result<Deleted> {
-        self.mutate(1, |state, _| {
-            if create_revision.is_some_and(|r| state.create_revision(key) != Some(r)) {
-                return Ok(Applied::nothing(state.deleted(None)));
-            }
-            let found = state.delete(key, cause);
-            let changes = found.iter().map(|(_, c)| c.clone()).collect();
-            Ok(Applied {
-                value: state.deleted(found),
-                changes,
-                leases: Vec::new(),
-            })
-        })
-        .await
-    }
-
-    pub(crate) async fn set_health(&self, update: HealthUpdate) -> Result<Option<Arc<Instance>>> {
-        self.mutate(1, |state, _| {
-            let HealthUpdate {
-                key,
-                create_revision,
-                check,
-                health,
-                output,
-                checked_at,
-            } = update;
-            Ok(
-                match state.set_health(&key, create_revision, &check, health, output, checked_at) {
-                    Some((stored, change)) => Applied {
-                        value: Some(stored),
-                        changes: vec![change],
-                        leases: Vec::new(),
-                    },
-                    None => Applied::nothing(None),
-                },
-            )
-        })
-        .await
-    }
-
-    pub(crate) async fn evict(
-        &self,
-        key: &InstanceKey,
-        create_revision: Revision,
-    ) -> Result<Deleted> {
-        self.remove(key, RemovalCause::Unhealthy, Some(create_revision))
-            .await
-    }
-
-    pub(crate) fn get(&self, key: &InstanceKey) -> Result<Option<Arc<Instance>>> {
-        Ok(self.read()?.get(key).cloned())
-    }
-
-    pub(crate) fn sizes(&self, namespace: &str, service: &str) -> Result<crate::Sizes> {
-        Ok(self.read()?.sizes(namespace, service))
-    }
-
-    pub(crate) fn counts(&self) -> Result<crate::Counts> {
-        Ok(self.read()?.counts())
+    pub(crate) fn lease_namespace(&self, lease: LeaseId) -> Result<Option<String>> {
+        Ok(self.read()?.lease_namespace(lease).map(str::to_owned))
     }
 
     pub(crate) fn watch_checks(&self) -> Result<(Snapshot, ChangeFeed)> {
@@ -272,10 +204,10 @@ impl Engine {
         Ok((state.checked(), feed))
     }
 
-    pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+    pub(crate) async fn grant_lease(&self, ttl: Duration, quota: Quota) -> Result<Lease> {
         let lease = self
             .mutate(1, |state, now| {
-                let lease = state.grant(ttl, now)?;
+                let lease = state.grant(ttl, &quota, now)?;
                 Ok(Applied {
                     value: lease,
                     changes: Vec::new(),
@@ -290,9 +222,9 @@ impl Engine {
         Ok(lease)
     }
 
-    pub(crate) async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Lease>> {
+    pub(crate) fn keep_alive(&self, lease: LeaseId) -> Result<Option<Lease>> {
         self.check()?;
-        Ok(self.write().refresh(lease, Instant::now()))
+        Ok(self.lock().refresh(lease, Instant::now()))
     }
 
     pub(crate) async fn revoke_lease(&self, lease: LeaseId) -> Result<bool> {
@@ -345,14 +277,10 @@ impl Engine {
         namespace: &str,
         service: &str,
         after: Option<Revision>,
-    ) -> Result<Watch> {
-        // Subscribing and reading under one lock is what makes the start and the feed seamless:
-        // a change is applied under the write lock and published after it, so it is either in
-        // the start or still to come on the feed (or both, and the reader skips the repeat).
-        let state = self.read()?;
-        let feed = ChangeFeed::new(self.feed.subscribe());
-        let start = state.watch_start(namespace, service, after);
-        Ok(Watch { start, feed })
+    ) -> Result<WatchStart> {
+        // Every change is applied to the state before it is published on the feed, so a feed
+        // subscribed before this read misses nothing the start does not hold.
+        Ok(self.read()?.watch_start(namespace, service, after))
     }
 }
 
@@ -388,90 +316,71 @@ async fn expire_leases(engine: Weak<Engine>, wake: Arc<Notify>) {
 macro_rules! store_on_engine {
     ($backend:ty) => {
         impl $crate::Store for $backend {
-            async fn put(
+            fn write(
                 &self,
-                instance: $crate::Instance,
-                lease: Option<$crate::LeaseId>,
-            ) -> $crate::Result<std::sync::Arc<$crate::Instance>> {
-                self.engine.put(instance, lease).await
+                write: $crate::Write,
+            ) -> $crate::BoxFuture<'_, $crate::Result<$crate::Written>> {
+                Box::pin(self.engine.write(write))
             }
 
-            async fn delete(&self, key: &$crate::InstanceKey) -> $crate::Result<$crate::Deleted> {
-                self.engine.delete(key).await
+            fn grant_lease(
+                &self,
+                ttl: std::time::Duration,
+                quota: $crate::Quota,
+            ) -> $crate::BoxFuture<'_, $crate::Result<$crate::Lease>> {
+                Box::pin(self.engine.grant_lease(ttl, quota))
             }
 
-            async fn grant_lease(&self, ttl: std::time::Duration) -> $crate::Result<$crate::Lease> {
-                self.engine.grant_lease(ttl).await
-            }
-
-            async fn keep_alive(
+            fn keep_alive(
                 &self,
                 lease: $crate::LeaseId,
-            ) -> $crate::Result<Option<$crate::Lease>> {
-                self.engine.keep_alive(lease).await
+            ) -> $crate::BoxFuture<'_, $crate::Result<Option<$crate::Lease>>> {
+                Box::pin(async move { self.engine.keep_alive(lease) })
             }
 
-            async fn revoke_lease(&self, lease: $crate::LeaseId) -> $crate::Result<bool> {
-                self.engine.revoke_lease(lease).await
-            }
-
-            async fn list(
+            fn revoke_lease(
                 &self,
-                namespace: &str,
-                service: &str,
-            ) -> $crate::Result<$crate::Snapshot> {
+                lease: $crate::LeaseId,
+            ) -> $crate::BoxFuture<'_, $crate::Result<bool>> {
+                Box::pin(self.engine.revoke_lease(lease))
+            }
+
+            fn lease_namespace(
+                &self,
+                lease: $crate::LeaseId,
+            ) -> $crate::BoxFuture<'_, $crate::Result<Option<String>>> {
+                Box::pin(async move { self.engine.lease_namespace(lease) })
+            }
+
+            fn list(&self, namespace: &str, service: &str) -> $crate::Result<$crate::Snapshot> {
                 self.engine.list(namespace, service)
             }
 
-            async fn list_services(&self, namespace: &str) -> $crate::Result<$crate::ServiceList> {
+            fn list_services(&self, namespace: &str) -> $crate::Result<$crate::ServiceList> {
                 self.engine.list_services(namespace)
             }
 
-            async fn watch(
-                &self,
-                namespace: &str,
-                service: &str,
-                after: Option<$crate::Revision>,
-            ) -> $crate::Result<$crate::Watch> {
-                self.engine.watch(namespace, service, after)
+            fn usage(&self, namespace: &str, service: &str) -> $crate::Result<$crate::Usage> {
+                self.engine.usage(namespace, service)
             }
 
             fn changes(&self) -> $crate::ChangeFeed {
                 self.engine.changes()
             }
 
-            async fn set_health(
+            fn watch<'a>(
+                &'a self,
+                namespace: &'a str,
+                service: &'a str,
+                after: Option<$crate::Revision>,
+            ) -> $crate::BoxFuture<'a, $crate::Result<$crate::WatchStart>> {
+                Box::pin(async move { self.engine.watch(namespace, service, after) })
+            }
+
+            fn watch_checks(
                 &self,
-                update: $crate::HealthUpdate,
-            ) -> $crate::Result<Option<std::sync::Arc<$crate::Instance>>> {
-                self.engine.set_health(update).await
-            }
-
-            async fn evict(
-                &self,
-                key: &$crate::InstanceKey,
-                create_revision: $crate::Revision,
-            ) -> $crate::Result<$crate::Deleted> {
-                self.engine.evict(key, create_revision).await
-            }
-
-            async fn get(
-                &self,
-                key: &$crate::InstanceKey,
-            ) -> $crate::Result<Option<std::sync::Arc<$crate::Instance>>> {
-                self.engine.get(key)
-            }
-
-            async fn sizes(&self, namespace: &str, service: &str) -> $crate::Result<$crate::Sizes> {
-                self.engine.sizes(namespace, service)
-            }
-
-            async fn counts(&self) -> $crate::Result<$crate::Counts> {
-                self.engine.counts()
-            }
-
-            async fn watch_checks(&self) -> $crate::Result<($crate::Snapshot, $crate::ChangeFeed)> {
-                self.engine.watch_checks()
+            ) -> $crate::BoxFuture<'_, $crate::Result<($crate::Snapshot, $crate::ChangeFeed)>> {
+                Box::pin(async move { self.engine.watch_checks() })
             }
         }
     };

@@ -16,11 +16,11 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> signpost_store::Result<()> {
-//! use signpost_store::{Instance, MemoryConfig, MemoryStore, Store};
+//! use signpost_store::{Instance, MemoryConfig, MemoryStore, Quota, Store, Write};
 //! use std::time::Duration;
 //!
 //! let store = MemoryStore::new(MemoryConfig::default());
-//! let lease = store.grant_lease(Duration::from_secs(10)).await?;
+//! let lease = store.grant_lease(Duration::from_secs(10), Quota::default()).await?;
 //! let instance = Instance {
 //!     namespace: "default".into(),
 //!     service: "greeter".into(),
@@ -29,9 +29,9 @@
 //!     port: 50051,
 //!     ..Instance::default()
 //! };
-//! let stored = store.put(instance, Some(lease.id)).await?;
-//! let snapshot = store.list("default", "greeter").await?;
-//! assert_eq!(snapshot.instances, vec![stored]);
+//! let written = store.write(Write::put(instance, Some(lease.id))).await?;
+//! let snapshot = store.list("default", "greeter")?;
+//! assert_eq!(Some(&snapshot.instances[0]), written.stored());
 //! # Ok(())
 //! # }
 //! ```
@@ -60,8 +60,9 @@ pub use etcd::{EtcdConfig, EtcdStore};
 pub use feed::{ChangeFeed, FeedItem};
 pub use memory::{MemoryConfig, MemoryStore};
 pub use model::{
-    Change, Counts, Deleted, Encoded, Event, Health, HealthCheck, Instance, InstanceKey, Lease,
-    LeaseId, Metadata, Probe, RemovalCause, Revision, ServiceList, ServiceSummary, Sizes, Snapshot,
+    Change, Condition, Encoded, Event, Health, HealthCheck, Instance, InstanceKey, Lease, LeaseId,
+    Metadata, Probe, Quota, RemovalCause, Revision, ServiceList, ServiceSummary, Snapshot, Usage,
+    Write, Written,
 };
 
 impl Default for Instance {
@@ -90,7 +91,7 @@ impl Default for Instance {
     }
 }
 
-/// A health verdict from the server's checker, for [`Store::set_health`].
+/// A health verdict from the server's checker, for [`Write::Health`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthUpdate {
     pub key: InstanceKey,
@@ -116,13 +117,9 @@ pub enum WatchStart {
     },
 }
 
-/// The answer to [`Store::watch`]: where to start, and the feed of what comes after.
-#[derive(Debug)]
-pub struct Watch {
-    pub start: WatchStart,
-    /// May also deliver changes at or before the start's revision: skip those.
-    pub feed: ChangeFeed,
-}
+/// A boxed future: what a [`Store`] method that may wait on I/O answers, so that the trait can
+/// be used as `Arc<dyn Store>`.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A registry backend.
 ///
@@ -134,16 +131,26 @@ pub struct Watch {
 ///   atomic and takes exactly one new revision, higher than every revision before it, across
 ///   restarts too. A lease expiry removes all the lease's instances at one revision. Operations
 ///   that change nothing (deleting what does not exist, granting or refreshing a lease) take none.
-/// - **Instances.** [`put`](Store::put) is an upsert. The store owns `health`, `lease_id`,
+/// - **Instances.** A [`Write::Put`] is an upsert. The store owns `health` (kept across an update
+///   with the same check; a new check starts critical), `lease_id`, `created_at` and
 ///   `create_revision` (kept across updates) and `mod_revision` (the change's revision).
+/// - **Conditions and quotas.** A write's [`Condition`] and [`Quota`] are judged atomically with
+///   it: however many writers race, a create-only put creates once, an owned instance is never
+///   overwritten by another owner, and no limit is passed by even one instance or lease. A
+///   refused write changes nothing ([`Error::Conflict`], [`Error::Limit`]).
+/// - **Health.** A [`Write::Health`] verdict takes a revision only when it changes the status (or
+///   is the check's first); one for an instance that is gone, registered anew, or whose check
+///   changed is refused as stale. An eviction is a [`Write::Delete`] on
+///   [`Condition::Registration`].
 /// - **Leases.** A lease lives for its ttl after its grant or last refresh; then, within about a
 ///   second, every instance on it is removed with [`RemovalCause::Expired`]. A lease past its
 ///   deadline counts as gone even before that sweep: it cannot be refreshed or attached to.
 /// - **Reads.** [`list`](Store::list) and [`list_services`](Store::list_services) see every change
 ///   up to the revision they report and none after it.
-/// - **Watch.** [`watch`](Store::watch) returns a start and a feed with no gap and no overlap in
-///   meaning: every change after the start's revision is delivered on the feed, in order (the
-///   feed may also repeat changes at or before it, which the caller skips). Resuming `after` a
+/// - **Watch.** A feed from [`changes`](Store::changes) subscribed before [`watch`](Store::watch)
+///   is called leaves no gap after the start: every change after the start's revision is
+///   delivered on it, in order (it may also repeat changes at or before it, which the caller
+///   skips). Resuming `after` a
 ///   revision replays exactly the changes after it when the history still holds them all; when it
 ///   does not (compacted, or a revision this store never reached), the start is a fresh snapshot
 ///   instead — never a replay with holes.
@@ -152,81 +159,52 @@ pub struct Watch {
 ///   subscriber never slows writers or other subscribers.
 /// - **Errors.** A backend that cannot be reached answers [`Error::Unavailable`].
 pub trait Store: Send + Sync + 'static {
-    /// Upserts an instance, attached to `lease` when one is given (which must be live).
-    fn put(
-        &self,
-        instance: Instance,
-        lease: Option<LeaseId>,
-    ) -> impl Future<Output = Result<Arc<Instance>>> + Send;
+    /// Applies one write to an instance — a put, a delete, a health verdict — if its condition
+    /// and quota hold, atomically with checking them (see [`Write`], [`Condition`], [`Quota`]).
+    fn write(&self, write: Write) -> BoxFuture<'_, Result<Written>>;
 
-    /// Removes an instance with [`RemovalCause::Deregistered`]; idempotent.
-    fn delete(&self, key: &InstanceKey) -> impl Future<Output = Result<Deleted>> + Send;
-
-    /// Grants a lease that lives for `ttl` unless refreshed.
-    fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<Lease>> + Send;
+    /// Grants a lease that lives for `ttl` unless refreshed, if one more fits the quota.
+    fn grant_lease(&self, ttl: Duration, quota: Quota) -> BoxFuture<'_, Result<Lease>>;
 
     /// Gives a live lease its full ttl again. `None` when the lease is unknown or expired.
-    fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<Option<Lease>>> + Send;
+    fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<Option<Lease>>>;
 
     /// Ends a lease now, removing its instances as an expiry would. `false` when it did not exist.
-    fn revoke_lease(&self, lease: LeaseId) -> impl Future<Output = Result<bool>> + Send;
+    fn revoke_lease(&self, lease: LeaseId) -> BoxFuture<'_, Result<bool>>;
 
-    /// The instances of one service, sorted by id.
-    fn list(&self, namespace: &str, service: &str)
-    -> impl Future<Output = Result<Snapshot>> + Send;
+    /// The namespace of the instances `lease` holds (a lease holds instances of one namespace
+    /// only); `None` when it holds none, or is unknown.
+    fn lease_namespace(&self, lease: LeaseId) -> BoxFuture<'_, Result<Option<String>>>;
+
+    /// The instances of one service, sorted by id. Every backend answers reads from memory.
+    fn list(&self, namespace: &str, service: &str) -> Result<Snapshot>;
 
     /// The services of a namespace with their counts, sorted by name.
-    fn list_services(&self, namespace: &str) -> impl Future<Output = Result<ServiceList>> + Send;
+    fn list_services(&self, namespace: &str) -> Result<ServiceList>;
 
-    /// Every change from now on, of every service, in revision order: for a reader that routes
-    /// changes onwards (the server's watch fan-out). It has no start of its own; a reader that
-    /// needs one subscribes here first and then calls [`watch`](Store::watch), whose start then
-    /// covers every change this feed may have missed.
+    /// How much the store holds, in all and in `namespace` and its `service`.
+    fn usage(&self, namespace: &str, service: &str) -> Result<Usage>;
+
+    /// Every change from now on, of every service, in revision order. It has no start of its own:
+    /// a reader subscribes here first and then asks [`watch`](Store::watch) where to start, which
+    /// then covers every change this feed may have missed.
     fn changes(&self) -> ChangeFeed;
 
-    /// Starts following changes: a snapshot of `namespace`/`service`, or a replay of the changes
+    /// Where following `namespace`/`service` starts: a snapshot, or a replay of the changes
     /// after `after` when the history allows. See the contract above.
-    fn watch(
-        &self,
-        namespace: &str,
-        service: &str,
+    fn watch<'a>(
+        &'a self,
+        namespace: &'a str,
+        service: &'a str,
         after: Option<Revision>,
-    ) -> impl Future<Output = Result<Watch>> + Send;
-
-    /// Records a health verdict. Only a change of status is a change (one revision), and the
-    /// first verdict on a check even when the status stays the same (so that its output is
-    /// there for an instance that never passed); a verdict
-    /// for an instance that is gone, was registered anew, or whose check changed is dropped.
-    /// Answers the stored instance when it changed.
-    fn set_health(
-        &self,
-        update: HealthUpdate,
-    ) -> impl Future<Output = Result<Option<Arc<Instance>>>> + Send;
-
-    /// Removes an instance that stayed critical too long ([`RemovalCause::Unhealthy`]), if it is
-    /// still the registration with `create_revision`.
-    fn evict(
-        &self,
-        key: &InstanceKey,
-        create_revision: Revision,
-    ) -> impl Future<Output = Result<Deleted>> + Send;
-
-    /// One instance, if it is registered.
-    fn get(&self, key: &InstanceKey) -> impl Future<Output = Result<Option<Arc<Instance>>>> + Send;
-
-    /// How many instances `namespace` and its `service` hold, and how many leases are live.
-    /// Backends that do not track leases (etcd, whose leases are its own) answer 0 for them.
-    fn sizes(&self, namespace: &str, service: &str) -> impl Future<Output = Result<Sizes>> + Send;
-
-    /// How much the store holds, for metrics.
-    fn counts(&self) -> impl Future<Output = Result<Counts>> + Send;
+    ) -> BoxFuture<'a, Result<WatchStart>>;
 
     /// Every instance with a health check (all namespaces), and a feed of what follows, with
     /// the same no-gap guarantee as [`watch`](Store::watch).
     ///
     /// A backend shared by several servers answers on one of them at a time (the others wait
     /// here), and closes the feed when that server must stop checking.
-    fn watch_checks(&self) -> impl Future<Output = Result<(Snapshot, ChangeFeed)>> + Send;
+    fn watch_checks(&self) -> BoxFuture<'_, Result<(Snapshot, ChangeFeed)>>;
 
     /// Whether the backend can serve, as it changes (`Err` with the reason when it cannot), for
     /// the server's health status. `None` for a backend that is up whenever the process is.

@@ -67,7 +67,8 @@ crate::engine::store_on_engine!(MemoryStore);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Change, ChangeFeed, FeedItem, Instance, RemovalCause, Store, WatchStart};
+    use crate::conformance::Shorthand;
+    use crate::{Change, ChangeFeed, FeedItem, Instance, RemovalCause, Store, WatchStart, Written};
     use std::time::Duration;
     use tokio::time::Instant;
 
@@ -94,12 +95,7 @@ mod tests {
     }
 
     async fn count(store: &MemoryStore, service: &str) -> usize {
-        store
-            .list("default", service)
-            .await
-            .unwrap()
-            .instances
-            .len()
+        store.list("default", service).unwrap().instances.len()
     }
 
     async fn next_change(feed: &mut ChangeFeed) -> Arc<Change> {
@@ -113,16 +109,16 @@ mod tests {
     async fn a_lease_expires_after_its_ttl_and_takes_its_instances_at_one_revision() {
         let store = store();
         let granted = Instant::now();
-        let lease = store.grant_lease(Duration::from_secs(10)).await.unwrap();
+        let lease = store.grant(Duration::from_secs(10)).await.unwrap();
         store.put(instance("a", "1"), Some(lease.id)).await.unwrap();
         store.put(instance("b", "2"), Some(lease.id)).await.unwrap();
         store.put(instance("a", "persistent"), None).await.unwrap();
-        let mut watch = store.watch("default", "a", None).await.unwrap();
+        let mut feed = store.changes();
 
         tokio::time::sleep(Duration::from_millis(9_990)).await;
         assert_eq!(count(&store, "a").await, 2, "alive just before its ttl");
 
-        let change = next_change(&mut watch.feed).await;
+        let change = next_change(&mut feed).await;
         let lived = granted.elapsed();
         assert!(
             lived >= Duration::from_secs(10) && lived < Duration::from_secs(11),
@@ -148,7 +144,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn keep_alive_gives_the_full_ttl_again() {
         let store = store();
-        let lease = store.grant_lease(Duration::from_secs(3)).await.unwrap();
+        let lease = store.grant(Duration::from_secs(3)).await.unwrap();
         store.put(instance("a", "1"), Some(lease.id)).await.unwrap();
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -171,7 +167,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lease_past_its_deadline_is_dead_before_the_sweep() {
         let store = store();
-        let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+        let lease = store.grant(Duration::from_secs(1)).await.unwrap();
         // Advance the clock without letting the expiry task run.
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(store.keep_alive(lease.id).await.unwrap(), None);
@@ -181,9 +177,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn many_leases_expire_in_deadline_order() {
         let store = store();
-        let mut feed = store.watch("default", "s", None).await.unwrap().feed;
+        let mut feed = store.changes();
         for n in (1..=50u64).rev() {
-            let lease = store.grant_lease(Duration::from_secs(n)).await.unwrap();
+            let lease = store.grant(Duration::from_secs(n)).await.unwrap();
             store
                 .put(instance("s", &format!("i{n:02}")), Some(lease.id))
                 .await
@@ -205,15 +201,15 @@ mod tests {
     #[tokio::test]
     async fn revoke_removes_at_once_and_an_empty_lease_takes_no_revision() {
         let store = store();
-        let empty = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let empty = store.grant(Duration::from_secs(60)).await.unwrap();
         assert!(store.revoke_lease(empty.id).await.unwrap());
         assert!(!store.revoke_lease(empty.id).await.unwrap());
-        assert_eq!(store.list("default", "a").await.unwrap().revision, 0);
+        assert_eq!(store.list("default", "a").unwrap().revision, 0);
 
-        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let lease = store.grant(Duration::from_secs(60)).await.unwrap();
         store.put(instance("a", "1"), Some(lease.id)).await.unwrap();
         assert!(store.revoke_lease(lease.id).await.unwrap());
-        let snapshot = store.list("default", "a").await.unwrap();
+        let snapshot = store.list("default", "a").unwrap();
         assert!(snapshot.instances.is_empty());
         assert_eq!(snapshot.revision, 2);
     }
@@ -221,8 +217,8 @@ mod tests {
     #[tokio::test]
     async fn moving_an_instance_to_another_lease_detaches_it_from_the_first() {
         let store = store();
-        let first = store.grant_lease(Duration::from_secs(60)).await.unwrap();
-        let second = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let first = store.grant(Duration::from_secs(60)).await.unwrap();
+        let second = store.grant(Duration::from_secs(60)).await.unwrap();
         store.put(instance("a", "1"), Some(first.id)).await.unwrap();
         store
             .put(instance("a", "1"), Some(second.id))
@@ -251,10 +247,15 @@ mod tests {
         assert_eq!((first.create_revision, first.mod_revision), (1, 1));
         assert_eq!((second.create_revision, second.mod_revision), (1, 2));
         let gone = store.delete(&first.key()).await.unwrap();
-        assert_eq!(gone.revision, 3);
-        assert_eq!(gone.prev, Some(second));
+        assert_eq!(
+            gone,
+            Written::Removed {
+                prev: second,
+                revision: 3
+            }
+        );
         let again = store.delete(&first.key()).await.unwrap();
-        assert_eq!((again.prev, again.revision), (None, 3));
+        assert_eq!(again, Written::Unchanged { revision: 3 });
         let reborn = store.put(instance("a", "1"), None).await.unwrap();
         assert_eq!(reborn.create_revision, 4, "a new life after a delete");
     }
@@ -269,7 +270,7 @@ mod tests {
                 .unwrap();
         }
         // History keeps revisions 6..=10.
-        match store.watch("default", "a", Some(5)).await.unwrap().start {
+        match store.watch("default", "a", Some(5)).await.unwrap() {
             WatchStart::Replay { changes, revision } => {
                 let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
                 assert_eq!(revisions, [6, 7, 8, 9, 10]);
@@ -277,12 +278,12 @@ mod tests {
             }
             other => panic!("expected a replay, got {other:?}"),
         }
-        match store.watch("default", "a", Some(10)).await.unwrap().start {
+        match store.watch("default", "a", Some(10)).await.unwrap() {
             WatchStart::Replay { changes, .. } => assert!(changes.is_empty()),
             other => panic!("expected an empty replay, got {other:?}"),
         }
         for gone in [Some(4), Some(11), None] {
-            match store.watch("default", "a", gone).await.unwrap().start {
+            match store.watch("default", "a", gone).await.unwrap() {
                 WatchStart::Snapshot(s) => {
                     assert_eq!(s.revision, 10);
                     assert_eq!(s.instances.len(), 3);
@@ -295,7 +296,7 @@ mod tests {
     #[tokio::test]
     async fn a_feed_that_falls_behind_lags_once_then_goes_on() {
         let store = store_with(100, 4);
-        let mut feed = store.watch("default", "a", None).await.unwrap().feed;
+        let mut feed = store.changes();
         for n in 0..10 {
             store
                 .put(instance("a", &n.to_string()), None)
@@ -316,7 +317,7 @@ mod tests {
             .unwrap()
             .mod_revision;
         let later = MemoryStore::new(MemoryConfig::default());
-        let start = later.list("default", "a").await.unwrap().revision;
+        let start = later.list("default", "a").unwrap().revision;
         assert!(start >= revision, "{start} < {revision}");
     }
 }

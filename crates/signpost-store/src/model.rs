@@ -311,32 +311,299 @@ pub struct ServiceList {
     pub services: Vec<ServiceSummary>,
 }
 
-/// Sizes and totals of a store, for metrics.
+/// How much a store holds: in total (for metrics) and in one namespace and service (for limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Counts {
+pub struct Usage {
     pub instances: u64,
     pub services: u64,
+    /// Live leases that hold at least one instance (a lease granted and not yet used is not
+    /// counted by every backend).
     pub leases: u64,
-    /// Leases that ran out since the store started (revoked ones not counted).
+    /// Leases that ran out since the store started (revoked ones not counted; 0 on a backend
+    /// whose leases expire elsewhere).
     pub leases_expired: u64,
     pub revision: Revision,
-}
-
-/// How full one namespace and one service are, and how many leases are live, for limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Sizes {
     pub namespace_instances: u64,
     pub service_instances: u64,
+}
+
+/// When a [`Write`] may apply, judged against the instance the store holds under the write's key,
+/// atomically with the write (as object_store's `PutMode`). A write whose condition fails changes
+/// nothing and answers [`Error::Conflict`](crate::Error::Conflict).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Condition {
+    /// Whatever is there.
+    #[default]
+    Always,
+    /// Only when no instance has the key (create-only).
+    Absent,
+    /// Only when the instance is the registration created at this revision (not one made anew
+    /// since).
+    Registration(Revision),
+    /// Only when no instance has the key, or the one there was registered by this owner or by no
+    /// owner at all (strict ownership).
+    OwnedBy(String),
+}
+
+impl Condition {
+    /// Whether the condition holds over `prev`, the instance stored under the key now.
+    pub fn holds(&self, prev: Option<&Instance>) -> bool {
+        match (self, prev) {
+            (Condition::Always, _) => true,
+            (Condition::Absent, prev) => prev.is_none(),
+            (Condition::Registration(r), Some(p)) => p.create_revision == *r,
+            (Condition::Registration(_), None) => false,
+            (Condition::OwnedBy(_), None) => true,
+            (Condition::OwnedBy(owner), Some(p)) => p.owner.as_ref().is_none_or(|o| o == owner),
+        }
+    }
+
+    /// The error a write refused by this condition answers.
+    pub(crate) fn refused(&self, key: &InstanceKey) -> crate::Error {
+        let name = format!("instance {}/{}/{}", key.namespace, key.service, key.id);
+        crate::Error::Conflict(match self {
+            Condition::Always => format!("{name} changed"),
+            Condition::Absent => format!("{name} already exists"),
+            Condition::Registration(r) => {
+                format!("{name} is no longer the registration made at revision {r}")
+            }
+            Condition::OwnedBy(_) => {
+                format!("{name} was registered with another token (strict ownership)")
+            }
+        })
+    }
+}
+
+/// The most a write may fill, checked atomically with it. Unlimited by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub instances_per_service: u64,
+    pub instances_per_namespace: u64,
+    /// Live leases, checked when one is granted.
     pub leases: u64,
 }
 
-/// The answer to a deregister.
+impl Default for Quota {
+    fn default() -> Self {
+        Quota {
+            instances_per_service: u64::MAX,
+            instances_per_namespace: u64::MAX,
+            leases: u64::MAX,
+        }
+    }
+}
+
+impl Quota {
+    /// Whether a put that creates an instance (`creates`) fits in a namespace and service that
+    /// hold what `usage` says. An update always fits: it takes no new place.
+    pub(crate) fn admit(
+        &self,
+        creates: bool,
+        usage: &Usage,
+        key: &InstanceKey,
+    ) -> crate::Result<()> {
+        if !creates {
+            return Ok(());
+        }
+        if usage.service_instances >= self.instances_per_service {
+            return Err(crate::Error::Limit {
+                name: "max_instances_per_service",
+                limit: self.instances_per_service,
+                scope: format!(" in {}/{}", key.namespace, key.service),
+            });
+        }
+        if usage.namespace_instances >= self.instances_per_namespace {
+            return Err(crate::Error::Limit {
+                name: "max_instances_per_namespace",
+                limit: self.instances_per_namespace,
+                scope: format!(" in namespace {}", key.namespace),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether one more lease fits next to `live` ones.
+    pub(crate) fn admit_lease(&self, live: u64) -> crate::Result<()> {
+        if live >= self.leases {
+            return Err(crate::Error::Limit {
+                name: "max_leases",
+                limit: self.leases,
+                scope: String::new(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One change asked of the store: every change to instances is one of these.
+// A write is made once per request and moved into the store: boxing the instance would cost an
+// allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Deleted {
-    /// The removed instance, if there was one.
-    pub prev: Option<Arc<Instance>>,
-    /// The revision of the removal, or the current revision when nothing was removed.
-    pub revision: Revision,
+pub enum Write {
+    /// Registers an instance or updates it, attached to `lease` when one is given (which must be
+    /// live, and hold only instances of the same namespace).
+    Put {
+        instance: Instance,
+        lease: Option<LeaseId>,
+        condition: Condition,
+        quota: Quota,
+    },
+    /// Removes an instance, giving `cause` as the reason.
+    Delete {
+        key: InstanceKey,
+        cause: RemovalCause,
+        condition: Condition,
+    },
+    /// Records a health verdict; its condition is the registration and check it is for.
+    Health(crate::HealthUpdate),
+}
+
+impl Write {
+    /// An unconditional upsert.
+    pub fn put(instance: Instance, lease: Option<LeaseId>) -> Self {
+        Write::Put {
+            instance,
+            lease,
+            condition: Condition::Always,
+            quota: Quota::default(),
+        }
+    }
+
+    /// An unconditional deregister.
+    pub fn delete(key: InstanceKey) -> Self {
+        Write::Delete {
+            key,
+            cause: RemovalCause::Deregistered,
+            condition: Condition::Always,
+        }
+    }
+
+    /// The key of the instance the write is about.
+    pub fn key(&self) -> InstanceKey {
+        match self {
+            Write::Put { instance, .. } => instance.key(),
+            Write::Delete { key, .. } => key.clone(),
+            Write::Health(update) => update.key.clone(),
+        }
+    }
+}
+
+/// What a [`Write`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// The instance as stored now; its `mod_revision` is the change's revision.
+    Stored(Arc<Instance>),
+    /// The instance was removed at `revision`.
+    Removed {
+        prev: Arc<Instance>,
+        revision: Revision,
+    },
+    /// Nothing needed doing (a delete of nothing, a verdict that changes no status); `revision`
+    /// is the store's current one.
+    Unchanged { revision: Revision },
+}
+
+impl Written {
+    /// The stored instance, for a write that stored one.
+    pub fn stored(&self) -> Option<&Arc<Instance>> {
+        match self {
+            Written::Stored(instance) => Some(instance),
+            _ => None,
+        }
+    }
+
+    /// The revision the write took, or the store's current one when it took none.
+    pub fn revision(&self) -> Revision {
+        match self {
+            Written::Stored(instance) => instance.mod_revision,
+            Written::Removed { revision, .. } | Written::Unchanged { revision } => *revision,
+        }
+    }
+}
+
+/// The rules of what a write makes of the stored instance, in one place for every backend.
+pub(crate) mod rules {
+    use super::*;
+
+    /// What a put stores over `prev`: the caller's fields, with the store-owned ones filled in.
+    /// Revisions are the backend's to set. An update keeps the instance's health when its check
+    /// is the same (a new check must pass before traffic comes), and its creation time.
+    pub(crate) fn put(
+        mut instance: Instance,
+        prev: Option<&Instance>,
+        lease: Option<LeaseId>,
+    ) -> Instance {
+        instance.lease_id = lease;
+        instance.created_at = match prev {
+            Some(p) => p.created_at,
+            None => Some(std::time::SystemTime::now()),
+        };
+        (
+            instance.health,
+            instance.health_output,
+            instance.health_checked_at,
+        ) = match (&instance.check, prev) {
+            (None, _) => (Health::Passing, String::new(), None),
+            (Some(check), Some(p)) if p.check.as_ref() == Some(check) => {
+                (p.health, p.health_output.clone(), p.health_checked_at)
+            }
+            (Some(_), _) => (Health::Critical, "not checked yet".to_owned(), None),
+        };
+        instance
+    }
+
+    /// What a health verdict makes of `prev`: `Err` (a conflict) when the verdict is stale — the
+    /// instance is gone, was registered anew, or its check changed — and `None` when it changes
+    /// nothing. Only a change of status is a change, and the first verdict on a check, even when
+    /// the status stays the same, so that `health_output` says what the probe saw rather than
+    /// "not checked yet" for ever.
+    pub(crate) fn health(
+        prev: Option<&Instance>,
+        update: &crate::HealthUpdate,
+    ) -> crate::Result<Option<Instance>> {
+        let stale = || {
+            crate::Error::Conflict(format!(
+                "the health verdict on {}/{}/{} is stale: the instance changed since it was checked",
+                update.key.namespace, update.key.service, update.key.id
+            ))
+        };
+        let prev = prev.ok_or_else(stale)?;
+        if prev.create_revision != update.create_revision
+            || prev.check.as_ref() != Some(&update.check)
+        {
+            return Err(stale());
+        }
+        if prev.health == update.health && prev.health_checked_at.is_some() {
+            return Ok(None);
+        }
+        let mut next = prev.clone();
+        next.health = update.health;
+        next.health_output = update.output.clone();
+        next.health_checked_at = Some(update.checked_at);
+        Ok(Some(next))
+    }
+
+    /// Whether `instance` may join a lease that holds instances of `lease_namespace` (`None`: it
+    /// holds none yet). A lease belongs to one namespace, so that refreshing it can be allowed to
+    /// exactly the tokens that may write there.
+    pub(crate) fn join(
+        lease: LeaseId,
+        lease_namespace: Option<&str>,
+        instance: &Instance,
+    ) -> crate::Result<()> {
+        match lease_namespace {
+            Some(namespace) if namespace != instance.namespace => Err(crate::Error::Invalid {
+                field: "lease_id",
+                reason: format!(
+                    "lease {lease} holds instances of namespace {namespace:?}; an instance of \
+                     {:?} needs a lease of its own",
+                    instance.namespace
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

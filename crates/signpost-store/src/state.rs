@@ -4,14 +4,15 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::model::{
-    Change, Deleted, Event, Health, Instance, InstanceKey, Lease, LeaseId, RemovalCause, Revision,
-    ServiceList, ServiceSummary, Snapshot,
+    Change, Event, Instance, InstanceKey, Lease, LeaseId, Quota, RemovalCause, Revision,
+    ServiceList, ServiceSummary, Snapshot, Usage, Write, Written, rules,
 };
 use crate::{Error, Result};
 
@@ -91,6 +92,10 @@ pub(crate) struct State {
     revision: Revision,
     next_lease: LeaseId,
     namespaces: BTreeMap<String, BTreeMap<String, Ids>>,
+    /// Instances per namespace, and in all, so that a limit check costs no walk.
+    in_namespace: HashMap<String, u64>,
+    instances: u64,
+    services: u64,
     leases: HashMap<LeaseId, LeaseEntry>,
     // One entry per lease, at or before its deadline: a refresh only moves `LeaseEntry::deadline`,
     // and the entry is pushed again when it comes due early. This keeps the heap as large as the
@@ -101,6 +106,9 @@ pub(crate) struct State {
     // Every change after this revision is still in `history`.
     compacted: Revision,
     leases_expired: u64,
+    /// SipHash with keys drawn from the OS: a pseudo-random function of the lease counter that
+    /// nobody without the keys can predict.
+    lease_ids: std::hash::RandomState,
 }
 
 impl State {
@@ -113,12 +121,16 @@ impl State {
             revision: start_revision,
             next_lease: first_lease.max(1),
             namespaces: BTreeMap::new(),
+            in_namespace: HashMap::new(),
+            instances: 0,
+            services: 0,
             leases: HashMap::new(),
             deadlines: BinaryHeap::new(),
             history: VecDeque::new(),
             history_limit: history_limit.max(1),
             compacted: start_revision,
             leases_expired: 0,
+            lease_ids: std::hash::RandomState::new(),
         }
     }
 
@@ -181,9 +193,38 @@ impl State {
     ) -> Self {
         let mut state = State::new(revision, 1, history_limit);
         for instance in instances {
+            state.follow_lease(&instance.key(), None, instance.lease_id);
             state.link(Arc::new(instance));
         }
         state
+    }
+
+    /// A replica's index of which instances each lease holds (etcd keeps the leases themselves):
+    /// what lease namespaces and lease counts are read from.
+    fn follow_lease(&mut self, key: &InstanceKey, old: Option<LeaseId>, new: Option<LeaseId>) {
+        if old == new {
+            return;
+        }
+        if let Some(old) = old
+            && let Some(entry) = self.leases.get_mut(&old)
+        {
+            entry.instances.remove(key);
+            if entry.instances.len() == 0 {
+                self.leases.remove(&old);
+            }
+        }
+        if let Some(new) = new {
+            self.leases
+                .entry(new)
+                .or_insert_with(|| LeaseEntry {
+                    ttl: Duration::ZERO,
+                    // Never due here: etcd expires it.
+                    deadline: Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
+                    instances: Keys::new(),
+                })
+                .instances
+                .insert(key.clone());
+        }
     }
 
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
@@ -192,9 +233,19 @@ impl State {
     pub(crate) fn apply(&mut self, revision: Revision, events: Vec<Event>) -> Arc<Change> {
         for event in &events {
             match (&event.current, &event.prev) {
-                (Some(current), _) => self.link(current.clone()),
+                (Some(current), prev) => {
+                    let key = current.key();
+                    let old = self
+                        .get(&key)
+                        .map_or(prev.as_ref().and_then(|p| p.lease_id), |i| i.lease_id);
+                    self.follow_lease(&key, old, current.lease_id);
+                    self.link(current.clone());
+                }
                 (None, Some(prev)) => {
-                    self.unlink(&prev.key());
+                    let key = prev.key();
+                    if let Some(gone) = self.unlink(&key) {
+                        self.follow_lease(&key, gone.lease_id, None);
+                    }
                 }
                 (None, None) => {}
             }
@@ -204,12 +255,18 @@ impl State {
 
     fn link(&mut self, instance: Arc<Instance>) {
         let key = instance.key();
-        self.namespaces
-            .entry(key.namespace)
-            .or_default()
-            .entry(key.service)
-            .or_default()
-            .insert(key.id, instance);
+        let services = self.namespaces.entry(key.namespace.clone()).or_default();
+        let ids = match services.get_mut(&key.service) {
+            Some(ids) => ids,
+            None => {
+                self.services += 1;
+                services.entry(key.service).or_default()
+            }
+        };
+        if ids.insert(key.id, instance).is_none() {
+            self.instances += 1;
+            *self.in_namespace.entry(key.namespace).or_default() += 1;
+        }
     }
 
     pub(crate) fn get(&self, key: &InstanceKey) -> Option<&Arc<Instance>> {
@@ -223,127 +280,122 @@ impl State {
         self.leases.get(&id).is_some_and(|l| l.deadline > now)
     }
 
-    /// Upserts `instance`. The store-owned fields are filled in here.
-    pub(crate) fn put(
+    /// Applies one write: its condition and quota are judged against the state it changes, under
+    /// the caller's lock, so that no other write comes between. The change is `None` when the
+    /// write changed nothing.
+    pub(crate) fn write(
         &mut self,
-        mut instance: Instance,
-        lease: Option<LeaseId>,
+        write: Write,
         now: Instant,
-    ) -> Result<(Arc<Instance>, Arc<Change>)> {
-        if let Some(id) = lease {
-            // A lease past its deadline is dead even if the expiry task has not swept it yet.
-            if !self.lease_is_live(id, now) {
-                return Err(Error::LeaseNotFound(id));
-            }
-        }
-        let key = instance.key();
+    ) -> Result<(Written, Option<Arc<Change>>)> {
+        let key = write.key();
         let prev = self.get(&key).cloned();
-        let revision = self.revision + 1;
-
-        instance.lease_id = lease;
-        instance.create_revision = prev.as_ref().map_or(revision, |p| p.create_revision);
-        instance.created_at = match &prev {
-            Some(p) => p.created_at,
-            None => Some(std::time::SystemTime::now()),
-        };
-        instance.mod_revision = revision;
-        (
-            instance.health,
-            instance.health_output,
-            instance.health_checked_at,
-        ) = match (&instance.check, &prev) {
-            (None, _) => (Health::Passing, String::new(), None),
-            // The same check keeps its verdict; a new check must pass before traffic comes.
-            (Some(check), Some(p)) if p.check.as_ref() == Some(check) => {
-                (p.health, p.health_output.clone(), p.health_checked_at)
+        let next = match write {
+            Write::Put {
+                instance,
+                lease,
+                condition,
+                quota,
+            } => {
+                if !condition.holds(prev.as_deref()) {
+                    return Err(condition.refused(&key));
+                }
+                if let Some(id) = lease {
+                    // A lease past its deadline is dead even if the expiry task has not swept it.
+                    if !self.lease_is_live(id, now) {
+                        return Err(Error::LeaseNotFound(id));
+                    }
+                    rules::join(id, self.lease_namespace(id), &instance)?;
+                }
+                quota.admit(
+                    prev.is_none(),
+                    &self.usage(&key.namespace, &key.service),
+                    &key,
+                )?;
+                self.move_lease(&key, prev.as_ref().and_then(|p| p.lease_id), lease);
+                rules::put(instance, prev.as_deref(), lease)
             }
-            (Some(_), _) => (Health::Critical, "not checked yet".to_owned(), None),
+            Write::Health(update) => match rules::health(prev.as_deref(), &update)? {
+                Some(next) => next,
+                None => {
+                    return Ok((
+                        Written::Unchanged {
+                            revision: self.revision,
+                        },
+                        None,
+                    ));
+                }
+            },
+            Write::Delete {
+                key,
+                cause,
+                condition,
+            } => {
+                if !condition.holds(prev.as_deref()) {
+                    return Err(condition.refused(&key));
+                }
+                return Ok(match self.delete(&key, cause) {
+                    Some((prev, change)) => (
+                        Written::Removed {
+                            prev,
+                            revision: change.revision,
+                        },
+                        Some(change),
+                    ),
+                    None => (
+                        Written::Unchanged {
+                            revision: self.revision,
+                        },
+                        None,
+                    ),
+                });
+            }
         };
-
-        let old_lease = prev.as_ref().and_then(|p| p.lease_id);
-        if let Some(entry) = old_lease
-            .filter(|old| Some(*old) != lease)
-            .and_then(|old| self.leases.get_mut(&old))
-        {
-            entry.instances.remove(&key);
-        }
-        if let Some(entry) = lease.and_then(|id| self.leases.get_mut(&id)) {
-            entry.instances.insert(key.clone());
-        }
-
-        let instance = Arc::new(instance);
-        self.link(instance.clone());
-        let change = self.commit(vec![Event {
-            prev,
-            current: Some(instance.clone()),
-            removal: None,
-        }]);
-        Ok((instance, change))
-    }
-
-    /// Records a health verdict for the instance that has this identity and check. `None` when
-    /// it is gone, was registered anew, or its check changed (the verdict is stale), and when the
-    /// health is what it already was: only a change of status takes a revision. The first verdict
-    /// on a check is the exception, written even when the status stays CRITICAL, so that
-    /// `health_output` says what the probe saw rather than "not checked yet" for ever.
-    pub(crate) fn set_health(
-        &mut self,
-        key: &InstanceKey,
-        create_revision: Revision,
-        check: &crate::HealthCheck,
-        health: Health,
-        output: String,
-        checked_at: std::time::SystemTime,
-    ) -> Option<(Arc<Instance>, Arc<Change>)> {
-        let prev = self.get(key)?.clone();
-        if prev.create_revision != create_revision
-            || prev.check.as_ref() != Some(check)
-            || (prev.health == health && prev.health_checked_at.is_some())
-        {
-            return None;
-        }
         let revision = self.revision + 1;
-        let mut next = (*prev).clone();
-        next.health = health;
-        next.health_output = output;
-        next.health_checked_at = Some(checked_at);
+        let mut next = next;
+        next.create_revision = prev.as_ref().map_or(revision, |p| p.create_revision);
         next.mod_revision = revision;
         let next = Arc::new(next);
         self.link(next.clone());
         let change = self.commit(vec![Event {
-            prev: Some(prev),
+            prev,
             current: Some(next.clone()),
             removal: None,
         }]);
-        Some((next, change))
+        Ok((Written::Stored(next), Some(change)))
     }
 
-    pub(crate) fn counts(&self) -> crate::Counts {
-        let services = self.namespaces.values().map(|s| s.len() as u64).sum();
-        let instances = self
-            .namespaces
-            .values()
-            .flat_map(|s| s.values())
-            .map(|ids| ids.len() as u64)
-            .sum();
-        crate::Counts {
-            instances,
-            services,
-            leases: self.leases.len() as u64,
-            leases_expired: self.leases_expired,
-            revision: self.revision,
+    /// Moves `key` from the lease it was on to the one it is put on.
+    fn move_lease(&mut self, key: &InstanceKey, old: Option<LeaseId>, new: Option<LeaseId>) {
+        if let Some(entry) = old
+            .filter(|old| Some(*old) != new)
+            .and_then(|old| self.leases.get_mut(&old))
+        {
+            entry.instances.remove(key);
+        }
+        if let Some(entry) = new.and_then(|id| self.leases.get_mut(&id)) {
+            entry.instances.insert(key.clone());
         }
     }
 
-    pub(crate) fn sizes(&self, namespace: &str, service: &str) -> crate::Sizes {
+    /// The namespace of the instances a lease holds; `None` when it holds none or is unknown.
+    pub(crate) fn lease_namespace(&self, id: LeaseId) -> Option<&str> {
+        let entry = self.leases.get(&id)?;
+        entry.instances.iter().next().map(|k| k.namespace.as_str())
+    }
+
+    pub(crate) fn usage(&self, namespace: &str, service: &str) -> Usage {
         let services = self.namespaces.get(namespace);
-        crate::Sizes {
-            namespace_instances: services
-                .map_or(0, |s| s.values().map(|ids| ids.len() as u64).sum()),
+        Usage {
+            instances: self.instances,
+            services: self.services,
+            leases: self.leases.len() as u64,
+            leases_expired: self.leases_expired,
+            revision: self.revision,
+            namespace_instances: self.in_namespace.get(namespace).copied().unwrap_or(0),
             service_instances: services
                 .and_then(|s| s.get(service))
                 .map_or(0, |ids| ids.len() as u64),
-            leases: self.leases.len() as u64,
         }
     }
 
@@ -361,11 +413,6 @@ impl State {
             revision: self.revision,
             instances,
         }
-    }
-
-    /// The identity check for removals that must not hit a re-registered instance.
-    pub(crate) fn create_revision(&self, key: &InstanceKey) -> Option<Revision> {
-        self.get(key).map(|i| i.create_revision)
     }
 
     /// Removes one instance. `None` when it did not exist; no revision is taken then.
@@ -386,41 +433,45 @@ impl State {
         Some((prev, change))
     }
 
-    pub(crate) fn deleted(&self, found: Option<(Arc<Instance>, Arc<Change>)>) -> Deleted {
-        match found {
-            Some((prev, change)) => Deleted {
-                prev: Some(prev),
-                revision: change.revision,
-            },
-            None => Deleted {
-                prev: None,
-                revision: self.revision,
-            },
-        }
-    }
-
     fn unlink(&mut self, key: &InstanceKey) -> Option<Arc<Instance>> {
         let services = self.namespaces.get_mut(&key.namespace)?;
         let ids = services.get_mut(&key.service)?;
         let prev = ids.remove(&key.id)?;
         if ids.is_empty() {
             services.remove(&key.service);
+            self.services -= 1;
             if services.is_empty() {
                 self.namespaces.remove(&key.namespace);
+            }
+        }
+        self.instances -= 1;
+        if let Some(n) = self.in_namespace.get_mut(&key.namespace) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_namespace.remove(&key.namespace);
             }
         }
         Some(prev)
     }
 
-    pub(crate) fn grant(&mut self, ttl: Duration, now: Instant) -> Result<Lease> {
+    pub(crate) fn grant(&mut self, ttl: Duration, quota: &Quota, now: Instant) -> Result<Lease> {
         if ttl.is_zero() {
             return Err(Error::Invalid {
                 field: "ttl",
                 reason: "must be greater than zero".into(),
             });
         }
-        let id = self.next_lease;
-        self.next_lease += 1;
+        quota.admit_lease(self.leases.len() as u64)?;
+        // A lease id is proof enough to keep a lease alive, so it must not be guessable from the
+        // ids a client has seen: each is the counter through a keyed hash, never 0, unique among
+        // the live leases (and, over 2^63 values, never met again in practice).
+        let id = loop {
+            self.next_lease += 1;
+            let id = (self.lease_ids.hash_one(self.next_lease) >> 1).max(1);
+            if !self.leases.contains_key(&id) {
+                break id;
+            }
+        };
         let deadline = now + ttl;
         self.leases.insert(
             id,

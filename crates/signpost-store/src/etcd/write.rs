@@ -1,0 +1,489 @@
+//! The write path: every [`Write`] decided against the replica by the model's rules, then made
+//! one etcd transaction whose compares make that decision hold at the moment it applies.
+//!
+//! - The compare on the instance key (its mod revision, or its absence) makes conditions and
+//!   ownership atomic: a write decided over a version that changed since is refused by etcd, and
+//!   decided again over the new one.
+//! - A put that creates an instance under a quota also compares the service's and the
+//!   namespace's key ranges: no key in them may have been *created* after the revision the counts
+//!   were read at. Updates and deletes in the range do not refuse it (a delete only makes room),
+//!   so only creates in one namespace wait for each other; on one server they queue on a local
+//!   lock instead of refusing each other in etcd.
+//! - A refused transaction is decided again once the replica has seen what refused it (the
+//!   `or_else` reads tell which revision that was), never from a guess.
+
+use std::sync::Arc;
+
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use tokio::time::Instant;
+
+use super::keys::{cause_bytes, instance_from, revision_of, to_etcd};
+use super::members::{Failure, Repeat};
+use super::{EtcdStore, failure_is_lease_not_found, unavailable};
+use crate::codec::encode_instance;
+use crate::model::{
+    Instance, InstanceKey, LeaseId, Quota, RemovalCause, Revision, Write, Written, rules,
+};
+use crate::{Error, Result};
+
+/// What a compare-and-swap transaction came to.
+pub(super) enum Cas {
+    /// The compare held and the transaction applied, in this attempt.
+    Applied(TxnResponse),
+    /// The compare failed. `repeated`: an earlier attempt may have been applied, and this
+    /// refusal may be that attempt's own doing (its change made the compare fail); the
+    /// response holds the `or_else` reads, from which each write tells.
+    Refused { resp: TxnResponse, repeated: bool },
+}
+
+/// The key-value the first `or_else` get of a refused transaction read.
+pub(super) fn else_kv(resp: &TxnResponse) -> Option<KeyValue> {
+    resp.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+        _ => None,
+    })
+}
+
+/// The newest revision any `or_else` read of a refused transaction saw a key at: the replica
+/// must have seen it before the write is decided again.
+fn refused_at(resp: &TxnResponse) -> Revision {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(
+                get.kvs()
+                    .iter()
+                    .map(|kv| kv.mod_revision().max(kv.create_revision()))
+                    .max()
+                    .unwrap_or(0),
+            ),
+            _ => None,
+        })
+        .max()
+        .and_then(|r| Revision::try_from(r).ok())
+        .unwrap_or(0)
+}
+
+/// What the model decided a write does to the instance the replica holds.
+enum Decision {
+    /// Store this version (a put or a health change) over `prev`.
+    Store {
+        next: Box<Instance>,
+        lease: Option<LeaseId>,
+        /// A health change keeps the instance on its lease.
+        keep_lease: bool,
+        /// Creates under a quota: the ranges' counts read at this revision must still hold.
+        quota_at: Option<Revision>,
+    },
+    /// Remove the registration made at this create revision.
+    Remove {
+        create_revision: Revision,
+        cause: RemovalCause,
+    },
+    Nothing,
+}
+
+fn limited(quota: &Quota) -> bool {
+    quota.instances_per_service != u64::MAX || quota.instances_per_namespace != u64::MAX
+}
+
+impl EtcdStore {
+    /// Sends a compare-and-swap transaction; when an attempt may have been applied, sends the
+    /// same transaction again on another member, within one deadline.
+    ///
+    /// Only for transactions whose compare is on the key they change (its version, mod or
+    /// create revision): an attempt that was applied changed that, so the repeat cannot apply a
+    /// second time. It is refused instead, and the caller reads the `or_else` part of the
+    /// response to tell its own earlier write from another server's.
+    pub(super) async fn cas(&self, txn: Txn) -> std::result::Result<Cas, Failure> {
+        let deadline = self.deadline();
+        let mut repeated = false;
+        loop {
+            let attempt = self
+                .inner
+                .members
+                .call(Repeat::Never, deadline, |client| {
+                    let txn = txn.clone();
+                    async move { client.kv_client().txn(txn).await }
+                })
+                .await;
+            match attempt {
+                Ok(resp) if resp.succeeded() => return Ok(Cas::Applied(resp)),
+                Ok(resp) => return Ok(Cas::Refused { resp, repeated }),
+                Err(Failure::Unknown(reason)) if Instant::now() < deadline => {
+                    tracing::debug!(%reason, "an etcd transaction may have been applied; sending it again");
+                    repeated = true;
+                }
+                Err(Failure::Unreachable(reason)) if repeated => {
+                    // Nothing took the repeat; the first attempt's outcome is still unknown.
+                    return Err(Failure::Unknown(reason));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until the replica has applied `revision` (a write this server just made, or one
+    /// that refused it).
+    pub(super) async fn seen(&self, revision: Revision) -> Result<()> {
+        let mut applied = self.replica().applied.subscribe();
+        match tokio::time::timeout(
+            self.inner.config.request_timeout,
+            applied.wait_for(|r| *r >= revision),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(format!(
+                "the change at revision {revision} was written to etcd but has not come back on \
+                 this server's watch yet"
+            ))),
+        }
+    }
+
+    /// The instance at `key` as the replica holds it at `revision`, when it still is that one.
+    fn stored(&self, key: &InstanceKey, revision: Revision) -> Option<Arc<Instance>> {
+        self.replica()
+            .read()
+            .get(key)
+            .filter(|i| i.mod_revision == revision)
+            .cloned()
+    }
+
+    /// Decides `write` against the replica, as the model's rules say.
+    fn decide(&self, write: &Write) -> Result<(Decision, Option<Arc<Instance>>, Revision)> {
+        let key = write.key();
+        let state = self.replica().read();
+        let prev = state.get(&key).cloned();
+        let at = state.revision();
+        let decision = match write {
+            Write::Put {
+                instance,
+                lease,
+                condition,
+                quota,
+            } => {
+                if !condition.holds(prev.as_deref()) {
+                    return Err(condition.refused(&key));
+                }
+                if let Some(id) = *lease {
+                    rules::join(id, state.lease_namespace(id), instance)?;
+                }
+                let creates = prev.is_none();
+                quota.admit(creates, &state.usage(&key.namespace, &key.service), &key)?;
+                Decision::Store {
+                    next: Box::new(rules::put(instance.clone(), prev.as_deref(), *lease)),
+                    lease: *lease,
+                    keep_lease: false,
+                    quota_at: (creates && limited(quota)).then_some(at),
+                }
+            }
+            Write::Health(update) => match rules::health(prev.as_deref(), update)? {
+                Some(next) => Decision::Store {
+                    lease: next.lease_id,
+                    next: Box::new(next),
+                    keep_lease: true,
+                    quota_at: None,
+                },
+                None => Decision::Nothing,
+            },
+            Write::Delete {
+                cause, condition, ..
+            } => {
+                if !condition.holds(prev.as_deref()) {
+                    return Err(condition.refused(&key));
+                }
+                match &prev {
+                    Some(p) => Decision::Remove {
+                        create_revision: p.create_revision,
+                        cause: *cause,
+                    },
+                    None => Decision::Nothing,
+                }
+            }
+        };
+        Ok((decision, prev, at))
+    }
+
+    pub(super) async fn write_instance(&self, write: Write) -> Result<Written> {
+        self.replica().check()?;
+        let key = write.key();
+        let etcd_key = self.inner.keys.instance(&key);
+        let quota_lock = match &write {
+            Write::Put { quota, .. } if limited(quota) => {
+                Some(self.inner.creates.of(&key.namespace))
+            }
+            _ => None,
+        };
+        let _creating = match &quota_lock {
+            // Only a create needs it; an update of a known instance goes straight on.
+            Some(lock) if self.replica().read().get(&key).is_none() => Some(lock.lock().await),
+            _ => None,
+        };
+        // A plain deregister that finds nothing may be racing a registration the replica has not
+        // seen yet: it asks etcd once, as the old read-modify-write did.
+        let mut fetched = false;
+        for _ in 0..16 {
+            let (decision, prev, at) = self.decide(&write)?;
+            let attempt = match decision {
+                Decision::Nothing => {
+                    if matches!(write, Write::Delete { .. }) && prev.is_none() && !fetched {
+                        fetched = true;
+                        if let Some(revision) = self.fetch_revision(&etcd_key).await? {
+                            self.seen(revision).await?;
+                            continue;
+                        }
+                    }
+                    return Ok(Written::Unchanged { revision: at });
+                }
+                Decision::Store {
+                    next,
+                    lease,
+                    keep_lease,
+                    quota_at,
+                } => {
+                    self.try_store(
+                        &key,
+                        &etcd_key,
+                        *next,
+                        prev.as_deref(),
+                        lease,
+                        keep_lease,
+                        quota_at,
+                    )
+                    .await?
+                }
+                Decision::Remove {
+                    create_revision,
+                    cause,
+                } => {
+                    self.try_remove(&etcd_key, create_revision, cause, &write)
+                        .await?
+                }
+            };
+            match attempt {
+                Attempt::Done(written) => return Ok(written),
+                Attempt::Refused(revision) => self.seen(revision).await?,
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "instance {}/{}/{} is being changed too often to write it",
+            key.namespace, key.service, key.id
+        )))
+    }
+
+    /// The revision etcd holds the key at, if it holds it.
+    async fn fetch_revision(&self, etcd_key: &[u8]) -> Result<Option<Revision>> {
+        let resp = self
+            .inner
+            .members
+            .call(Repeat::Safe, self.deadline(), |client| async move {
+                client.kv_client().get(etcd_key, None).await
+            })
+            .await
+            .map_err(unavailable)?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| Revision::try_from(kv.mod_revision()).ok()))
+    }
+
+    /// One attempt at storing `next` over `prev`.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_store(
+        &self,
+        key: &InstanceKey,
+        etcd_key: &[u8],
+        mut next: Instance,
+        prev: Option<&Instance>,
+        lease: Option<LeaseId>,
+        keep_lease: bool,
+        quota_at: Option<Revision>,
+    ) -> Result<Attempt> {
+        let lease_id = match lease {
+            Some(id) => Some(i64::try_from(id).map_err(|_| Error::LeaseNotFound(id))?),
+            None => None,
+        };
+        let options = if keep_lease {
+            Some(PutOptions::new().with_ignore_lease())
+        } else {
+            lease_id.map(|id| PutOptions::new().with_lease(id))
+        };
+        let value = encode_instance(&next);
+        let mut when = vec![unchanged(etcd_key, prev)];
+        let mut or_else = vec![TxnOp::get(etcd_key, None)];
+        if let Some(at) = quota_at {
+            for range in [
+                self.inner.keys.service_range(key),
+                self.inner.keys.namespace_range(&key.namespace),
+            ] {
+                let end = range_end(&range);
+                when.push(
+                    Compare::create_revision(range.clone(), CompareOp::Less, to_etcd(at + 1))
+                        .with_range(end.clone()),
+                );
+                // The newest create in the range, for the wait before deciding again.
+                or_else.push(TxnOp::get(
+                    range,
+                    Some(
+                        GetOptions::new()
+                            .with_range(end)
+                            .with_keys_only()
+                            .with_sort(SortTarget::Create, SortOrder::Descend)
+                            .with_limit(1),
+                    ),
+                ));
+            }
+        }
+        // Safe to repeat (see `cas`): the compare is on this key's mod revision (or on its
+        // absence), which an applied attempt moved on. A refused repeat that finds exactly this
+        // value (on exactly this lease, for a put) is the earlier attempt's write: the same bytes
+        // carry this attempt's creation or check time, so no other write leaves them.
+        let txn = Txn::new()
+            .when(when)
+            .and_then([TxnOp::put(etcd_key, value.clone(), options)])
+            .or_else(or_else);
+        match self.cas(txn).await {
+            Ok(Cas::Applied(resp)) => {
+                let revision = revision_of(resp.header())?;
+                next.mod_revision = revision;
+                next.create_revision = prev.map_or(revision, |p| p.create_revision);
+                self.seen(revision).await?;
+                Ok(Attempt::Done(Written::Stored(
+                    self.stored(key, revision).unwrap_or_else(|| Arc::new(next)),
+                )))
+            }
+            Ok(Cas::Refused { resp, repeated }) => match else_kv(&resp) {
+                Some(kv)
+                    if repeated
+                        && kv.value() == value.as_slice()
+                        && (keep_lease || kv.lease() == lease_id.unwrap_or(0)) =>
+                {
+                    let revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
+                    next.mod_revision = revision;
+                    next.create_revision = u64::try_from(kv.create_revision()).unwrap_or(0);
+                    self.seen(revision).await?;
+                    Ok(Attempt::Done(Written::Stored(
+                        self.stored(key, revision).unwrap_or_else(|| Arc::new(next)),
+                    )))
+                }
+                _ => Ok(Attempt::Refused(refused_at(&resp))),
+            },
+            Err(e) if lease.is_some() && !keep_lease && failure_is_lease_not_found(&e) => {
+                Err(Error::LeaseNotFound(lease.unwrap_or_default()))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// One attempt at removing the registration made at `create_revision`.
+    async fn try_remove(
+        &self,
+        etcd_key: &[u8],
+        create_revision: Revision,
+        cause: RemovalCause,
+        write: &Write,
+    ) -> Result<Attempt> {
+        let keys = &self.inner.keys;
+        // Safe to repeat (see `cas`): an applied attempt deleted this registration, so the
+        // compare of a repeat cannot hold again, even if the instance was registered anew. The
+        // cause rides in the same transaction as a marker key (see the module docs).
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                etcd_key,
+                CompareOp::Equal,
+                to_etcd(create_revision),
+            )])
+            .and_then([
+                TxnOp::delete(etcd_key, Some(DeleteOptions::new().with_prev_key())),
+                TxnOp::put(keys.removal.as_slice(), cause_bytes(cause), None),
+            ])
+            .or_else([TxnOp::get(etcd_key, None)]);
+        match self.cas(txn).await.map_err(unavailable)? {
+            Cas::Applied(resp) => {
+                let revision = revision_of(resp.header())?;
+                let prev = resp.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
+                    _ => None,
+                });
+                self.seen(revision).await?;
+                Ok(Attempt::Done(match prev {
+                    Some(kv) => Written::Removed {
+                        prev: Arc::new(instance_from(&kv)?),
+                        revision,
+                    },
+                    None => Written::Unchanged { revision },
+                }))
+            }
+            Cas::Refused { resp, repeated } => {
+                let current = else_kv(&resp);
+                if repeated {
+                    // The registration is gone: this server's earlier attempt removed it, or
+                    // something else did meanwhile. Either way what was asked is done, unless
+                    // the instance is there again under a plain deregister: then the first
+                    // attempt may have removed it before it came back, or not, and only the
+                    // caller can tell.
+                    let plain = matches!(
+                        write,
+                        Write::Delete {
+                            condition: crate::Condition::Always,
+                            ..
+                        }
+                    );
+                    if current.is_some() && plain {
+                        return Err(Error::Unavailable(
+                            "etcd unreachable: a member failed during the deregister, and the \
+                             instance is registered again now; deregister again to be sure"
+                                .into(),
+                        ));
+                    }
+                    let revision = revision_of(resp.header())?;
+                    return Ok(Attempt::Done(Written::Unchanged { revision }));
+                }
+                Ok(Attempt::Refused(refused_at(&resp)))
+            }
+        }
+    }
+}
+
+/// One attempt's outcome: done, or refused by a change the replica must see first.
+enum Attempt {
+    Done(Written),
+    Refused(Revision),
+}
+
+/// A compare that holds when `key` is still what `prev` says.
+fn unchanged(etcd_key: &[u8], prev: Option<&Instance>) -> Compare {
+    match prev {
+        Some(p) => Compare::mod_revision(etcd_key, CompareOp::Equal, to_etcd(p.mod_revision)),
+        None => Compare::version(etcd_key, CompareOp::Equal, 0),
+    }
+}
+
+/// The end of the key range of every key starting with `prefix` (etcd's "prefix end").
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the key space.
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::range_end;
+
+    #[test]
+    fn a_range_end_covers_exactly_the_keys_with_the_prefix() {
+        assert_eq!(range_end(b"a/b\0"), b"a/b\x01".to_vec());
+        assert_eq!(range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(range_end(b"\xff\xff"), vec![0]);
+    }
+}
