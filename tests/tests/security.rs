@@ -259,7 +259,7 @@ async fn every_rpc_answers_each_kind_of_token_with_the_right_code() {
         ..Config::default()
     })
     .await;
-    // A live lease for KeepAlive to refresh.
+    // A live lease of namespace "orders" for KeepAlive to refresh.
     let lease = {
         let channel = Channel::from_shared(server.url())
             .unwrap()
@@ -272,11 +272,10 @@ async fn every_rpc_answers_each_kind_of_token_with_the_right_code() {
                 r.metadata_mut().insert("authorization", admin.clone());
                 Ok(r)
             });
+        let mut leased = instance("pay", "leased", 2);
+        leased.namespace = "orders".into();
         client
-            .register(register_request(
-                instance("pay", "leased", 2),
-                Some(Duration::from_secs(60)),
-            ))
+            .register(register_request(leased, Some(Duration::from_secs(60))))
             .await
             .unwrap()
             .into_inner()
@@ -295,16 +294,8 @@ async fn every_rpc_answers_each_kind_of_token_with_the_right_code() {
                 Some("reader-secret"),
                 if is_read { Allowed } else { Denied },
             ),
-            // KeepAlive names a lease, not a namespace: any token that may write somewhere
-            // may refresh a lease it knows the id of.
-            (
-                Some("payments-secret"),
-                if rpc == Rpc::KeepAlive {
-                    Allowed
-                } else {
-                    Denied
-                },
-            ),
+            // KeepAlive names a lease: the namespace is that of the instances it holds.
+            (Some("payments-secret"), Denied),
             (Some("admin-secret"), Allowed),
         ];
         for (token, code) in expected {
@@ -583,4 +574,120 @@ async fn an_answer_over_the_response_limit_is_resource_exhausted_and_a_narrower_
         .unwrap();
     assert!(reset.reset);
     assert_eq!(reset.events.len(), 10);
+}
+
+/// One KeepAlive request on a fresh stream of `client`: the answer, or the status the stream
+/// ended with.
+async fn keep_alive_once(
+    client: &mut Authorized,
+    lease: u64,
+) -> Result<pb::KeepAliveResponse, tonic::Status> {
+    let requests = tokio_stream::iter([pb::KeepAliveRequest { lease_id: lease }]);
+    let mut answers = client.keep_alive(requests).await?.into_inner();
+    match within("keep-alive answer", answers.message()).await? {
+        Some(answer) => Ok(answer),
+        None => Err(tonic::Status::unknown("the stream ended without an answer")),
+    }
+}
+
+#[tokio::test]
+async fn only_a_writer_of_its_namespace_may_keep_a_lease_alive() {
+    let tokens = "[[token]]\nname = \"a\"\nsecret = \"a-secret\"\nread = [\"a\"]\nwrite = [\"a\"]\n\
+                  [[token]]\nname = \"b\"\nsecret = \"b-secret\"\nread = [\"b\"]\nwrite = [\"b\"]\n";
+    let server = serve(Config {
+        auth: Some(Arc::new(Tokens::parse(tokens).unwrap())),
+        ..Config::default()
+    })
+    .await;
+    let mut a = authorized(&server, "a-secret").await;
+    let mut b = authorized(&server, "b-secret").await;
+    let mut in_a = instance("pay", "p1", 1);
+    in_a.namespace = "a".into();
+    let lease = a
+        .register(register_request(in_a, Some(Duration::from_secs(30))))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease_id;
+
+    let denied = keep_alive_once(&mut b, lease).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied.message().contains("may not write namespace \"a\""),
+        "names the verb and namespace: {denied:?}"
+    );
+    let kept = keep_alive_once(&mut a, lease).await.unwrap();
+    assert!(!kept.expired && kept.lease_id == lease, "{kept:?}");
+
+    // Nor may b attach an instance of its own namespace to a's lease.
+    let mut in_b = instance("pay", "p2", 2);
+    in_b.namespace = "b".into();
+    let joined = b
+        .register(pb::RegisterRequest {
+            lease_id: lease,
+            ..register_request(in_b, None)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(joined.code(), Code::InvalidArgument, "{joined:?}");
+    assert!(joined.message().contains("lease_id"), "{joined:?}");
+}
+
+#[tokio::test]
+async fn lease_ids_cannot_be_guessed_from_one_another() {
+    let server = serve(Config::default()).await;
+    let mut client = server.client().await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let granted = client
+            .register(register_request(
+                instance("pay", &format!("p{n}"), 1),
+                Some(Duration::from_secs(30)),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(granted.lease_id);
+    }
+    for pair in ids.windows(2) {
+        let gap = pair[0].abs_diff(pair[1]);
+        assert!(gap > 1_000_000, "consecutive lease ids {pair:?} are close");
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_keep_alive_message_is_resource_exhausted_naming_the_limit() {
+    let server = serve(Config {
+        max_request_size: 1024,
+        ..Config::default()
+    })
+    .await;
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // A message of another type, as bytes the KeepAlive decoder must read whole: 4 KiB of a field
+    // KeepAliveRequest does not know.
+    let mut big = instance("pay", "p1", 1);
+    big.metadata.insert("filler".into(), "x".repeat(4096));
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/signpost.v1.RegistryService/KeepAlive",
+    );
+    let codec = tonic_prost::ProstCodec::<pb::Instance, pb::KeepAliveResponse>::default();
+    let request = tonic::Request::new(tokio_stream::iter([big]));
+    let answer = match grpc.streaming(request, path, codec).await {
+        Ok(response) => {
+            let mut answers = response.into_inner();
+            within("an answer to the oversized message", answers.message())
+                .await
+                .map(|_| ())
+        }
+        Err(status) => Err(status),
+    };
+    let status = answer.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_request_size"), "{status:?}");
 }

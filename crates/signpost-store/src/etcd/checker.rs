@@ -36,13 +36,21 @@ impl EtcdStore {
             self.replica().check()?;
             // Safe to repeat: a grant whose answer was lost leaves a lease nothing is attached
             // to, which etcd expires after its ttl.
-            let lease = members
+            // A member failing over is no reason to stop campaigning: only a store that cannot
+            // follow etcd at all (checked above) is.
+            let lease = match members
                 .call(Repeat::Safe, self.deadline(), |client| async move {
                     client.lease_client().grant(secs, None).await
                 })
                 .await
-                .map_err(unavailable)?
-                .id();
+            {
+                Ok(granted) => granted.id(),
+                Err(e) => {
+                    tracing::debug!(error = %unavailable(e), "cannot campaign for the checker key yet");
+                    tokio::time::sleep(ttl / 3).await;
+                    continue;
+                }
+            };
             // Safe to repeat (see `cas`): the compare is on the key's absence, which an applied
             // attempt ended; a refused repeat that finds the key on this very lease is that
             // attempt's win.
@@ -58,10 +66,16 @@ impl EtcdStore {
                     Some(PutOptions::new().with_lease(lease)),
                 )])
                 .or_else([TxnOp::get(key.as_slice(), None)]);
-            let won = match self.cas(txn).await.map_err(unavailable)? {
-                Cas::Applied(_) => true,
-                Cas::Refused { resp, repeated } => {
+            let won = match self.cas(txn).await {
+                Ok(Cas::Applied(_)) => true,
+                Ok(Cas::Refused { resp, repeated }) => {
                     repeated && else_kv(&resp).is_some_and(|kv| kv.lease() == lease)
+                }
+                // Unknown whether it applied: if it did, the key sits on a lease nobody keeps
+                // alive and is free again within its ttl.
+                Err(e) => {
+                    tracing::debug!(error = %unavailable(e), "cannot campaign for the checker key yet");
+                    false
                 }
             };
             if won {
