@@ -23,7 +23,7 @@ use tower::{Layer, Service};
 pub struct Limits {
     pub max_instances_per_service: u64,
     pub max_instances_per_namespace: u64,
-    /// Live leases (not enforced on etcd, whose leases the store does not count).
+    /// Live leases (on etcd: those that hold instances, counted from the replica).
     pub max_leases: u64,
     /// Watch streams open on this server.
     pub max_watches: usize,

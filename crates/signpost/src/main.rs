@@ -159,7 +159,7 @@ struct ServeArgs {
     #[arg(long, env = "SIGNPOST_MAX_INSTANCES_PER_NAMESPACE", default_value_t = signpost_server::Limits::default().max_instances_per_namespace)]
     max_instances_per_namespace: u64,
 
-    /// At most this many live leases (not enforced with --store etcd).
+    /// At most this many live leases (with --store etcd: leases that hold instances).
     #[arg(long, env = "SIGNPOST_MAX_LEASES", default_value_t = signpost_server::Limits::default().max_leases)]
     max_leases: u64,
 

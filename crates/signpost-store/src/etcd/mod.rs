@@ -116,7 +116,7 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     }
 }
 
-/// Per namespace, the lock that creates under a quota take on this server.
+/// Per namespace, the lock that creates near a quota take on this server.
 #[derive(Debug, Default)]
 struct Creates(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
