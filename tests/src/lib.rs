@@ -22,7 +22,7 @@ use std::time::Duration;
 use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_client::RegistryServiceClient;
 use signpost_server::{Config, ServeError};
-use signpost_store::{MemoryConfig, MemoryStore};
+use signpost_store::{MemoryConfig, MemoryStore, Store};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -35,12 +35,19 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 pub type Client = RegistryServiceClient<Channel>;
 
 /// A registry served on a loopback port, stopped when dropped.
-#[derive(Debug)]
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub store: Arc<MemoryStore>,
+    pub store: Arc<dyn Store>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl std::fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TestServer {
@@ -53,12 +60,12 @@ impl TestServer {
     }
 
     /// Serves `store`; bound before this returns, so clients can connect at once.
-    pub async fn serve(store: Arc<MemoryStore>, config: Config) -> Self {
+    pub async fn serve(store: Arc<dyn Store>, config: Config) -> Self {
         Self::serve_on(SocketAddr::from(([127, 0, 0, 1], 0)), store, config).await
     }
 
     /// Serves `store` on `addr`, e.g. the address of a server that was just stopped.
-    pub async fn serve_on(addr: SocketAddr, store: Arc<MemoryStore>, config: Config) -> Self {
+    pub async fn serve_on(addr: SocketAddr, store: Arc<dyn Store>, config: Config) -> Self {
         let listener = must(TcpListener::bind(addr).await, "bind");
         let addr = must(listener.local_addr(), "local_addr");
         let (tx, rx) = oneshot::channel::<()>();
