@@ -6,6 +6,12 @@
 //! passes each change on to the topics of the services it touches; a stream follows only its
 //! service's topic.
 //!
+//! The router reads the store's feed like any subscriber, and can fall behind it (a burst of
+//! writes while it waits for a core). It then catches up from the store's history, which holds
+//! far more than the feed, passing on every change it missed; only when the history no longer
+//! holds them all does every stream start over from a reset. So one slow reader costs only its
+//! own streams, never every stream of the server.
+//!
 //! A topic exists while some stream follows it. A stream subscribes to its topic before it reads
 //! its start from the store, so that every change after the start reaches it (see
 //! [`Store::changes`]); the ones at or before the start it skips, as it did with the store's feed.
@@ -14,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use signpost_store::{Change, ChangeFeed, FeedItem, Store};
+use signpost_store::{Change, ChangeFeed, FeedItem, Store, WatchStart};
 use tokio::sync::broadcast;
 
 /// How many changes of its own service a stream may fall behind before it gets a fresh reset
@@ -36,13 +42,21 @@ pub(crate) struct Hub {
     topics: Mutex<Topics>,
     /// The revision of the last change passed on: every change up to it is in its topics.
     routed: AtomicU64,
+    /// How often the router fell behind the store's feed and caught up from its history.
+    catch_ups: AtomicU64,
 }
 
 impl Hub {
     /// A hub fed by `store`'s changes; its task ends when the store's feed closes.
-    pub(crate) fn start(store: &dyn Store) -> Arc<Hub> {
+    pub(crate) fn start(store: Arc<dyn Store>) -> Arc<Hub> {
         let hub = Arc::new(Hub::default());
-        tokio::spawn(route(store.changes(), Arc::downgrade(&hub)));
+        let feed = store.changes();
+        // Every change after this revision comes on the feed subscribed just before: the point
+        // a catch-up starts from if the router falls behind before it has routed anything.
+        if let Ok(usage) = store.usage("", "") {
+            hub.routed.store(usage.revision, Ordering::Release);
+        }
+        tokio::spawn(route(feed, store, Arc::downgrade(&hub)));
         hub
     }
 
@@ -70,9 +84,15 @@ impl Hub {
     }
 }
 
-async fn route(mut feed: ChangeFeed, hub: Weak<Hub>) {
+async fn route(mut feed: ChangeFeed, store: Arc<dyn Store>, hub: Weak<Hub>) {
     loop {
-        let item = feed.next().await;
+        let item = match feed.next().await {
+            FeedItem::Lagged => {
+                let Some(hub) = hub.upgrade() else { return };
+                catch_up(&*store, &hub).await
+            }
+            item => item,
+        };
         let Some(hub) = hub.upgrade() else { return };
         match hub.pass_on(item) {
             Routed::Closed => return,
@@ -81,6 +101,31 @@ async fn route(mut feed: ChangeFeed, hub: Weak<Hub>) {
             Routed::Filling => tokio::task::yield_now().await,
             Routed::Ok => {}
         }
+    }
+}
+
+/// After the router fell behind its feed: passes on every change since the last one routed, from
+/// the store's history. `Lagged` (every stream starts over) only when the history does not hold
+/// them all any more.
+async fn catch_up(store: &dyn Store, hub: &Hub) -> FeedItem {
+    let routed = hub.routed.load(Ordering::Acquire);
+    match store.watch("", "", Some(routed)).await {
+        Ok(WatchStart::Replay { changes, .. }) => {
+            tracing::debug!(
+                from = routed,
+                changes = changes.len(),
+                "watch router caught up from history"
+            );
+            hub.catch_ups.fetch_add(1, Ordering::Relaxed);
+            for change in changes {
+                if let Routed::Closed = hub.pass_on(FeedItem::Change(change)) {
+                    return FeedItem::Closed;
+                }
+            }
+            // Nothing more to pass on here: the feed goes on, and repeats are skipped.
+            FeedItem::Change(Arc::new(Change::new(0, Vec::new())))
+        }
+        Ok(WatchStart::Snapshot(_)) | Err(_) => FeedItem::Lagged,
     }
 }
 
@@ -97,6 +142,11 @@ impl Hub {
     fn pass_on(&self, item: FeedItem) -> Routed {
         let mut topics = self.topics();
         match item {
+            // A change already passed on (the feed repeating what a catch-up took from the
+            // history), or nothing at all.
+            FeedItem::Change(change) if change.revision <= self.routed.load(Ordering::Acquire) => {
+                Routed::Ok
+            }
             FeedItem::Change(change) => {
                 let mut routed = Routed::Ok;
                 for (namespace, service) in services(&change) {
@@ -250,8 +300,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_topic_gets_its_services_changes_only_and_goes_when_its_last_stream_does() {
-        let store = MemoryStore::new(MemoryConfig::default());
-        let hub = Hub::start(&store);
+        let store = Arc::new(MemoryStore::new(MemoryConfig::default()));
+        let hub = Hub::start(store.clone());
         let mut a = hub.subscribe("default", "a");
         let mut a2 = hub.subscribe("default", "a");
         let b = hub.subscribe("default", "b");
@@ -277,5 +327,47 @@ mod tests {
         drop(a2);
         drop(b);
         assert!(hub.topics().is_empty(), "{:?}", hub.topics());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_router_that_falls_behind_the_feed_catches_up_from_history_without_a_reset() {
+        // A feed of 4 and a history of 1,000: 200 writes made before the router gets to run
+        // overflow its feed by far.
+        let store = Arc::new(MemoryStore::new(MemoryConfig {
+            history_limit: 1_000,
+            feed_capacity: 4,
+        }));
+        let hub = Hub::start(store.clone());
+        let mut a = hub.subscribe("default", "a");
+        let mut b = hub.subscribe("default", "b");
+        let mut written = Vec::new();
+        for n in 0..200 {
+            // The memory store answers at once: the router task does not run in between.
+            let service = if n % 2 == 0 { "a" } else { "b" };
+            let put = store
+                .put(instance(service, &n.to_string()), None)
+                .await
+                .unwrap();
+            written.push((service, put.mod_revision));
+        }
+        for (topic, service) in [(&mut a, "a"), (&mut b, "b")] {
+            let want: Vec<u64> = written
+                .iter()
+                .filter(|(s, _)| *s == service)
+                .map(|(_, r)| *r)
+                .collect();
+            let mut got = Vec::new();
+            while got.len() < want.len() {
+                match next(topic).await {
+                    FeedItem::Change(change) => got.push(change.revision),
+                    other => panic!("{service}: expected a change, got {other:?}"),
+                }
+            }
+            assert_eq!(got, want, "{service}: every change, in order, none twice");
+        }
+        assert!(
+            hub.catch_ups.load(Ordering::Relaxed) >= 1,
+            "the router fell behind"
+        );
     }
 }

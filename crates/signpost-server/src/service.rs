@@ -333,7 +333,7 @@ impl Registry {
         };
         let topic = self
             .hub
-            .get_or_init(|| Hub::start(&*self.store))
+            .get_or_init(|| Hub::start(self.store.clone()))
             .subscribe(&task.filter.namespace, &task.filter.service);
         // The task owns the sending half: it ends when the client goes away (the receiver is
         // dropped), on shutdown, or when the store fails.
