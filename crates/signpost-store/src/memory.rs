@@ -53,9 +53,9 @@ impl MemoryStore {
     /// A new, empty store whose first change takes revision `start + 1`.
     pub fn starting_at(config: MemoryConfig, start: Revision) -> Self {
         let (feed, _) = broadcast::channel(config.feed_capacity.max(1));
-        // Lease ids start from the same number, for the same reason as revisions: a client
-        // refreshing a lease from a previous run must be told it expired, not refresh another.
-        let state = State::new(start, start, config.history_limit);
+        // A client refreshing a lease from a previous run must be told it expired, not refresh
+        // another: lease ids carry 32 bits of a keyed hash that differs from run to run.
+        let state = State::new(start, 1, config.history_limit);
         MemoryStore {
             engine: Engine::start(state, feed, None),
         }
