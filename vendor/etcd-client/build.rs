@@ -1,6 +1,6 @@
-// Signpost's copy of etcd-client differs from the published crate in this file alone: the protos
-// are compiled with protox (pure Rust) instead of a system `protoc`, so that building Signpost
-// needs nothing but a Rust toolchain.
+// Signpost's copy of etcd-client (see PATCHES.md): here, the protos are compiled with protox
+// (pure Rust) instead of a system `protoc`, so that building Signpost needs nothing but a Rust
+// toolchain.
 
 #[cfg(feature = "build-server")]
 fn should_build_server() -> bool {

@@ -9,8 +9,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::members::{Members, Repeat};
+use super::refresh::Refresher;
 use super::write::{Cas, else_kv};
-use super::{EtcdStore, failure_is_lease_not_found, unavailable};
+use super::{EtcdStore, unavailable};
 use crate::Result;
 
 impl EtcdStore {
@@ -80,7 +81,13 @@ impl EtcdStore {
             };
             if won {
                 let (held_tx, held) = watch::channel(true);
-                tokio::spawn(hold(members.clone(), ttl, held_tx, lease));
+                tokio::spawn(hold(
+                    members.clone(),
+                    self.inner.refresher.clone(),
+                    ttl,
+                    held_tx,
+                    lease,
+                ));
                 tracing::info!("this server runs the health checks");
                 return Ok(held);
             }
@@ -103,7 +110,13 @@ impl EtcdStore {
 /// one was sent: etcd's deadline runs from no earlier than that, so this server stops before
 /// another can win. A leader election alone does not lose it: etcd's new leader extends every
 /// lease.
-async fn hold(members: Arc<Members>, ttl: Duration, held: watch::Sender<bool>, lease: i64) {
+async fn hold(
+    members: Arc<Members>,
+    refresher: Arc<Refresher>,
+    ttl: Duration,
+    held: watch::Sender<bool>,
+    lease: i64,
+) {
     let mut refreshed_at = Instant::now();
     loop {
         tokio::select! {
@@ -114,15 +127,15 @@ async fn hold(members: Arc<Members>, ttl: Duration, held: watch::Sender<bool>, l
         let give_up = refreshed_at + ttl * 5 / 6;
         // Safe to repeat: a refresh applied twice is one refresh.
         let refreshed = members
-            .call(
+            .call_on(
                 Repeat::Safe,
                 (sent + ttl / 3).min(give_up),
-                |client| async move { client.lease_client().keep_alive(lease).await },
+                |member, client| refresher.refresh(member, client, lease),
             )
             .await;
         match refreshed {
-            Ok(_) => refreshed_at = sent,
-            Err(e) if failure_is_lease_not_found(&e) => {
+            Ok(Some(_)) => refreshed_at = sent,
+            Ok(None) => {
                 tracing::warn!(
                     "lost the checker key (its lease expired): health checks move to another server"
                 );

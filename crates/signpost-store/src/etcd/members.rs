@@ -76,11 +76,9 @@ fn classify(error: &etcd_client::Error) -> Attempt {
         etcd_client::Error::GRpcStatus(status) => classify_status(status),
         // Only raised while a connection is being made.
         etcd_client::Error::TransportError(e) => Attempt::NotSent(e.to_string()),
-        // The keep-alive stream ended before its first answer, or its sender was gone.
-        etcd_client::Error::WatchError(reason) => Attempt::Unknown(reason.clone()),
-        etcd_client::Error::LeaseKeepAliveError(reason) if !reason.contains("lease not found") => {
-            Attempt::Unknown(reason.clone())
-        }
+        // A stream (a watch, a keep-alive) ended or failed with requests on it.
+        etcd_client::Error::WatchError(reason)
+        | etcd_client::Error::LeaseKeepAliveError(reason) => Attempt::Unknown(reason.clone()),
         _ => Attempt::Answered,
     }
 }
@@ -352,6 +350,22 @@ impl Members {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.call_on(repeat, deadline, |_, client| request(client))
+            .await
+    }
+
+    /// [`call`](Members::call), for a request that needs to know which member it goes to (one
+    /// that uses a stream of that member's).
+    pub(super) async fn call_on<T, F, Fut>(
+        &self,
+        repeat: Repeat,
+        deadline: Instant,
+        mut request: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnMut(usize, Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let mut pause = Duration::from_millis(25);
         loop {
             for i in self.order() {
@@ -364,7 +378,7 @@ impl Members {
                 // `seen`: when the failure began. The absence of an answer began when the
                 // request was sent.
                 let (attempt, seen) =
-                    match tokio::time::timeout_at(limit, request(member.client.clone())).await {
+                    match tokio::time::timeout_at(limit, request(i, member.client.clone())).await {
                         Ok(Ok(answer)) => {
                             self.worked(i);
                             return Ok(answer);

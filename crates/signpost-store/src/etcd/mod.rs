@@ -35,6 +35,7 @@ mod checker;
 mod follow;
 mod keys;
 mod members;
+mod refresh;
 mod replica;
 mod write;
 
@@ -105,15 +106,10 @@ fn failure_is_lease_not_found(failure: &Failure) -> bool {
     matches!(failure, Failure::Answered(e) if is_lease_not_found(e))
 }
 
-/// Whether etcd said the lease does not exist: its gRPC code, as etcd's `ErrGRPCLeaseNotFound`
-/// answers it, or a refresh answered with no ttl left.
+/// Whether etcd said the lease does not exist: the gRPC code etcd's `ErrGRPCLeaseNotFound`
+/// answers with. (A refresh learns it from the ttl of 0 its answer carries instead.)
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
-        // etcd-client's own refresh says so when etcd answers a ttl of 0 (its only such error).
-        etcd_client::Error::LeaseKeepAliveError(_) => true,
-        _ => false,
-    }
+    matches!(e, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound)
 }
 
 /// Per namespace, the lock that creates near a quota take on this server.
@@ -142,8 +138,8 @@ struct Inner {
     config: EtcdConfig,
     replica: Arc<Replica>,
     follower: JoinHandle<()>,
-    /// Granted ttls, so that a refresh can answer one without asking etcd again.
-    ttls: Mutex<HashMap<LeaseId, Duration>>,
+    /// The lease keep-alive streams, one per member, that every refresh shares.
+    refresher: Arc<refresh::Refresher>,
     /// While this server holds the checker key: true until it loses it.
     checker: tokio::sync::Mutex<Option<watch::Receiver<bool>>>,
     creates: Creates,
@@ -205,7 +201,7 @@ impl EtcdStore {
                 keys,
                 replica,
                 follower,
-                ttls: Mutex::new(HashMap::new()),
+                refresher: Arc::default(),
                 checker: tokio::sync::Mutex::new(None),
                 creates: Creates::default(),
                 config,
@@ -245,28 +241,6 @@ impl EtcdStore {
 
     fn replica(&self) -> &Replica {
         &self.inner.replica
-    }
-
-    fn remember_ttl(&self, id: LeaseId, ttl: Duration) {
-        let mut ttls = self
-            .inner
-            .ttls
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // A cache, not a registry of leases: dropping it costs one lookup per lease.
-        if ttls.len() >= 100_000 {
-            ttls.clear();
-        }
-        ttls.insert(id, ttl);
-    }
-
-    fn known_ttl(&self, id: LeaseId) -> Option<Duration> {
-        self.inner
-            .ttls
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&id)
-            .copied()
     }
 }
 
@@ -371,7 +345,6 @@ impl EtcdStore {
             .map_err(|_| Error::Unavailable(format!("etcd granted lease {}", resp.id())))?;
         // etcd may raise a ttl below its minimum; the granted one is what clients must follow.
         let ttl = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(secs));
-        self.remember_ttl(id, ttl);
         Ok(Lease { id, ttl })
     }
 
@@ -380,37 +353,23 @@ impl EtcdStore {
         let Ok(id) = i64::try_from(lease) else {
             return Ok(None);
         };
-        let members = &self.inner.members;
-        // Safe to repeat: two refreshes in a row are one refresh.
-        let refreshed = members
-            .call(Repeat::Safe, self.deadline(), |client| async move {
-                client.lease_client().keep_alive(id).await
-            })
-            .await;
-        match refreshed {
-            Ok(_) => {}
-            Err(e) if failure_is_lease_not_found(&e) => return Ok(None),
-            Err(e) => return Err(unavailable(e)),
-        }
-        if let Some(ttl) = self.known_ttl(lease) {
-            return Ok(Some(Lease { id: lease, ttl }));
-        }
-        // Granted through another server: ask etcd once (a read).
-        let resp = members
-            .call(Repeat::Safe, self.deadline(), |client| async move {
-                client.lease_client().time_to_live(id, None).await
+        let refresher = &self.inner.refresher;
+        // Safe to repeat: two refreshes in a row are one refresh. Each goes on the member's one
+        // shared keep-alive stream, and its answer carries the lease's granted ttl.
+        let refreshed = self
+            .inner
+            .members
+            .call_on(Repeat::Safe, self.deadline(), |member, client| {
+                refresher.refresh(member, client, id)
             })
             .await
             .map_err(unavailable)?;
-        let Ok(granted) = u64::try_from(resp.granted_ttl()) else {
-            return Ok(None);
-        };
-        if resp.ttl() <= 0 {
-            return Ok(None);
-        }
-        let ttl = Duration::from_secs(granted);
-        self.remember_ttl(lease, ttl);
-        Ok(Some(Lease { id: lease, ttl }))
+        Ok(refreshed
+            .and_then(|ttl| u64::try_from(ttl).ok())
+            .map(|secs| Lease {
+                id: lease,
+                ttl: Duration::from_secs(secs),
+            }))
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<bool> {
@@ -437,14 +396,7 @@ impl EtcdStore {
             other => other.map(|_| ()),
         };
         match revoked {
-            Ok(()) => {
-                self.inner
-                    .ttls
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .remove(&lease);
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
             Err(e) if failure_is_lease_not_found(&e) => Ok(false),
             Err(e) => Err(unavailable(e)),
         }

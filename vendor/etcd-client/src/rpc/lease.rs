@@ -129,6 +129,42 @@ impl LeaseClient {
         ))
     }
 
+    /// Opens a keep-alive stream whose first request refreshes lease `id`, to refresh many
+    /// leases on one stream: further requests go with [`LeaseKeeper::keep_alive_id`], and every
+    /// answer, the first one included, comes on the stream with its lease's id (a ttl of 0 or
+    /// less: the lease was not found).
+    #[inline]
+    pub async fn keep_alive_many(&mut self, id: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
+        async fn keep_alive_many_impl(
+            client: &mut Client,
+            options: PbLeaseKeepAliveRequest,
+        ) -> Result<(
+            Sender<PbLeaseKeepAliveRequest>,
+            Streaming<PbLeaseKeepAliveResponse>,
+        )> {
+            let (sender, receiver) = channel::<PbLeaseKeepAliveRequest>(100);
+            sender
+                .send(options)
+                .await
+                .map_err(|e| Error::LeaseKeepAliveError(e.to_string()))?;
+            let receiver = ReceiverStream::new(receiver);
+            let resp = client.lease_keep_alive(receiver).await?.into_inner();
+            Ok((sender, resp))
+        }
+
+        let (sender, stream) = self
+            .inner
+            .do_call(
+                LeaseKeepAliveOptions::new().with_id(id).into(),
+                keep_alive_many_impl,
+            )
+            .await?;
+        Ok((
+            LeaseKeeper::new(id, sender),
+            LeaseKeepAliveStream::new(stream),
+        ))
+    }
+
     /// Retrieves lease information.
     #[inline]
     pub async fn time_to_live(
@@ -560,6 +596,16 @@ impl LeaseKeeper {
     pub async fn keep_alive(&mut self) -> Result<()> {
         self.sender
             .send(LeaseKeepAliveOptions::new().with_id(self.id).into())
+            .await
+            .map_err(|e| Error::LeaseKeepAliveError(e.to_string()))
+    }
+
+    /// Sends a keep alive request for lease `id` on this keeper's stream (see
+    /// [`LeaseClient::keep_alive_many`]).
+    #[inline]
+    pub async fn keep_alive_id(&mut self, id: i64) -> Result<()> {
+        self.sender
+            .send(LeaseKeepAliveOptions::new().with_id(id).into())
             .await
             .map_err(|e| Error::LeaseKeepAliveError(e.to_string()))
     }

@@ -1,0 +1,163 @@
+//! Lease refreshes over one long-lived etcd LeaseKeepAlive stream per member, shared by every
+//! refresh this server makes, instead of a stream opened (and its first answer awaited) for each.
+//!
+//! Each member's stream has a task that owns it: refreshes are handed to it on a channel, sent
+//! on the stream, and answered from it by lease id, in order for each id (etcd answers a
+//! stream's requests in order). A stream that fails fails the refreshes waiting on it, which
+//! [`Members::call`](super::members::Members::call) then sends to another member (a refresh is
+//! safe to repeat); the next refresh for that member opens a new stream. The tasks belong to
+//! the [`Refresher`] and end with it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// The refreshes one member's stream may have waiting for an answer; past that the stream is
+/// taken for stuck, and fails them.
+const MAX_WAITING: usize = 4_096;
+
+/// A refresh's answer: the lease's ttl in seconds (`None`: etcd knows no such lease), or why the
+/// stream it went on failed.
+type Answer = Result<Option<i64>, String>;
+
+#[derive(Debug, Default)]
+pub(super) struct Refresher {
+    streams: Mutex<HashMap<usize, Stream>>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    requests: mpsc::Sender<(i64, oneshot::Sender<Answer>)>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        let streams = self.streams.get_mut().unwrap_or_else(|p| p.into_inner());
+        for stream in streams.values() {
+            stream.task.abort();
+        }
+    }
+}
+
+impl Refresher {
+    /// Refreshes lease `id` on member `member`'s stream (through `client`, when a stream must be
+    /// opened): its ttl in seconds, or `None` when etcd knows no such lease.
+    pub(super) async fn refresh(
+        &self,
+        member: usize,
+        client: Client,
+        id: i64,
+    ) -> Result<Option<i64>, etcd_client::Error> {
+        let (reply, answer) = oneshot::channel();
+        let sent = {
+            let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            streams
+                .get(&member)
+                .map(|stream| stream.requests.try_send((id, reply)))
+        };
+        let answer = match sent {
+            Some(Ok(())) => answer,
+            // No stream yet, or its task ended (the stream failed), or it is full: a new one,
+            // whose first request is this refresh.
+            Some(Err(refused)) => {
+                let (_, reply) = refused.into_inner();
+                self.open(member, client, id, reply).await?;
+                answer
+            }
+            None => {
+                let (reply, answer) = oneshot::channel();
+                self.open(member, client, id, reply).await?;
+                answer
+            }
+        };
+        match answer.await {
+            Ok(Ok(ttl)) => Ok(ttl),
+            Ok(Err(reason)) => Err(etcd_client::Error::WatchError(reason)),
+            Err(_) => Err(etcd_client::Error::WatchError(
+                "the lease keep-alive stream ended".into(),
+            )),
+        }
+    }
+
+    async fn open(
+        &self,
+        member: usize,
+        client: Client,
+        id: i64,
+        reply: oneshot::Sender<Answer>,
+    ) -> Result<(), etcd_client::Error> {
+        let (keeper, responses) = client.lease_client().keep_alive_many(id).await?;
+        let (requests, inbox) = mpsc::channel(MAX_WAITING);
+        let mut waiting: HashMap<i64, VecDeque<oneshot::Sender<Answer>>> = HashMap::new();
+        waiting.entry(id).or_default().push_back(reply);
+        let task = tokio::spawn(serve(keeper, responses, inbox, waiting));
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = streams.insert(member, Stream { requests, task }) {
+            // Two refreshes opened one at once; the other's stream serves what it was sent.
+            drop(old.requests);
+        }
+        Ok(())
+    }
+}
+
+/// Sends each refresh handed over on the stream and answers it from the stream, until either
+/// fails; then fails every refresh still waiting.
+async fn serve(
+    mut keeper: LeaseKeeper,
+    mut responses: LeaseKeepAliveStream,
+    mut inbox: mpsc::Receiver<(i64, oneshot::Sender<Answer>)>,
+    mut waiting: HashMap<i64, VecDeque<oneshot::Sender<Answer>>>,
+) {
+    let mut count: usize = waiting.values().map(VecDeque::len).sum();
+    let mut replaced = false;
+    let reason = loop {
+        tokio::select! {
+            request = inbox.recv(), if !replaced => {
+                let Some((id, reply)) = request else {
+                    // Replaced by a newer stream: answer what is still on its way, then end.
+                    if count == 0 {
+                        return;
+                    }
+                    replaced = true;
+                    continue;
+                };
+                if count >= MAX_WAITING {
+                    let _ = reply.send(Err("the lease keep-alive stream is not answering".into()));
+                    break "the lease keep-alive stream is not answering".to_owned();
+                }
+                if let Err(e) = keeper.keep_alive_id(id).await {
+                    let _ = reply.send(Err(e.to_string()));
+                    break e.to_string();
+                }
+                waiting.entry(id).or_default().push_back(reply);
+                count += 1;
+            }
+            response = responses.message() => match response {
+                Ok(Some(answer)) => {
+                    let id = answer.id();
+                    let reply = waiting.get_mut(&id).and_then(VecDeque::pop_front);
+                    if waiting.get(&id).is_some_and(VecDeque::is_empty) {
+                        waiting.remove(&id);
+                    }
+                    if let Some(reply) = reply {
+                        count -= 1;
+                        let ttl = answer.ttl();
+                        let _ = reply.send(Ok((ttl > 0).then_some(ttl)));
+                    }
+                    if count == 0 && replaced {
+                        return;
+                    }
+                }
+                Ok(None) => break "etcd ended the lease keep-alive stream".to_owned(),
+                Err(e) => break e.to_string(),
+            },
+        }
+    };
+    for reply in waiting.into_values().flatten() {
+        let _ = reply.send(Err(reason.clone()));
+    }
+}
