@@ -151,6 +151,14 @@ impl ServerProcess {
         }
     }
 
+    /// Sends SIGHUP (what `systemctl reload` sends); the process goes on.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -HUP failed");
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(mut self) -> ExitStatus {
         let status = Command::new("kill")

@@ -11,7 +11,8 @@
 //! Security sits in front of every handler: [`auth`] checks access tokens (the token file is
 //! TOML, read with [toml](https://docs.rs/toml); tokens are kept as SHA-256 hashes, computed with
 //! RustCrypto's [sha2](https://docs.rs/sha2)), [`Limits`] are checked where the request is
-//! understood, TLS is tonic's own (rustls), and `limits` turns tonic's answer to an oversized
+//! understood, TLS is rustls through tokio-rustls (`tls`, so that certificates can be replaced
+//! while serving), and `limits` turns tonic's answer to an oversized
 //! request into the `RESOURCE_EXHAUSTED` every other limit answers.
 //!
 //! ```no_run
@@ -43,6 +44,7 @@ mod probe;
 mod route;
 pub mod selector;
 mod service;
+mod tls;
 mod validate;
 mod watch;
 
@@ -53,7 +55,6 @@ use std::time::Duration;
 use signpost_store::Store;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 pub use auth::Tokens;
@@ -89,6 +90,9 @@ pub struct Config {
     pub limits: Limits,
     /// TLS, and with a client CA, mutual TLS. `None` serves plaintext.
     pub tls: Option<Tls>,
+    /// New TLS material to switch to while serving (renewed certificates, a new client CA):
+    /// connections made after each value arrives use it, open ones go on. With `tls` only.
+    pub tls_updates: Option<tokio::sync::watch::Receiver<Tls>>,
     /// Serve `grpc.reflection` (for grpcurl); off hides the API's shape from strangers.
     pub reflection: bool,
     /// The longest a unary call may run (the client's `grpc-timeout` can only shorten it).
@@ -126,6 +130,7 @@ impl Default for Config {
             strict_ownership: false,
             limits: Limits::default(),
             tls: None,
+            tls_updates: None,
             reflection: true,
             request_timeout: Duration::from_secs(30),
         }
@@ -139,6 +144,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot serve TLS: {0}")]
+    Tls(String),
 }
 
 /// Serves the registry, health and reflection on `listener` until `shutdown` completes.
@@ -152,6 +159,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let max_request = config.max_request_size;
+    let tls_updates = config.tls_updates.clone();
     let (tls, with_reflection, request_timeout) = (
         config.tls.clone(),
         config.reflection,
@@ -209,20 +217,7 @@ pub async fn serve(
         stop_streams.cancel();
     };
 
-    // Settings on the builder such as tcp_nodelay only apply to listeners it binds itself, so the
-    // incoming connections are configured here. Without TCP_NODELAY, answers to requests larger
-    // than a segment wait ~40 ms on delayed ACKs.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        let mut config =
-            ServerTlsConfig::new().identity(Identity::from_pem(tls.cert_pem, tls.key_pem));
-        if let Some(ca) = tls.client_ca_pem {
-            config = config.client_ca_root(Certificate::from_pem(ca));
-        }
-        server = server.tls_config(config)?;
-    }
-    server
+    let router = tonic::transport::Server::builder()
         // Bounds unary calls; streams are bounded by their clients and by shutdown.
         .timeout(request_timeout)
         .layer(limits::RequestSizeLayer { limit: max_request })
@@ -236,9 +231,28 @@ pub async fn serve(
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
-        .add_service(registry)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .add_service(registry);
+    match tls {
+        None => {
+            // Settings on the builder such as tcp_nodelay only apply to listeners it binds
+            // itself, so the incoming connections are configured here. Without TCP_NODELAY,
+            // answers to requests larger than a segment wait ~40 ms on delayed ACKs.
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+        Some(tls) => {
+            let (current, config) =
+                tokio::sync::watch::channel(tls::server_config(&tls).map_err(ServeError::Tls)?);
+            if let Some(updates) = tls_updates {
+                tokio::spawn(tls::follow(updates, current, streams.clone()));
+            }
+            router
+                .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
+                .await?;
+        }
+    }
     streams.cancel();
     if let Some(checker) = checker {
         let _ = checker.await;

@@ -385,27 +385,119 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The TLS files of `serve`, read at start and again on SIGHUP or when one of them changes.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn read(&self) -> anyhow::Result<signpost_server::Tls> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path)
+                .with_context(|| format!("cannot read the {what} {}", path.display()))
+        };
+        Ok(signpost_server::Tls {
+            cert_pem: read(&self.cert, "TLS certificate")?,
+            key_pem: read(&self.key, "TLS key")?,
+            client_ca_pem: self
+                .client_ca
+                .as_ref()
+                .map(|ca| read(ca, "client CA"))
+                .transpose()?,
+        })
+    }
+
+    /// When the files were last changed, to notice a renewal without being told.
+    fn modified(&self) -> Vec<Option<std::time::SystemTime>> {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
+    /// The files' contents as they change: re-read on SIGHUP (as systemd's `ExecReload` sends
+    /// it) and when their modification times change (a certificate renewed in place). Files that
+    /// cannot be read, half-written ones included, keep the certificates being served; the
+    /// server refuses material it cannot use.
+    fn follow(
+        &self,
+        first: signpost_server::Tls,
+    ) -> tokio::sync::watch::Receiver<signpost_server::Tls> {
+        let (tx, rx) = tokio::sync::watch::channel(first);
+        let files = self.clone();
+        tokio::spawn(async move {
+            let mut hangup = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::hangup(),
+            ) {
+                Ok(signal) => Some(signal),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP: TLS files are re-read when they change only");
+                    None
+                }
+            };
+            let mut poll = tokio::time::interval(Duration::from_secs(2));
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seen = files.modified();
+            loop {
+                let hup = async {
+                    match hangup.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = hup => tracing::info!("SIGHUP: re-reading the TLS files"),
+                    _ = poll.tick() => {
+                        let now = files.modified();
+                        if now == seen {
+                            continue;
+                        }
+                        seen = now;
+                    }
+                }
+                match files.read() {
+                    Ok(tls) => {
+                        tx.send_if_modified(|current| {
+                            let changed = current.cert_pem != tls.cert_pem
+                                || current.key_pem != tls.key_pem
+                                || current.client_ca_pem != tls.client_ca_pem;
+                            if changed {
+                                *current = tls;
+                            }
+                            changed
+                        });
+                    }
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "cannot re-read the TLS files; still serving the certificates before"
+                    ),
+                }
+            }
+        });
+        rx
+    }
+}
+
 async fn run_server<S: Store>(
     store: Arc<S>,
     listener: TcpListener,
     args: &ServeArgs,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(signpost_server::metrics::Metrics::new());
-    let read = |path: &PathBuf, what: &str| {
-        std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
-    };
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(signpost_server::Tls {
-            cert_pem: read(cert, "TLS certificate")?,
-            key_pem: read(key, "TLS key")?,
-            client_ca_pem: args
-                .tls_client_ca
-                .as_ref()
-                .map(|ca| read(ca, "client CA"))
-                .transpose()?,
+    let tls_files = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
         }),
         _ => None,
     };
+    let tls = tls_files.as_ref().map(TlsFiles::read).transpose()?;
     let auth = match &args.auth_tokens {
         Some(path) => {
             let tokens = signpost_server::auth::Tokens::load(path)?;
@@ -428,10 +520,15 @@ async fn run_server<S: Store>(
         reflection = !args.no_reflection,
         "security settings"
     );
+    let tls_updates = match (&tls_files, &tls) {
+        (Some(files), Some(first)) => Some(files.follow(first.clone())),
+        _ => None,
+    };
     let config = signpost_server::Config {
         watch_progress_interval: args.watch_progress_interval,
         metrics: Some(metrics.clone()),
         tls,
+        tls_updates,
         auth,
         strict_ownership: args.strict_ownership,
         reflection: !args.no_reflection,

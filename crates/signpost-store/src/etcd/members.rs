@@ -482,12 +482,14 @@ mod tests {
             )),
             Attempt::Answered
         );
-        assert_eq!(
+        // A keep-alive stream that failed with refreshes on it: they may or may not have been
+        // applied (a lease etcd does not know is an answer with a ttl of 0, not an error).
+        assert!(matches!(
             classify(&etcd_client::Error::LeaseKeepAliveError(
-                "lease not found".into()
+                "channel closed".into()
             )),
-            Attempt::Answered
-        );
+            Attempt::Unknown(_)
+        ));
     }
 
     #[tokio::test]

@@ -275,7 +275,9 @@ impl EtcdStore {
             };
             match attempt {
                 Attempt::Done(written) => return Ok(written),
-                Attempt::Refused(revision) => self.seen(revision).await?,
+                // What refused it is at least one change past what the decision read (a delete
+                // leaves no key for the `or_else` reads to date): wait for the replica to get there.
+                Attempt::Refused(revision) => self.seen(revision.max(at + 1)).await?,
             }
         }
         Err(Error::Unavailable(format!(
