@@ -16,8 +16,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::backoff::Backoff;
 use crate::{Error, Result};
+use signpost_backoff::Backoff;
 
 /// How long a watch may hear nothing before it is reopened. The registry sends an idle stream a
 /// progress message at least every 5 s (its default `watch_progress_interval`), so three missed

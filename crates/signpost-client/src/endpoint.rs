@@ -24,10 +24,10 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::outlier::Outlier;
 use crate::tls::Tls;
 use crate::types::{Health, Instance};
+use signpost_backoff::Backoff;
 
 /// The request body of every call a generated client makes.
 pub(crate) type Body = tonic::body::Body;

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::backoff::Backoff;
 use crate::connections::Connections;
+use signpost_backoff::Backoff;
 
 /// Requests waiting to go out on the stream. A fresh stream sends one for every lease at once;
 /// past this many, the rest wait for room rather than being dropped.

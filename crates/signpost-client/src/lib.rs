@@ -22,7 +22,7 @@
 //! `http-body`, `bytes`, `tower-service`: the crates tonic is built on), so that the balancer
 //! sees each connection end and gets back a request that was never written; `tokio-rustls`
 //! (tonic's own TLS) speaks TLS to instances that want it (`tls`); `fastrand` draws the weighted
-//! picks and the backoff jitter.
+//! picks; `signpost-backoff` is the retry schedule every reconnect loop waits by.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -56,7 +56,6 @@
 //! # }
 //! ```
 
-mod backoff;
 mod balance;
 mod channel;
 mod client;
@@ -73,7 +72,6 @@ mod tls;
 mod types;
 mod watcher;
 
-pub use backoff::Backoff;
 pub use balance::{BalancedChannel, BalancedChannelBuilder};
 pub use channel::{ChannelStats, EndpointStats, ResponseBody};
 pub use client::{Client, ClientBuilder};
@@ -83,6 +81,7 @@ pub use filter::Filter;
 pub use outlier::OutlierDetection;
 pub use registration::{Registration, RegistrationBuilder, RegistrationState};
 pub use signal::{Signal, shutdown_signal};
+pub use signpost_backoff::Backoff;
 pub use tls::InstanceTls;
 pub use types::{Event, Health, HealthCheck, Instance, Probe, RemovalReason, WatchUpdate};
 pub use watcher::{WatchCounts, WatchStats};

@@ -13,10 +13,10 @@ use signpost_proto::v1 as pb;
 use tokio::time::Instant;
 use tonic::Streaming;
 
-use crate::backoff::Backoff;
 use crate::connections::Connections;
 use crate::types::{Event, Instance, WatchUpdate, update_from_pb};
 use crate::{Error, Filter, Result};
+use signpost_backoff::Backoff;
 
 /// A watch's view: what matched the filter at `revision`.
 #[derive(Debug, Clone, Default)]

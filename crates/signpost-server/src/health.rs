@@ -12,7 +12,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -86,13 +85,6 @@ pub(crate) struct Checks {
     next_generation: u64,
 }
 
-/// A random fraction in [0, 1) for jitter, seeded by the OS per call.
-fn jitter() -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u8(0);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 impl Checks {
     pub(crate) fn len(&self) -> usize {
         self.tracked.len()
@@ -118,7 +110,7 @@ impl Checks {
         }
         self.next_generation += 1;
         let generation = self.next_generation;
-        let first = now + check.interval.mul_f64(jitter());
+        let first = now + check.interval.mul_f64(signpost_backoff::jitter());
         self.tracked.insert(
             key.clone(),
             Tracked {
@@ -269,7 +261,8 @@ pub(crate) async fn run(store: Arc<dyn Store>, config: HealthConfig, shutdown: C
     let permits = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let (results_tx, mut results) = mpsc::unbounded_channel::<Outcome>();
     let mut checks = Checks::default();
-    let mut retry = Duration::from_millis(100);
+    let mut retry =
+        signpost_backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     // Said once when the store fails and once when it is back, not on every retry.
     let mut failing = false;
     'subscribe: loop {
@@ -286,9 +279,8 @@ pub(crate) async fn run(store: Arc<dyn Store>, config: HealthConfig, shutdown: C
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(retry) => {}
+                        _ = tokio::time::sleep(retry.next_delay()) => {}
                     }
-                    retry = (retry * 2).min(Duration::from_secs(5));
                     continue 'subscribe;
                 }
             },
@@ -297,7 +289,7 @@ pub(crate) async fn run(store: Arc<dyn Store>, config: HealthConfig, shutdown: C
             tracing::info!("health checks reading the store again");
             failing = false;
         }
-        retry = Duration::from_millis(100);
+        retry.reset();
         checks.reconcile(&snapshot.instances, Instant::now());
         tracing::debug!(checks = checks.len(), "health checks following the store");
         let mut seen = snapshot.revision;

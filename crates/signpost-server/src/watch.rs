@@ -142,7 +142,7 @@ impl WatchTask {
         tracing::debug!(service = %f.service, namespace = %f.namespace, revision, "watch started");
 
         let mut ticker = tokio::time::interval_at(
-            Instant::now() + jittered(self.progress_interval),
+            Instant::now() + signpost_backoff::spread(self.progress_interval),
             self.progress_interval,
         );
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -181,7 +181,7 @@ impl WatchTask {
             if let Err(stop) = self.send(message).await {
                 return Ok(stop);
             }
-            ticker.reset_after(jittered(self.progress_interval));
+            ticker.reset_after(signpost_backoff::spread(self.progress_interval));
         }
     }
 
@@ -324,17 +324,3 @@ fn view_to_wire(view: View<'_>, revision: Revision) -> Event {
 
 /// A framed message and the number of events in it.
 type Message = (Bytes, usize);
-
-/// `interval` shortened by up to a quarter, differently for each call. Streams opened or sent a
-/// change together would otherwise all fall idle together and send their progress messages in
-/// one burst, every interval: 10,000 of them held up other calls for tens of milliseconds.
-fn jittered(interval: Duration) -> Duration {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    // Successive calls walk the golden-ratio sequence: evenly spread, no two alike.
-    let step = NEXT
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let fraction = (step >> 54) as u32; // 0..1024
-    interval - interval / 4 * fraction / 1024
-}

@@ -772,6 +772,10 @@ where
         (4, 1, 1)
     );
     assert_eq!(store.usage("none", "none").unwrap().namespace_instances, 0);
+    // A backend that can be cut off from its data says how it is: serving, now.
+    if let Some(serving) = store.serving() {
+        assert_eq!(*serving.borrow(), Ok(()));
+    }
 }
 
 pub async fn a_lease_holds_one_namespace<S: Store, G, F, Fut>(make: F)

@@ -81,6 +81,9 @@ impl EtcdStore {
             };
             if won {
                 let (held_tx, held) = watch::channel(true);
+                // Not aborted with the store: when the store goes, its receiver of `held` goes,
+                // and the task revokes the key's lease on its way out, so that another server
+                // takes the checks over at once rather than after the lease's ttl.
                 tokio::spawn(hold(
                     members.clone(),
                     self.inner.refresher.clone(),

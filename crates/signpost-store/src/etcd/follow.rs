@@ -24,6 +24,8 @@ pub(super) async fn follow(
 ) {
     let mut loaded = false;
     let mut strikes = 0u32;
+    let mut backoff =
+        signpost_backoff::Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
     // Since when the replica has not been able to follow etcd.
     let mut failing_since = None;
     loop {
@@ -80,12 +82,13 @@ pub(super) async fn follow(
                     )));
                 }
                 drop(shared);
-                let pause = if strikes == 1 && member_failed {
-                    Duration::ZERO
-                } else {
-                    Duration::from_millis(50) * 2u32.pow(strikes.min(4))
-                };
-                tokio::time::sleep(pause.min(Duration::from_millis(500))).await;
+                if synced {
+                    backoff.reset();
+                }
+                // The first failure of a member that failed moves to the next member at once.
+                if !(strikes == 1 && member_failed) {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
             }
         }
     }

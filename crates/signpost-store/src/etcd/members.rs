@@ -366,7 +366,8 @@ impl Members {
         F: FnMut(usize, Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let mut pause = Duration::from_millis(25);
+        let mut pause =
+            signpost_backoff::Backoff::new(Duration::from_millis(25), Duration::from_millis(400));
         loop {
             for i in self.order() {
                 let now = Instant::now();
@@ -406,11 +407,11 @@ impl Members {
                     Attempt::Answered => {}
                 }
             }
-            if Instant::now() + pause >= deadline {
+            let wait = pause.next_delay();
+            if Instant::now() + wait >= deadline {
                 return Err(Failure::Unreachable(self.describe()));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(400));
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -418,16 +419,16 @@ impl Members {
 /// Probes a member while it is down, and marks it up when it answers. Runs until the member
 /// set is dropped, which aborts it.
 async fn probe(member: Arc<Member>, key: Vec<u8>) {
-    let mut pause = Duration::from_millis(100);
+    let mut pause =
+        signpost_backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     loop {
         if member.is_up() {
-            pause = Duration::from_millis(100);
+            pause.reset();
             // `notify_one` keeps a permit when nobody waits: a fall in between is not missed.
             member.down.notified().await;
             continue;
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
+        tokio::time::sleep(pause.next_delay()).await;
         let mut client = member.client.clone();
         let sent = Instant::now();
         let answered = tokio::time::timeout(

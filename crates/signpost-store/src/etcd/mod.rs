@@ -143,6 +143,33 @@ struct Inner {
     /// While this server holds the checker key: true until it loses it.
     checker: tokio::sync::Mutex<Option<watch::Receiver<bool>>>,
     creates: Creates,
+    /// Tasks forwarding the checker's feed: they end with the store.
+    tasks: Tasks,
+}
+
+/// Tasks a store owns: aborted when it is dropped. Finished ones are let go as new ones come.
+#[derive(Debug, Default)]
+struct Tasks(Mutex<Vec<JoinHandle<()>>>);
+
+impl Tasks {
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(task));
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in self
+            .0
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -204,6 +231,7 @@ impl EtcdStore {
                 refresher: Arc::default(),
                 checker: tokio::sync::Mutex::new(None),
                 creates: Creates::default(),
+                tasks: Tasks::default(),
                 config,
             }),
         };
@@ -410,7 +438,7 @@ impl EtcdStore {
         drop(state);
         // The checker's own feed, which closes when this server stops being the checker.
         let (tx, rx) = broadcast::channel(self.inner.config.feed_capacity.max(1));
-        tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = held.wait_for(|h| !*h) => return,
