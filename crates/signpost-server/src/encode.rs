@@ -5,7 +5,7 @@
 //! answer after answer. Building a `pb::Instance` for each (a dozen strings and a map, copied) and
 //! encoding it every time was most of Discover's cost, and a change fanned out to ten thousand
 //! watchers was converted ten thousand times. Here each stored instance keeps its encoding
-//! ([`signpost_store::Encoded`]) and an answer is those bytes laid end to end.
+//! (in its [`signpost_store::Memo`]) and an answer is those bytes laid end to end.
 //!
 //! The answer types are wire-identical to `signpost.v1.DiscoverResponse` and `WatchResponse`: a
 //! length-delimited field is the same whether its declared type is `Instance` or `bytes`, and an
@@ -55,11 +55,38 @@ pub(crate) struct WatchResponse {
     pub(crate) events: Vec<Event>,
 }
 
-/// The encoding of one version of an instance, made the first time an answer needs it.
+/// The encoding of one version of an instance, made the first time an answer needs it and kept
+/// in the instance's memo.
 pub(crate) fn encoded(instance: &Instance) -> Bytes {
-    instance
-        .encoded
-        .get_or_init(|| Bytes::from(instance_to_pb(instance).encode_to_vec()))
+    let kept = instance
+        .memo
+        .get_or_init(|| Encoding(Bytes::from(instance_to_pb(instance).encode_to_vec())));
+    kept.0.clone()
+}
+
+/// What the server keeps in an instance's memo: its `signpost.v1.Instance` encoding.
+struct Encoding(Bytes);
+
+/// What the server keeps in a change's memo: the framed message every watcher of the change's
+/// service gets, without and with unhealthy instances, with the number of events in it.
+#[derive(Default)]
+pub(crate) struct ChangeFrames([std::sync::OnceLock<(Bytes, usize)>; 2]);
+
+impl ChangeFrames {
+    /// The frame for watchers that `include_unhealthy` or not, made by `frame` the first time it
+    /// succeeds (two streams racing may both make it; one is kept).
+    pub(crate) fn get_or_try_init<E>(
+        &self,
+        include_unhealthy: bool,
+        frame: impl FnOnce() -> Result<(Bytes, usize), E>,
+    ) -> Result<(Bytes, usize), E> {
+        let slot = &self.0[usize::from(include_unhealthy)];
+        if let Some(made) = slot.get() {
+            return Ok(made.clone());
+        }
+        let made = frame()?;
+        Ok(slot.get_or_init(|| made).clone())
+    }
 }
 
 /// `message` as one gRPC length-prefixed message: not compressed, its length, its bytes. A

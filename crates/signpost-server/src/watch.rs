@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::convert::removal_to_pb;
-use crate::encode::{Event, WatchResponse, encoded, frame};
+use crate::encode::{ChangeFrames, Event, WatchResponse, encoded, frame};
 use crate::filter::{Filter, Left, View};
 use crate::hub::Topic;
 use crate::limits::WatchSlots;
@@ -251,8 +251,10 @@ impl WatchTask {
         let (bytes, count) = if shared {
             // Every watcher of this service without tags or a selector sees this change alike:
             // the first one to get here frames it for all of them.
-            change.encoded[usize::from(f.include_unhealthy)]
-                .get_or_try_init(|| self.changes_frame(change))?
+            change
+                .memo
+                .get_or_init(ChangeFrames::default)
+                .get_or_try_init(f.include_unhealthy, || self.changes_frame(change))?
         } else {
             self.changes_frame(change)?
         };

@@ -180,7 +180,7 @@ pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
         health_checked_at: from_unix_nanos(s.health_checked_at_nanos),
         created_at: from_unix_nanos(s.created_at_nanos),
         owner: (!s.owner.is_empty()).then_some(s.owner),
-        encoded: Default::default(),
+        memo: Default::default(),
     })
 }
 
@@ -218,7 +218,7 @@ mod tests {
             created_at: Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             create_revision: 5,
             mod_revision: 9,
-            encoded: Default::default(),
+            memo: Default::default(),
         };
         assert_eq!(decode_instance(&encode_instance(&instance)), Ok(instance));
         assert!(decode_instance(b"\xff\xff\xff").is_err());

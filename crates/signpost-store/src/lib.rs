@@ -60,7 +60,7 @@ pub use etcd::{EtcdConfig, EtcdStore};
 pub use feed::{ChangeFeed, FeedItem};
 pub use memory::{MemoryConfig, MemoryStore};
 pub use model::{
-    Change, Condition, Encoded, Event, Health, HealthCheck, Instance, InstanceKey, Lease, LeaseId,
+    Change, Condition, Event, Health, HealthCheck, Instance, InstanceKey, Lease, LeaseId, Memo,
     Metadata, Probe, Quota, RemovalCause, Revision, ServiceList, ServiceSummary, Snapshot, Usage,
     Write, Written,
 };
@@ -86,7 +86,7 @@ impl Default for Instance {
             created_at: None,
             create_revision: 0,
             mod_revision: 0,
-            encoded: Default::default(),
+            memo: Default::default(),
         }
     }
 }

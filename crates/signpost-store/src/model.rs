@@ -80,9 +80,10 @@ pub struct Instance {
     pub created_at: Option<std::time::SystemTime>,
     pub create_revision: Revision,
     pub mod_revision: Revision,
-    /// Room for the server to keep this version's API encoding, made once and then shared by
-    /// every answer that carries it. Not part of the instance's value.
-    pub encoded: Encoded,
+    /// Room for a layer above the store to keep one value made from this version (the server
+    /// keeps its API encoding here, made once and then shared by every answer that carries it).
+    /// Not part of the instance's value.
+    pub memo: Memo,
 }
 
 /// An instance's metadata, sorted by key, each key once (a later value for a key replaces an
@@ -161,54 +162,72 @@ impl IntoIterator for Metadata {
     }
 }
 
-/// A once-made encoding kept beside what it encodes (see [`Instance::encoded`] and
-/// [`Change::encoded`]). Cloning makes a new version, so a clone starts empty; it compares equal
-/// to any other, since it is not part of the value.
-pub struct Encoded<T = prost::bytes::Bytes>(std::sync::OnceLock<T>);
+/// Room for one value made once from what it sits beside (see [`Instance::memo`] and
+/// [`Change::memo`]), by whichever layer asks first, of a type the store knows nothing of.
+/// Cloning makes a new version, so a clone starts empty; it compares equal to any other, since
+/// it is not part of the value.
+pub struct Memo(std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>);
 
-impl<T: Clone> Encoded<T> {
-    /// The encoding, made by `encode` the first time it is asked for.
-    pub fn get_or_init(&self, encode: impl FnOnce() -> T) -> T {
-        self.0.get_or_init(encode).clone()
-    }
-
-    /// The encoding, made by `encode` the first time it succeeds. Two callers racing may both
-    /// encode; one result is kept.
-    pub fn get_or_try_init<E>(&self, encode: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
-        if let Some(made) = self.0.get() {
-            return Ok(made.clone());
+impl Memo {
+    /// The value, made by `make` the first time it is asked for (two callers racing may both
+    /// make it; one is kept). Asked for as another type than the one kept (two layers sharing
+    /// one memo), it is made for the caller and not kept.
+    pub fn get_or_init<T: std::any::Any + Send + Sync>(
+        &self,
+        make: impl Fn() -> T,
+    ) -> MemoValue<'_, T> {
+        let kept = self.0.get_or_init(|| Arc::new(make()));
+        match kept.downcast_ref::<T>() {
+            Some(value) => MemoValue::Kept(value),
+            None => MemoValue::Made(make()),
         }
-        let made = encode()?;
-        Ok(self.0.get_or_init(|| made).clone())
     }
 }
 
-impl<T> Default for Encoded<T> {
+/// A value from a [`Memo`]: the one kept, or one made for this caller alone.
+#[derive(Debug)]
+pub enum MemoValue<'a, T> {
+    Kept(&'a T),
+    Made(T),
+}
+
+impl<T> std::ops::Deref for MemoValue<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        match self {
+            MemoValue::Kept(value) => value,
+            MemoValue::Made(value) => value,
+        }
+    }
+}
+
+impl Default for Memo {
     fn default() -> Self {
-        Encoded(std::sync::OnceLock::new())
+        Memo(std::sync::OnceLock::new())
     }
 }
 
-impl<T> Clone for Encoded<T> {
+impl Clone for Memo {
     fn clone(&self) -> Self {
-        Encoded::default()
+        Memo::default()
     }
 }
 
-impl<T> PartialEq for Encoded<T> {
+impl PartialEq for Memo {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl<T> Eq for Encoded<T> {}
+impl Eq for Memo {}
 
-impl<T> std::fmt::Debug for Encoded<T> {
+impl std::fmt::Debug for Memo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.get().is_some() {
-            "Encoded(cached)"
+            "Memo(kept)"
         } else {
-            "Encoded(none)"
+            "Memo(empty)"
         })
     }
 }
@@ -271,10 +290,10 @@ impl Event {
 pub struct Change {
     pub revision: Revision,
     pub events: Vec<Event>,
-    /// Room for the server to keep the message it sends every watcher of the change's service
-    /// (without and with unhealthy instances), with the number of events in it: made once, then
-    /// the same bytes go to ten thousand watchers. Not part of the change's value.
-    pub encoded: [Encoded<(prost::bytes::Bytes, usize)>; 2],
+    /// Room for a layer above the store to keep one value made from this change (the server
+    /// keeps the message every watcher of the change's service gets: made once, then the same
+    /// bytes go to ten thousand watchers). Not part of the change's value.
+    pub memo: Memo,
 }
 
 impl Change {
@@ -282,7 +301,7 @@ impl Change {
         Change {
             revision,
             events,
-            encoded: Default::default(),
+            memo: Memo::default(),
         }
     }
 }
@@ -608,14 +627,24 @@ pub(crate) mod rules {
 
 #[cfg(test)]
 mod tests {
-    use super::{Encoded, Metadata};
+    use super::{Memo, Metadata};
 
     #[test]
-    fn a_failed_encoding_is_not_kept() {
-        let slot: Encoded<u32> = Encoded::default();
-        assert_eq!(slot.get_or_try_init(|| Err("too large")), Err("too large"));
-        assert_eq!(slot.get_or_try_init(|| Ok::<_, &str>(7)), Ok(7));
-        assert_eq!(slot.get_or_try_init(|| Ok::<_, &str>(8)), Ok(7));
+    fn a_memo_keeps_the_first_value_made_and_a_clone_starts_empty() {
+        let memo = Memo::default();
+        assert_eq!(*memo.get_or_init(|| 7u32), 7);
+        assert_eq!(*memo.get_or_init(|| 8u32), 7, "kept");
+        assert_eq!(
+            *memo.get_or_init(|| "other"),
+            "other",
+            "another type is not kept"
+        );
+        assert_eq!(*memo.get_or_init(|| 9u32), 7);
+        assert_eq!(
+            *memo.clone().get_or_init(|| 10u32),
+            10,
+            "a new version starts empty"
+        );
     }
 
     #[test]
