@@ -1,12 +1,16 @@
-//! The Signpost gRPC server: `signpost.v1.RegistryService` over any [`signpost_store::Store`],
-//! with `grpc.health.v1.Health` and server reflection on the same port.
+//! The Signpost gRPC server: `signpost.v1.RegistryService` over an `Arc<dyn`
+//! [`signpost_store::Store`]`>`, with `grpc.health.v1.Health` and server reflection on the same
+//! port.
 //!
-//! A request enters a handler in [`Registry`], is validated and converted to domain types
-//! (`convert`, `validate`, `selector`), and becomes one store call. Active health checks run in
-//! one task (`health`, probes in `probe`) that follows the store and writes status changes back. Watch streams are served by
-//! one task each (`watch`), which reads the store's change feed through the stream's [`filter`]
-//! and turns store changes into ADDED / UPDATED / REMOVED events. Errors become `tonic::Status` in
-//! one place (`error`). Nothing here knows which store backend it runs on.
+//! A request enters [`RegistryServer`] (`route`: Discover and Watch to their fast path, the rest
+//! to the generated server), then a handler in [`Registry`]; it is validated and converted to
+//! domain types (`convert`, `validate`, `selector`) and becomes one store write or read, whose
+//! conditions and quotas (`limits`) the store judges atomically. Active health checks run in one
+//! task (`health`, probes in `probe`) that follows the store and writes verdicts back. Watch
+//! streams are served by one task each (`watch`), fed by the router of the store's one feed
+//! (`hub`), which sees changes through the stream's `filter` and sends them framed once
+//! (`encode`). Errors become `tonic::Status` in one place (`error`). Nothing here knows which
+//! store backend it runs on.
 //!
 //! Security sits in front of every handler: [`auth`] checks access tokens (the token file is
 //! TOML, read with [toml](https://docs.rs/toml); tokens are kept as SHA-256 hashes, computed with

@@ -55,7 +55,7 @@ pub struct HealthCheck {
 }
 
 /// A registered instance. The fields after `check` are owned by the store: whatever a caller puts
-/// there is replaced on [`crate::Store::put`].
+/// there is replaced on a [`crate::Write::Put`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {
     pub namespace: String,
