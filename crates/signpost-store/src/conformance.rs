@@ -93,6 +93,7 @@ macro_rules! conformance_tests {
             a_lease_holds_one_namespace,
             watch_checks_follows_every_checked_instance,
             racing_writers_never_pass_a_quota_or_an_owner,
+            racing_registrations_never_pass_the_lease_quota,
             a_lease_quota_counts_live_leases,
         );
     };
@@ -940,6 +941,69 @@ where
             stored.id
         );
     }
+}
+
+/// Writers racing for the last places of a lease quota, each granting a lease and putting its
+/// instance on it, as a registration with a ttl does: never more leases holding instances than
+/// the quota. (A backend may refuse at the grant or at the lease's first instance.)
+pub async fn racing_registrations_never_pass_the_lease_quota<S: Store, G, F, Fut>(make: F)
+where
+    F: FnOnce(Options) -> Fut,
+    Fut: std::future::Future<Output = (S, G)>,
+{
+    let (store, _guard) = make(Options::default()).await;
+    let store = Arc::new(store);
+    let quota = Quota {
+        leases: 5,
+        ..Quota::default()
+    };
+    for n in 0..3 {
+        let lease = store
+            .grant_lease(Duration::from_secs(30), quota)
+            .await
+            .unwrap();
+        store
+            .put(instance("held", &n.to_string()), Some(lease.id))
+            .await
+            .unwrap();
+    }
+    let racers: Vec<_> = (0..40)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let lease = match store.grant_lease(Duration::from_secs(30), quota).await {
+                    Ok(lease) => lease,
+                    Err(Error::Limit {
+                        name: "max_leases", ..
+                    }) => return false,
+                    Err(other) => panic!("a grant failed otherwise: {other}"),
+                };
+                let put = Write::Put {
+                    instance: instance("racing", &n.to_string()),
+                    lease: Some(lease.id),
+                    condition: Condition::Always,
+                    quota,
+                };
+                match store.write(put).await {
+                    Ok(_) => true,
+                    Err(Error::Limit {
+                        name: "max_leases", ..
+                    }) => {
+                        // As the server does: a lease granted for a refused registration goes.
+                        store.revoke_lease(lease.id).await.unwrap();
+                        false
+                    }
+                    Err(other) => panic!("a put failed otherwise: {other}"),
+                }
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for racer in racers {
+        won += usize::from(racer.await.unwrap());
+    }
+    assert_eq!(won, 2, "two places were left");
+    assert_eq!(store.list("default", "racing").unwrap().instances.len(), 2);
 }
 
 pub async fn a_lease_quota_counts_live_leases<S: Store, G, F, Fut>(make: F)

@@ -17,6 +17,9 @@ pub(super) struct Keys {
     pub(super) removal: Vec<u8>,
     /// Held by the server that runs the health checks.
     pub(super) checker: Vec<u8>,
+    /// A marker per lease that holds instances, put (on the lease) with its first instance, so
+    /// that a quota of leases can be compared in a transaction. Gone with the lease.
+    pub(super) leases: Vec<u8>,
 }
 
 impl Keys {
@@ -27,12 +30,18 @@ impl Keys {
             instances: with("instances/"),
             removal: with("removal"),
             checker: with("checker"),
+            leases: with("leases/"),
             all,
         }
     }
 
     pub(super) fn instance(&self, key: &InstanceKey) -> Vec<u8> {
         [self.instances.as_slice(), &key_bytes(key)].concat()
+    }
+
+    /// The marker of lease `id`.
+    pub(super) fn lease(&self, id: i64) -> Vec<u8> {
+        [self.leases.as_slice(), format!("{id:016x}").as_bytes()].concat()
     }
 
     /// Every instance key of `key`'s service.

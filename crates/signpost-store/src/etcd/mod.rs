@@ -39,7 +39,6 @@ mod refresh;
 mod replica;
 mod write;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -112,20 +111,6 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound)
 }
 
-/// Per namespace, the lock that creates near a quota take on this server.
-#[derive(Debug, Default)]
-struct Creates(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl Creates {
-    pub(super) fn of(&self, namespace: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Locks nobody holds or waits for are dropped, so that the map stays as large as the
-        // namespaces being written to right now.
-        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-        locks.entry(namespace.to_owned()).or_default().clone()
-    }
-}
-
 /// A store on an etcd cluster. Cheap to clone: clones share one replica and one connection.
 #[derive(Debug, Clone)]
 pub struct EtcdStore {
@@ -142,7 +127,9 @@ struct Inner {
     refresher: Arc<refresh::Refresher>,
     /// While this server holds the checker key: true until it loses it.
     checker: tokio::sync::Mutex<Option<watch::Receiver<bool>>>,
-    creates: Creates,
+    /// Taken by writes near a quota on this server, so that they queue here rather than refuse
+    /// each other in etcd (see `write`).
+    near_limit: tokio::sync::Mutex<()>,
     /// Tasks forwarding the checker's feed: they end with the store.
     tasks: Tasks,
 }
@@ -230,7 +217,7 @@ impl EtcdStore {
                 follower,
                 refresher: Arc::default(),
                 checker: tokio::sync::Mutex::new(None),
-                creates: Creates::default(),
+                near_limit: tokio::sync::Mutex::new(()),
                 tasks: Tasks::default(),
                 config,
             }),
@@ -346,9 +333,8 @@ impl Store for EtcdStore {
 impl EtcdStore {
     async fn grant(&self, ttl: Duration, quota: Quota) -> Result<Lease> {
         self.replica().check()?;
-        // Counted from the replica: leases that hold instances. Not atomic with the grant (etcd
-        // grants leases outside transactions), so servers racing for the last place can pass
-        // it by the grants in flight at that moment.
+        // Counted from the replica: leases that hold instances. A first refusal here; the one that
+        // holds under racing writers is made with each lease's first instance (see `write`).
         quota.admit_lease(self.replica().read().usage("", "").leases)?;
         if ttl.is_zero() {
             return Err(Error::Invalid {

@@ -7,8 +7,11 @@
 //! - A put that creates an instance within [`UNCHECKED_PLACES`] of a quota also compares the
 //!   service's and the namespace's key ranges: no key in them may have been *created* after the
 //!   revision the counts were read at. Updates and deletes in the range do not refuse it (a delete
-//!   only makes room), so only creates in one namespace wait for each other; on one server they
-//!   queue on a local lock instead of refusing each other in etcd.
+//!   only makes room), so only creates wait for each other; on one server they queue on a local
+//!   lock instead of refusing each other in etcd.
+//! - A lease counts once it holds an instance: the first instance put on it also puts the
+//!   lease's marker key (on the lease, so it goes with it), and near the lease quota the
+//!   transaction compares the markers' range the same way.
 //! - A refused transaction is decided again once the replica has seen what refused it (the
 //!   `or_else` reads tell which revision that was), never from a guess.
 
@@ -77,6 +80,10 @@ enum Decision {
         keep_lease: bool,
         /// Creates under a quota: the ranges' counts read at this revision must still hold.
         quota_at: Option<Revision>,
+        /// The instance is the first the replica knows on its lease: the lease's marker goes in
+        /// the same transaction, and near the lease quota, the count of leases read at this
+        /// revision must still hold.
+        first_on_lease: Option<Option<Revision>>,
     },
     /// Remove the registration made at this create revision.
     Remove {
@@ -184,11 +191,21 @@ impl EtcdStore {
                 let creates = prev.is_none();
                 let usage = state.usage(&key.namespace, &key.service);
                 quota.admit(creates, &usage, &key)?;
+                // A lease counts once it holds an instance (etcd grants leases outside
+                // transactions): its first instance is where the lease quota is kept.
+                let first_on_lease = lease.filter(|id| state.lease_namespace(*id).is_none());
+                if first_on_lease.is_some() {
+                    quota.admit_lease(usage.leases)?;
+                }
                 Decision::Store {
                     next: Box::new(rules::put(instance.clone(), prev.as_deref(), *lease)),
                     lease: *lease,
                     keep_lease: false,
                     quota_at: (creates && near(quota, &usage)).then_some(at),
+                    first_on_lease: first_on_lease.map(|_| {
+                        (usage.leases.saturating_add(UNCHECKED_PLACES) >= quota.leases)
+                            .then_some(at)
+                    }),
                 }
             }
             Write::Health(update) => match rules::health(prev.as_deref(), update)? {
@@ -197,6 +214,7 @@ impl EtcdStore {
                     next: Box::new(next),
                     keep_lease: true,
                     quota_at: None,
+                    first_on_lease: None,
                 },
                 None => Decision::Nothing,
             },
@@ -241,11 +259,14 @@ impl EtcdStore {
                     return Ok(Written::Unchanged { revision: at });
                 }
                 Decision::Store {
-                    quota_at: Some(_), ..
-                } if creating.is_none() => {
-                    // Near a limit creates queue here, and decide again once they hold the lock.
-                    let lock = self.inner.creates.of(&key.namespace);
-                    creating = Some(lock.lock_owned().await);
+                    quota_at,
+                    first_on_lease,
+                    ..
+                } if creating.is_none()
+                    && (quota_at.is_some() || first_on_lease.is_some_and(|at| at.is_some())) =>
+                {
+                    // Near a limit writes queue here, and decide again once they hold the lock.
+                    creating = Some(self.inner.near_limit.lock().await);
                     continue;
                 }
                 Decision::Store {
@@ -253,7 +274,12 @@ impl EtcdStore {
                     lease,
                     keep_lease,
                     quota_at,
+                    first_on_lease,
                 } => {
+                    let checks = Checks {
+                        quota_at,
+                        first_on_lease,
+                    };
                     self.try_store(
                         &key,
                         &etcd_key,
@@ -261,7 +287,7 @@ impl EtcdStore {
                         prev.as_deref(),
                         lease,
                         keep_lease,
-                        quota_at,
+                        checks,
                     )
                     .await?
                 }
@@ -312,7 +338,7 @@ impl EtcdStore {
         prev: Option<&Instance>,
         lease: Option<LeaseId>,
         keep_lease: bool,
-        quota_at: Option<Revision>,
+        checks: Checks,
     ) -> Result<Attempt> {
         let lease_id = match lease {
             Some(id) => Some(i64::try_from(id).map_err(|_| Error::LeaseNotFound(id))?),
@@ -325,12 +351,25 @@ impl EtcdStore {
         };
         let value = encode_instance(&next);
         let mut when = vec![unchanged(etcd_key, prev)];
+        let mut then = vec![TxnOp::put(etcd_key, value.clone(), options)];
         let mut or_else = vec![TxnOp::get(etcd_key, None)];
-        if let Some(at) = quota_at {
-            for range in [
-                self.inner.keys.service_range(key),
-                self.inner.keys.namespace_range(&key.namespace),
-            ] {
+        let mut ranges = Vec::new();
+        if let Some(at) = checks.quota_at {
+            ranges.push((self.inner.keys.service_range(key), at));
+            ranges.push((self.inner.keys.namespace_range(&key.namespace), at));
+        }
+        if let (Some(leases_at), Some(id)) = (checks.first_on_lease, lease_id) {
+            then.push(TxnOp::put(
+                self.inner.keys.lease(id),
+                key.namespace.as_bytes(),
+                Some(PutOptions::new().with_lease(id)),
+            ));
+            if let Some(at) = leases_at {
+                ranges.push((self.inner.keys.leases.clone(), at));
+            }
+        }
+        {
+            for (range, at) in ranges {
                 let end = range_end(&range);
                 when.push(
                     Compare::create_revision(range.clone(), CompareOp::Less, to_etcd(at + 1))
@@ -353,10 +392,7 @@ impl EtcdStore {
         // absence), which an applied attempt moved on. A refused repeat that finds exactly this
         // value (on exactly this lease, for a put) is the earlier attempt's write: the same bytes
         // carry this attempt's creation or check time, so no other write leaves them.
-        let txn = Txn::new()
-            .when(when)
-            .and_then([TxnOp::put(etcd_key, value.clone(), options)])
-            .or_else(or_else);
+        let txn = Txn::new().when(when).and_then(then).or_else(or_else);
         match self.cas(txn).await {
             Ok(Cas::Applied(resp)) => {
                 let revision = revision_of(resp.header())?;
@@ -458,6 +494,12 @@ impl EtcdStore {
             }
         }
     }
+}
+
+/// What a put's transaction must compare beyond the instance key (see [`Decision::Store`]).
+struct Checks {
+    quota_at: Option<Revision>,
+    first_on_lease: Option<Option<Revision>>,
 }
 
 /// One attempt's outcome: done, or refused by a change the replica must see first.
