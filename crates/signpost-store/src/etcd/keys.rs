@@ -17,8 +17,8 @@ pub(super) struct Keys {
     pub(super) removal: Vec<u8>,
     /// Held by the server that runs the health checks.
     pub(super) checker: Vec<u8>,
-    /// A marker per lease that holds instances, put (on the lease) with its first instance, so
-    /// that a quota of leases can be compared in a transaction. Gone with the lease.
+    /// A marker per lease, put (on the lease) with its first instance near the lease quota, so
+    /// that racing registrations can be compared in a transaction. Gone with the lease.
     pub(super) leases: Vec<u8>,
 }
 
