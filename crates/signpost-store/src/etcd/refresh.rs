@@ -1,7 +1,9 @@
-//! Lease refreshes over one long-lived etcd LeaseKeepAlive stream per member, shared by every
+//! Lease refreshes over a few long-lived etcd LeaseKeepAlive streams per member, shared by every
 //! refresh this server makes, instead of a stream opened (and its first answer awaited) for each.
+//! etcd works through one stream's requests one after another; [`STREAMS`] of them, a lease
+//! always on the same one, let an etcd with several cores work on several at once.
 //!
-//! Each member's stream has a task that owns it: refreshes are handed to it on a channel, sent
+//! Each stream has a task that owns it: refreshes are handed to it on a channel, sent
 //! on the stream, and answered from it by lease id, in order for each id (etcd answers a
 //! stream's requests in order). A stream that fails fails the refreshes waiting on it, which
 //! [`Members::call`](super::members::Members::call) then sends to another member (a refresh is
@@ -15,9 +17,12 @@ use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-/// The refreshes one member's stream may have waiting for an answer; past that the stream is
-/// taken for stuck, and fails them.
+/// The refreshes one stream may have waiting for an answer; past that the stream is taken for
+/// stuck, and fails them.
 const MAX_WAITING: usize = 4_096;
+
+/// Keep-alive streams per member.
+const STREAMS: u64 = 8;
 
 /// A refresh's answer: the lease's ttl in seconds (`None`: etcd knows no such lease), or why the
 /// stream it went on failed.
@@ -25,7 +30,8 @@ type Answer = Result<Option<i64>, String>;
 
 #[derive(Debug, Default)]
 pub(super) struct Refresher {
-    streams: Mutex<HashMap<usize, Stream>>,
+    /// By member, and by lease id modulo [`STREAMS`].
+    streams: Mutex<HashMap<(usize, u64), Stream>>,
 }
 
 #[derive(Debug)]
@@ -44,20 +50,21 @@ impl Drop for Refresher {
 }
 
 impl Refresher {
-    /// Refreshes lease `id` on member `member`'s stream (through `client`, when a stream must be
-    /// opened): its ttl in seconds, or `None` when etcd knows no such lease.
+    /// Refreshes lease `id` on its stream of member `member` (through `client`, when a stream
+    /// must be opened): its ttl in seconds, or `None` when etcd knows no such lease.
     pub(super) async fn refresh(
         &self,
         member: usize,
         client: Client,
         id: i64,
     ) -> Result<Option<i64>, etcd_client::Error> {
+        let stream = (member, id.unsigned_abs() % STREAMS);
         let (reply, answer) = oneshot::channel();
         let sent = {
             let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
             streams
-                .get(&member)
-                .map(|stream| stream.requests.try_send((id, reply)))
+                .get(&stream)
+                .map(|open| open.requests.try_send((id, reply)))
         };
         let answer = match sent {
             Some(Ok(())) => answer,
@@ -65,12 +72,12 @@ impl Refresher {
             // whose first request is this refresh.
             Some(Err(refused)) => {
                 let (_, reply) = refused.into_inner();
-                self.open(member, client, id, reply).await?;
+                self.open(stream, client, id, reply).await?;
                 answer
             }
             None => {
                 let (reply, answer) = oneshot::channel();
-                self.open(member, client, id, reply).await?;
+                self.open(stream, client, id, reply).await?;
                 answer
             }
         };
@@ -85,7 +92,7 @@ impl Refresher {
 
     async fn open(
         &self,
-        member: usize,
+        stream: (usize, u64),
         client: Client,
         id: i64,
         reply: oneshot::Sender<Answer>,
@@ -96,7 +103,7 @@ impl Refresher {
         waiting.entry(id).or_default().push_back(reply);
         let task = tokio::spawn(serve(keeper, responses, inbox, waiting));
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = streams.insert(member, Stream { requests, task }) {
+        if let Some(old) = streams.insert(stream, Stream { requests, task }) {
             // Two refreshes opened one at once; the other's stream serves what it was sent.
             drop(old.requests);
         }
