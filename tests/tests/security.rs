@@ -629,8 +629,12 @@ async fn only_a_writer_of_its_namespace_may_keep_a_lease_alive() {
         })
         .await
         .unwrap_err();
-    assert_eq!(joined.code(), Code::InvalidArgument, "{joined:?}");
-    assert!(joined.message().contains("lease_id"), "{joined:?}");
+    // Refused before it refreshes the lease, as a KeepAlive of it would be.
+    assert_eq!(joined.code(), Code::PermissionDenied, "{joined:?}");
+    assert!(
+        joined.message().contains("may not write namespace \"a\""),
+        "{joined:?}"
+    );
 }
 
 #[tokio::test]

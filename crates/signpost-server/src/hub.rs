@@ -118,8 +118,12 @@ async fn catch_up(store: &dyn Store, hub: &Hub) -> FeedItem {
             );
             hub.catch_ups.fetch_add(1, Ordering::Relaxed);
             for change in changes {
-                if let Routed::Closed = hub.pass_on(FeedItem::Change(change)) {
-                    return FeedItem::Closed;
+                match hub.pass_on(FeedItem::Change(change)) {
+                    Routed::Closed => return FeedItem::Closed,
+                    // As when routing the feed: let a filling topic's streams read before more
+                    // comes, or the replay would overflow the topics it is there to keep whole.
+                    Routed::Filling => tokio::task::yield_now().await,
+                    Routed::Ok => {}
                 }
             }
             // Nothing more to pass on here: the feed goes on, and repeats are skipped.

@@ -151,10 +151,10 @@ impl Registry {
             }
             (None, 0) => None,
             // Joining a lease is a sign of life from its owner, so it refreshes the lease; that
-            // also tells us its ttl and whether it is still live.
+            // also tells us its ttl and whether it is still live. Only for a token that may keep
+            // that lease alive, as a KeepAlive would be.
             (None, id) => Some(
-                self.store
-                    .keep_alive(id)
+                refresh(&*self.store, principal.as_ref(), id)
                     .await?
                     .ok_or(signpost_store::Error::LeaseNotFound(id))?,
             ),

@@ -27,6 +27,10 @@ use crate::Tls;
 /// The longest a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes in progress at once; a connection past that waits to start its own, so that
+/// clients that connect and say nothing cannot take every file descriptor and task.
+const MAX_HANDSHAKES: usize = 1_024;
+
 /// The rustls configuration for `tls`, or what is wrong with it.
 pub(crate) fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, String> {
     // Named, not the process default: a second crypto provider anywhere in the build would
@@ -99,8 +103,12 @@ pub(crate) fn incoming(
     config: watch::Receiver<Arc<ServerConfig>>,
 ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = tx.closed() => return,
@@ -119,6 +127,7 @@ pub(crate) fn incoming(
             let acceptor = TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;

@@ -7,15 +7,17 @@
 //! on the stream, and answered from it by lease id, in order for each id (etcd answers a
 //! stream's requests in order). A stream that fails fails the refreshes waiting on it, which
 //! [`Members::call`](super::members::Members::call) then sends to another member (a refresh is
-//! safe to repeat); the next refresh for that member opens a new stream. The tasks belong to
-//! the [`Refresher`] and end with it.
+//! safe to repeat); the next refresh for that member opens a new stream. So does the next refresh
+//! for a stream that has kept refreshes waiting for [`STUCK_AFTER`]. The tasks belong to the
+//! [`Refresher`] and end with it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// The refreshes one stream may have waiting for an answer; past that the stream is taken for
 /// stuck, and fails them.
@@ -23,6 +25,11 @@ const MAX_WAITING: usize = 4_096;
 
 /// Keep-alive streams per member.
 const STREAMS: u64 = 8;
+
+/// A stream with refreshes waiting and no answer for this long is taken for stuck: new refreshes
+/// go on a new one. (etcd holds a refresh of a lease that ran out until it has revoked it, and
+/// everything behind it on the stream waits too; after a mass expiry that can take seconds.)
+const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A refresh's answer: the lease's ttl in seconds (`None`: etcd knows no such lease), or why the
 /// stream it went on failed.
@@ -32,12 +39,42 @@ type Answer = Result<Option<i64>, String>;
 pub(super) struct Refresher {
     /// By member, and by lease id modulo [`STREAMS`].
     streams: Mutex<HashMap<(usize, u64), Stream>>,
+    /// Streams replaced while refreshes still waited on them: they end once those are answered
+    /// or failed, and are aborted with the refresher if they have not.
+    retired: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
 struct Stream {
     requests: mpsc::Sender<(i64, oneshot::Sender<Answer>)>,
     task: JoinHandle<()>,
+    progress: Arc<Progress>,
+}
+
+/// How a stream is keeping up: refreshes waiting, and when it last answered one (or started
+/// having one to answer).
+#[derive(Debug)]
+struct Progress {
+    waiting: std::sync::atomic::AtomicUsize,
+    since: Mutex<Instant>,
+}
+
+impl Progress {
+    fn stuck(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed) > 0
+            && self
+                .since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                > STUCK_AFTER
+    }
+
+    fn moved(&self, waiting: usize) {
+        self.waiting
+            .store(waiting, std::sync::atomic::Ordering::Relaxed);
+        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
 }
 
 impl Drop for Refresher {
@@ -45,6 +82,14 @@ impl Drop for Refresher {
         let streams = self.streams.get_mut().unwrap_or_else(|p| p.into_inner());
         for stream in streams.values() {
             stream.task.abort();
+        }
+        for task in self
+            .retired
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
         }
     }
 }
@@ -64,6 +109,7 @@ impl Refresher {
             let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
             streams
                 .get(&stream)
+                .filter(|open| !open.progress.stuck())
                 .map(|open| open.requests.try_send((id, reply)))
         };
         let answer = match sent {
@@ -101,11 +147,28 @@ impl Refresher {
         let (requests, inbox) = mpsc::channel(MAX_WAITING);
         let mut waiting: HashMap<i64, VecDeque<oneshot::Sender<Answer>>> = HashMap::new();
         waiting.entry(id).or_default().push_back(reply);
-        let task = tokio::spawn(serve(keeper, responses, inbox, waiting));
-        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = streams.insert(stream, Stream { requests, task }) {
-            // Two refreshes opened one at once; the other's stream serves what it was sent.
-            drop(old.requests);
+        let progress = Arc::new(Progress {
+            waiting: std::sync::atomic::AtomicUsize::new(1),
+            since: Mutex::new(Instant::now()),
+        });
+        let task = tokio::spawn(serve(keeper, responses, inbox, waiting, progress.clone()));
+        let replaced = {
+            let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            streams.insert(
+                stream,
+                Stream {
+                    requests,
+                    task,
+                    progress,
+                },
+            )
+        };
+        // The stream replaced (stuck, failed, or opened by a refresh racing this one) serves what
+        // it was sent, then ends: its sender is dropped here.
+        if let Some(old) = replaced {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            retired.retain(|task| !task.is_finished());
+            retired.push(old.task);
         }
         Ok(())
     }
@@ -118,6 +181,7 @@ async fn serve(
     mut responses: LeaseKeepAliveStream,
     mut inbox: mpsc::Receiver<(i64, oneshot::Sender<Answer>)>,
     mut waiting: HashMap<i64, VecDeque<oneshot::Sender<Answer>>>,
+    progress: Arc<Progress>,
 ) {
     let mut count: usize = waiting.values().map(VecDeque::len).sum();
     let mut replaced = false;
@@ -142,6 +206,11 @@ async fn serve(
                 }
                 waiting.entry(id).or_default().push_back(reply);
                 count += 1;
+                if count == 1 {
+                    progress.moved(count);
+                } else {
+                    progress.waiting.store(count, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             response = responses.message() => match response {
                 Ok(Some(answer)) => {
@@ -152,6 +221,7 @@ async fn serve(
                     }
                     if let Some(reply) = reply {
                         count -= 1;
+                        progress.moved(count);
                         let ttl = answer.ttl();
                         let _ = reply.send(Ok((ttl > 0).then_some(ttl)));
                     }

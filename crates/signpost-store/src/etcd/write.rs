@@ -85,10 +85,12 @@ enum Decision {
         /// revision must still hold.
         first_on_lease: Option<Revision>,
     },
-    /// Remove the registration made at this create revision.
+    /// Remove `prev`: that registration of it, or (`exact`) that very version, when the
+    /// condition was judged on more than the registration (an owner can change within one).
     Remove {
-        create_revision: Revision,
+        prev: Arc<Instance>,
         cause: RemovalCause,
+        exact: bool,
     },
     Nothing,
 }
@@ -228,8 +230,9 @@ impl EtcdStore {
                 }
                 match &prev {
                     Some(p) => Decision::Remove {
-                        create_revision: p.create_revision,
+                        prev: p.clone(),
                         cause: *cause,
+                        exact: matches!(condition, crate::Condition::OwnedBy(_)),
                     },
                     None => Decision::Nothing,
                 }
@@ -266,7 +269,17 @@ impl EtcdStore {
                     ..
                 } if creating.is_none() && (quota_at.is_some() || first_on_lease.is_some()) => {
                     // Near a limit writes queue here, and decide again once they hold the lock.
-                    creating = Some(self.inner.near_limit.lock().await);
+                    let queued = tokio::time::timeout(
+                        self.inner.config.request_timeout,
+                        self.inner.near_limit.lock(),
+                    );
+                    creating = Some(queued.await.map_err(|_| {
+                        Error::Unavailable(format!(
+                            "too many writes near a limit: instance {}/{}/{} waited {:?} for \
+                             its turn",
+                            key.namespace, key.service, key.id, self.inner.config.request_timeout
+                        ))
+                    })?);
                     continue;
                 }
                 Decision::Store {
@@ -291,19 +304,25 @@ impl EtcdStore {
                     )
                     .await?
                 }
-                Decision::Remove {
-                    create_revision,
-                    cause,
-                } => {
-                    self.try_remove(&etcd_key, create_revision, cause, &write)
+                Decision::Remove { prev, cause, exact } => {
+                    self.try_remove(&key, &etcd_key, prev, cause, exact, &write)
                         .await?
                 }
             };
             match attempt {
                 Attempt::Done(written) => return Ok(written),
-                // What refused it is at least one change past what the decision read (a delete
-                // leaves no key for the `or_else` reads to date): wait for the replica to get there.
-                Attempt::Refused(revision) => self.seen(revision.max(at + 1)).await?,
+                Attempt::Refused(refusal) => {
+                    // Decided again only once the replica holds what refused it: a newer version
+                    // of the key (or its removal, which leaves nothing for the `or_else` reads
+                    // to date), or the newest create in a range that was compared.
+                    let decided = prev.as_ref().map(|p| p.mod_revision);
+                    let key_moved = refusal.key != decided;
+                    self.until("the change that refused a write", |state| {
+                        state.revision() >= refusal.range
+                            && (!key_moved || state.get(&key).map(|i| i.mod_revision) != decided)
+                    })
+                    .await?;
+                }
             }
         }
         Err(Error::Unavailable(format!(
@@ -415,7 +434,7 @@ impl EtcdStore {
                         self.stored(key, revision).unwrap_or_else(|| Arc::new(next)),
                     )))
                 }
-                _ => Ok(Attempt::Refused(refused_at(&resp))),
+                current => Ok(Attempt::Refused(Refusal::of(current, &resp))),
             },
             Err(e) if lease.is_some() && !keep_lease && failure_is_lease_not_found(&e) => {
                 Err(Error::LeaseNotFound(lease.unwrap_or_default()))
@@ -424,24 +443,27 @@ impl EtcdStore {
         }
     }
 
-    /// One attempt at removing the registration made at `create_revision`.
+    /// One attempt at removing `prev`.
     async fn try_remove(
         &self,
+        key: &InstanceKey,
         etcd_key: &[u8],
-        create_revision: Revision,
+        prev: Arc<Instance>,
         cause: RemovalCause,
+        exact: bool,
         write: &Write,
     ) -> Result<Attempt> {
         let keys = &self.inner.keys;
-        // Safe to repeat (see `cas`): an applied attempt deleted this registration, so the
-        // compare of a repeat cannot hold again, even if the instance was registered anew. The
-        // cause rides in the same transaction as a marker key (see the module docs).
+        // Safe to repeat (see `cas`): an applied attempt deleted this registration (or version),
+        // so the compare of a repeat cannot hold again, even if the instance was registered
+        // anew. The cause rides in the same transaction as a marker key (see the module docs).
+        let compare = if exact {
+            unchanged(etcd_key, Some(&prev))
+        } else {
+            Compare::create_revision(etcd_key, CompareOp::Equal, to_etcd(prev.create_revision))
+        };
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                etcd_key,
-                CompareOp::Equal,
-                to_etcd(create_revision),
-            )])
+            .when([compare])
             .and_then([
                 TxnOp::delete(etcd_key, Some(DeleteOptions::new().with_prev_key())),
                 TxnOp::put(keys.removal.as_slice(), cause_bytes(cause), None),
@@ -450,12 +472,12 @@ impl EtcdStore {
         match self.cas(txn).await.map_err(unavailable)? {
             Cas::Applied(resp) => {
                 let revision = revision_of(resp.header())?;
-                let prev = resp.op_responses().into_iter().find_map(|op| match op {
+                let removed = resp.op_responses().into_iter().find_map(|op| match op {
                     TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
                     _ => None,
                 });
                 self.seen(revision).await?;
-                Ok(Attempt::Done(match prev {
+                Ok(Attempt::Done(match removed {
                     Some(kv) => Written::Removed {
                         prev: Arc::new(instance_from(&kv)?),
                         revision,
@@ -465,31 +487,59 @@ impl EtcdStore {
             }
             Cas::Refused { resp, repeated } => {
                 let current = else_kv(&resp);
-                if repeated {
-                    // The registration is gone: this server's earlier attempt removed it, or
-                    // something else did meanwhile. Either way what was asked is done, unless
-                    // the instance is there again under a plain deregister: then the first
-                    // attempt may have removed it before it came back, or not, and only the
-                    // caller can tell.
-                    let plain = matches!(
-                        write,
-                        Write::Delete {
-                            condition: crate::Condition::Always,
-                            ..
-                        }
-                    );
-                    if current.is_some() && plain {
-                        return Err(Error::Unavailable(
-                            "etcd unreachable: a member failed during the deregister, and the \
-                             instance is registered again now; deregister again to be sure"
-                                .into(),
-                        ));
-                    }
-                    let revision = revision_of(resp.header())?;
-                    return Ok(Attempt::Done(Written::Unchanged { revision }));
+                let same_registration = current
+                    .as_ref()
+                    .is_some_and(|kv| kv.create_revision() == to_etcd(prev.create_revision));
+                if !repeated || same_registration {
+                    // Not ours: something changed the instance since the decision.
+                    return Ok(Attempt::Refused(Refusal::of(current, &resp)));
                 }
-                Ok(Attempt::Refused(refused_at(&resp)))
+                // The registration is gone: this server's earlier attempt removed it, or
+                // something else did meanwhile. Either way what was asked is done, unless the
+                // instance is there again under a plain deregister: then the first attempt may
+                // have removed it before it came back, or not, and only the caller can tell.
+                let plain = matches!(
+                    write,
+                    Write::Delete {
+                        condition: crate::Condition::Always,
+                        ..
+                    }
+                );
+                if current.is_some() && plain {
+                    return Err(Error::Unavailable(
+                        "etcd unreachable: a member failed during the deregister, and the \
+                         instance is registered again now; deregister again to be sure"
+                            .into(),
+                    ));
+                }
+                // Answered once this server's replica no longer holds it, so that a read here
+                // right after agrees.
+                self.until("the removal of the instance", |state| {
+                    state
+                        .get(key)
+                        .is_none_or(|i| i.create_revision != prev.create_revision)
+                })
+                .await?;
+                let revision = self.replica().read().revision();
+                Ok(Attempt::Done(Written::Removed { prev, revision }))
             }
+        }
+    }
+
+    /// Waits until the replica's state satisfies `done`, within the request timeout.
+    async fn until(&self, what: &str, done: impl Fn(&crate::state::State) -> bool) -> Result<()> {
+        let replica = self.replica();
+        let mut applied = replica.applied.subscribe();
+        let reached = tokio::time::timeout(
+            self.inner.config.request_timeout,
+            applied.wait_for(|_| done(&replica.read())),
+        )
+        .await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(format!(
+                "{what} was made in etcd but has not come back on this server's watch yet"
+            ))),
         }
     }
 }
@@ -503,7 +553,24 @@ struct Checks {
 /// One attempt's outcome: done, or refused by a change the replica must see first.
 enum Attempt {
     Done(Written),
-    Refused(Revision),
+    Refused(Refusal),
+}
+
+/// What refused a transaction, as its `or_else` reads tell.
+struct Refusal {
+    /// The key's mod revision now (`None`: absent).
+    key: Option<Revision>,
+    /// The newest revision any read saw (the newest create in a compared range).
+    range: Revision,
+}
+
+impl Refusal {
+    fn of(current: Option<KeyValue>, resp: &TxnResponse) -> Self {
+        Refusal {
+            key: current.and_then(|kv| Revision::try_from(kv.mod_revision()).ok()),
+            range: refused_at(resp),
+        }
+    }
 }
 
 /// A compare that holds when `key` is still what `prev` says.
