@@ -338,6 +338,18 @@ impl GreeterProcess {
             .status()
             .expect("kill");
         assert!(status.success(), "kill -{signal} {pid}");
+        if signal == "STOP" {
+            // kill(2) returns before every thread of the target has stopped; a call sent at
+            // once could still be answered. A stopped thread is in state T in /proc.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !all_threads_stopped(&pid) {
+                assert!(
+                    Instant::now() < deadline,
+                    "process {pid} did not stop within 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 }
 
@@ -350,4 +362,17 @@ impl Drop for GreeterProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state T).
+fn all_threads_stopped(pid: &str) -> bool {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    threads.flatten().all(|thread| {
+        std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        })
+    })
 }
