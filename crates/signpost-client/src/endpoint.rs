@@ -657,25 +657,60 @@ async fn connect(
     let mut connection = Box::pin(connection);
     // The server's SETTINGS frame is its first read.
     let spoke = activity.spoke.notified();
-    tokio::select! {
-        result = &mut connection => Err(if activity.not_http2.load(Ordering::Relaxed) {
-            let hint = if settings.tls.is_some() {
-                ""
-            } else {
-                " (if the instance speaks TLS, set BalancedChannelBuilder::tls)"
-            };
-            format!("{host}:{port} does not answer HTTP/2: its first bytes are not an HTTP/2 frame{hint}")
+    let ended = tokio::select! {
+        result = &mut connection => result,
+        _ = spoke => return Ok((sender, connection, activity)),
+    };
+    Err(if activity.not_http2.load(Ordering::Relaxed) {
+        let hint = if settings.tls.is_some() {
+            ""
         } else {
-            match result {
-                Ok(()) => "the instance closed the connection before it spoke".to_owned(),
-                Err(e) => format!(
-                    "the connection broke before the instance spoke: {}",
-                    root_cause(&e)
-                ),
-            }
-        }),
-        _ = spoke => Ok((sender, connection, activity)),
-    }
+            " (if the instance speaks TLS, set BalancedChannelBuilder::tls)"
+        };
+        format!(
+            "{host}:{port} does not answer HTTP/2: its first bytes are not an HTTP/2 frame{hint}"
+        )
+    } else {
+        // Over TLS 1.3 an instance that refuses the client's certificate says so after the
+        // handshake, and our first write can meet the closed socket before that alert is
+        // read ("broken pipe"): a handshake of our own that writes nothing reads it.
+        let refused = match &settings.tls {
+            Some(tls) => tls_refusal(host, port, tls).await,
+            None => None,
+        };
+        match (refused, ended) {
+            (Some(why), _) => format!("TLS with {host}:{port}: {why}"),
+            (None, Ok(())) => "the instance closed the connection before it spoke".to_owned(),
+            (None, Err(e)) => format!(
+                "the connection broke before the instance spoke: {}",
+                root_cause(&e)
+            ),
+        }
+    })
+}
+
+/// Why the instance refuses a TLS connection, if it does: a handshake that sends nothing after
+/// it and reads the instance's first bytes (its HTTP/2 settings, or the TLS alert that refused
+/// us), within 2 s.
+async fn tls_refusal(host: &str, port: u16, tls: &Tls) -> Option<String> {
+    let attempt = async {
+        let tcp = TcpStream::connect((host, port)).await.ok()?;
+        let name = tls.server_name(host).ok()?;
+        let mut stream = match tls.connector.connect(name, tcp).await {
+            Ok(stream) => stream,
+            Err(e) => return Some(describe_io(&e)),
+        };
+        let mut byte = [0u8; 1];
+        match tokio::io::AsyncReadExt::read(&mut stream, &mut byte).await {
+            Ok(n) if n > 0 => None,
+            Ok(_) => Some("the instance closed the connection after the TLS handshake".into()),
+            Err(e) => Some(describe_io(&e)),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The innermost cause of a connection's failure in plain words, such as "connection reset".
