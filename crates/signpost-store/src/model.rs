@@ -377,8 +377,17 @@ impl Condition {
         }
     }
 
+    /// `Ok` when the condition holds over `prev`, else the conflict the write answers.
+    pub(crate) fn check(&self, prev: Option<&Instance>, key: &InstanceKey) -> crate::Result<()> {
+        if self.holds(prev) {
+            Ok(())
+        } else {
+            Err(self.refused(key))
+        }
+    }
+
     /// The error a write refused by this condition answers.
-    pub(crate) fn refused(&self, key: &InstanceKey) -> crate::Error {
+    fn refused(&self, key: &InstanceKey) -> crate::Error {
         let name = format!("instance {}/{}/{}", key.namespace, key.service, key.id);
         crate::Error::Conflict(match self {
             Condition::Always => format!("{name} changed"),
@@ -570,6 +579,25 @@ pub(crate) mod rules {
             (Some(_), _) => (Health::Critical, "not checked yet".to_owned(), None),
         };
         instance
+    }
+
+    /// Whether a put of `instance` may apply over `prev`: its condition, the lease it joins
+    /// (with the namespace that lease's instances live in, if any), and its quota over what the
+    /// namespace and service hold.
+    pub(crate) fn admit_put(
+        prev: Option<&Instance>,
+        instance: &Instance,
+        condition: &Condition,
+        lease: Option<(LeaseId, Option<&str>)>,
+        quota: &Quota,
+        usage: &Usage,
+    ) -> crate::Result<()> {
+        let key = instance.key();
+        condition.check(prev, &key)?;
+        if let Some((id, namespace)) = lease {
+            join(id, namespace, instance)?;
+        }
+        quota.admit(prev.is_none(), usage, &key)
     }
 
     /// What a health verdict makes of `prev`: `Err` (a conflict) when the verdict is stale — the

@@ -297,20 +297,19 @@ impl State {
                 condition,
                 quota,
             } => {
-                if !condition.holds(prev.as_deref()) {
-                    return Err(condition.refused(&key));
-                }
-                if let Some(id) = lease {
+                if let Some(id) = lease
                     // A lease past its deadline is dead even if the expiry task has not swept it.
-                    if !self.lease_is_live(id, now) {
-                        return Err(Error::LeaseNotFound(id));
-                    }
-                    rules::join(id, self.lease_namespace(id), &instance)?;
+                    && !self.lease_is_live(id, now)
+                {
+                    return Err(Error::LeaseNotFound(id));
                 }
-                quota.admit(
-                    prev.is_none(),
+                rules::admit_put(
+                    prev.as_deref(),
+                    &instance,
+                    &condition,
+                    lease.map(|id| (id, self.lease_namespace(id))),
+                    &quota,
                     &self.usage(&key.namespace, &key.service),
-                    &key,
                 )?;
                 self.move_lease(&key, prev.as_ref().and_then(|p| p.lease_id), lease);
                 rules::put(instance, prev.as_deref(), lease)
@@ -331,9 +330,7 @@ impl State {
                 cause,
                 condition,
             } => {
-                if !condition.holds(prev.as_deref()) {
-                    return Err(condition.refused(&key));
-                }
+                condition.check(prev.as_deref(), &key)?;
                 return Ok(match self.delete(&key, cause) {
                     Some((prev, change)) => (
                         Written::Removed {

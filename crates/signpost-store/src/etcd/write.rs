@@ -184,15 +184,16 @@ impl EtcdStore {
                 condition,
                 quota,
             } => {
-                if !condition.holds(prev.as_deref()) {
-                    return Err(condition.refused(&key));
-                }
-                if let Some(id) = *lease {
-                    rules::join(id, state.lease_namespace(id), instance)?;
-                }
                 let creates = prev.is_none();
                 let usage = state.usage(&key.namespace, &key.service);
-                quota.admit(creates, &usage, &key)?;
+                rules::admit_put(
+                    prev.as_deref(),
+                    instance,
+                    condition,
+                    lease.map(|id| (id, state.lease_namespace(id))),
+                    quota,
+                    &usage,
+                )?;
                 // A lease counts once it holds an instance (etcd grants leases outside
                 // transactions): its first instance is where the lease quota is kept.
                 let first_on_lease = lease.filter(|id| state.lease_namespace(*id).is_none());
@@ -225,9 +226,7 @@ impl EtcdStore {
             Write::Delete {
                 cause, condition, ..
             } => {
-                if !condition.holds(prev.as_deref()) {
-                    return Err(condition.refused(&key));
-                }
+                condition.check(prev.as_deref(), &key)?;
                 match &prev {
                     Some(p) => Decision::Remove {
                         prev: p.clone(),
