@@ -581,10 +581,11 @@ pub(crate) mod rules {
         instance
     }
 
-    /// Whether a put of `instance` may apply over `prev`: its condition, the lease it joins
+    /// Whether a put of `instance` (at `key`) may apply over `prev`: its condition, the lease it joins
     /// (with the namespace that lease's instances live in, if any), and its quota over what the
     /// namespace and service hold.
     pub(crate) fn admit_put(
+        key: &InstanceKey,
         prev: Option<&Instance>,
         instance: &Instance,
         condition: &Condition,
@@ -592,12 +593,11 @@ pub(crate) mod rules {
         quota: &Quota,
         usage: &Usage,
     ) -> crate::Result<()> {
-        let key = instance.key();
-        condition.check(prev, &key)?;
+        condition.check(prev, key)?;
         if let Some((id, namespace)) = lease {
             join(id, namespace, instance)?;
         }
-        quota.admit(prev.is_none(), usage, &key)
+        quota.admit(prev.is_none(), usage, key)
     }
 
     /// What a health verdict makes of `prev`: `Err` (a conflict) when the verdict is stale — the

@@ -304,6 +304,7 @@ impl State {
                     return Err(Error::LeaseNotFound(id));
                 }
                 rules::admit_put(
+                    &key,
                     prev.as_deref(),
                     &instance,
                     &condition,

@@ -187,6 +187,7 @@ impl EtcdStore {
                 let creates = prev.is_none();
                 let usage = state.usage(&key.namespace, &key.service);
                 rules::admit_put(
+                    &key,
                     prev.as_deref(),
                     instance,
                     condition,
