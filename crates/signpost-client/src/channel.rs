@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::endpoint::{Activity, Body, Endpoint, EndpointState, Ready, root_cause};
-use crate::outlier::{OutlierDetection, may_eject};
+use crate::outlier::{self, OutlierDetection};
 use crate::pick::{Candidate, Known, Policy, pick};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -288,30 +288,13 @@ impl Shared {
     /// Records an answer from `endpoint`, ejecting it if it keeps failing.
     fn record(&self, endpoint: &Endpoint, failed: bool) {
         endpoint.calls.fetch_add(1, Ordering::Relaxed);
-        let lock = || endpoint.outlier.lock().unwrap_or_else(|p| p.into_inner());
-        if !failed {
-            lock().success();
-            return;
+        if failed {
+            endpoint.failures.fetch_add(1, Ordering::Relaxed);
         }
-        endpoint.failures.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        if !lock().failure(&self.outlier, now) {
-            return;
-        }
-        // Counted without holding this endpoint's lock: no two outlier locks are ever held.
         let snapshot = self.snapshot();
-        let ejected = snapshot
-            .iter()
-            .filter(|e| {
-                e.outlier
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_ejected(now)
-            })
-            .count();
-        if may_eject(&self.outlier, ejected, snapshot.len())
-            && let Some(until) = lock().eject(&self.outlier, now)
-        {
+        let all = snapshot.iter().map(|e| &e.outlier);
+        if let Some(until) = outlier::record(&self.outlier, &endpoint.outlier, all, failed, now) {
             self.counters.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(service = %self.service, id = %endpoint.id, ejected_for = ?(until - now), "endpoint ejected: its calls keep failing");
             self.changed.send_modify(|n| *n += 1);

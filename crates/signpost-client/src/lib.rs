@@ -64,6 +64,7 @@ mod endpoint;
 mod error;
 mod filter;
 mod keepalive;
+mod load;
 mod outlier;
 mod pick;
 mod registration;
@@ -85,3 +86,12 @@ pub use signpost_backoff::Backoff;
 pub use tls::InstanceTls;
 pub use types::{Event, Health, HealthCheck, Instance, Probe, RemovalReason, WatchUpdate};
 pub use watcher::{WatchCounts, WatchStats};
+
+/// The balancer's rules, for balancers over Signpost that keep their own connections (the
+/// gateway's HTTP/1.1 pools): which endpoint takes a call, when one is ejected, and how load is
+/// weighed are then the same as a [`BalancedChannel`]'s.
+pub mod rules {
+    pub use crate::load::Load;
+    pub use crate::outlier::{Outlier, may_eject, record};
+    pub use crate::pick::{Candidate, Known, Picked, Policy, pick};
+}

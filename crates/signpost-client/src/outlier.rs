@@ -2,6 +2,7 @@
 //! broken connection is taken out of the pick for a while, longer each time it comes back and
 //! fails again, as Envoy's outlier detection does. Pure state, driven by the balancer.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -37,7 +38,7 @@ impl Default for OutlierDetection {
 
 /// One endpoint's record.
 #[derive(Debug, Default)]
-pub(crate) struct Outlier {
+pub struct Outlier {
     consecutive: u32,
     /// Ejections since the endpoint last stayed healthy for a whole `max_ejection`.
     ejections: u32,
@@ -45,21 +46,21 @@ pub(crate) struct Outlier {
 }
 
 impl Outlier {
-    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+    pub fn is_ejected(&self, now: Instant) -> bool {
         self.ejected_until.is_some_and(|until| until > now)
     }
 
-    pub(crate) fn ejected_until(&self, now: Instant) -> Option<Instant> {
+    pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
         self.ejected_until.filter(|until| *until > now)
     }
 
-    pub(crate) fn success(&mut self) {
+    pub fn success(&mut self) {
         self.consecutive = 0;
     }
 
     /// Records a failure; true when it should eject the endpoint now. The caller decides
     /// whether the share allows it, and calls [`Outlier::eject`] if so.
-    pub(crate) fn failure(&mut self, policy: &OutlierDetection, now: Instant) -> bool {
+    pub fn failure(&mut self, policy: &OutlierDetection, now: Instant) -> bool {
         if self.is_ejected(now) {
             return false;
         }
@@ -69,7 +70,7 @@ impl Outlier {
 
     /// Ejects the endpoint and says until when; `None` when it already is (two failures that
     /// crossed the threshold at once eject it once).
-    pub(crate) fn eject(&mut self, policy: &OutlierDetection, now: Instant) -> Option<Instant> {
+    pub fn eject(&mut self, policy: &OutlierDetection, now: Instant) -> Option<Instant> {
         if self.is_ejected(now) {
             return None;
         }
@@ -94,8 +95,41 @@ impl Outlier {
     }
 }
 
+/// Records an answer on `own`, one of the records of a set (`all`, `own` among them). A
+/// failure that crosses the threshold ejects `own` if the ejected share allows it; the answer
+/// is when that ejection ends. No two records' locks are ever held at once.
+pub fn record<'a>(
+    policy: &OutlierDetection,
+    own: &Mutex<Outlier>,
+    all: impl IntoIterator<Item = &'a Mutex<Outlier>>,
+    failed: bool,
+    now: Instant,
+) -> Option<Instant> {
+    let lock = |m: &'a Mutex<Outlier>| m.lock().unwrap_or_else(|p| p.into_inner());
+    let own_lock = || own.lock().unwrap_or_else(|p| p.into_inner());
+    if !failed {
+        own_lock().success();
+        return None;
+    }
+    if !own_lock().failure(policy, now) {
+        return None;
+    }
+    let (mut total, mut ejected) = (0, 0);
+    for record in all {
+        total += 1;
+        if lock(record).is_ejected(now) {
+            ejected += 1;
+        }
+    }
+    if may_eject(policy, ejected, total) {
+        own_lock().eject(policy, now)
+    } else {
+        None
+    }
+}
+
 /// Whether one more ejection keeps the ejected share within the policy.
-pub(crate) fn may_eject(policy: &OutlierDetection, ejected: usize, total: usize) -> bool {
+pub fn may_eject(policy: &OutlierDetection, ejected: usize, total: usize) -> bool {
     ejected == 0 || ((ejected + 1) as f64) <= policy.max_ejected_share * total as f64
 }
 

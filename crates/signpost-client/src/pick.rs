@@ -18,40 +18,40 @@ const TIE_FACTOR: f64 = 3.0;
 
 /// What the picker knows of one connected endpoint.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Candidate {
-    pub(crate) weight: u32,
+pub struct Candidate {
+    pub weight: u32,
     /// In the client's zone (always false when the client names none).
-    pub(crate) local: bool,
+    pub local: bool,
     /// The registry calls it PASSING or WARNING.
-    pub(crate) healthy: bool,
-    pub(crate) ejected: bool,
+    pub healthy: bool,
+    pub ejected: bool,
 }
 
 /// The thresholds of the pick.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Policy {
-    pub(crate) panic_threshold: f64,
-    pub(crate) zone_min_share: f64,
+pub struct Policy {
+    pub panic_threshold: f64,
+    pub zone_min_share: f64,
 }
 
 /// Counts over every endpoint the channel knows, connected or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Known {
-    pub(crate) all: usize,
-    pub(crate) local: usize,
+pub struct Known {
+    pub all: usize,
+    pub local: usize,
 }
 
 /// The outcome of a pick: the index into the candidates, and whether the balancer panicked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Picked {
-    pub(crate) index: usize,
-    pub(crate) panic: bool,
+pub struct Picked {
+    pub index: usize,
+    pub panic: bool,
 }
 
 /// Picks one of `candidates`; `None` when there is none. `cost(i)` is candidate `i`'s load
 /// cost (its latency estimate times its calls in flight plus one), asked only of the two drawn;
 /// `random` returns a number in [0, 1).
-pub(crate) fn pick(
+pub fn pick(
     candidates: &[Candidate],
     known: Known,
     policy: &Policy,

@@ -39,6 +39,16 @@ pub enum Format {
 /// What every operator command takes.
 #[derive(Debug, clap::Args)]
 pub struct Common {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Output: a table for people, or JSON (one object per line for `watch`).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// How to reach the registry: every command that talks to it takes these.
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
     /// The registry to talk to.
     #[arg(
         long,
@@ -46,9 +56,6 @@ pub struct Common {
         default_value = "http://127.0.0.1:7070"
     )]
     pub registry: String,
-    /// Output: a table for people, or JSON (one object per line for `watch`).
-    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-    pub format: Format,
     /// The namespace.
     #[arg(
         short = 'n',
@@ -94,10 +101,10 @@ fn file_setting(flag_value: &Option<PathBuf>, flag: &str, var: &str) -> Option<(
     }
 }
 
-impl Common {
+impl RegistryArgs {
     /// A client whose calls each end within `timeout`: a one-shot command's deadline, or the
     /// library's default for the long-running ones.
-    fn client(&self, timeout: Option<Duration>) -> anyhow::Result<Client> {
+    pub fn client(&self, timeout: Option<Duration>) -> anyhow::Result<Client> {
         let read = |(path, from): &(PathBuf, String)| {
             if path.as_os_str().is_empty() {
                 usage_error(format!(
@@ -420,7 +427,7 @@ fn parse_meta(text: &str) -> Result<(String, String), String> {
 
 fn filter(common: &Common, args: &FilterArgs) -> Filter {
     let mut filter = Filter::service(args.service.clone())
-        .namespace(common.namespace.clone())
+        .namespace(common.registry.namespace.clone())
         .selector(args.selector.clone())
         .include_unhealthy(args.all);
     for tag in &args.tags {
@@ -505,8 +512,13 @@ fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
 
 pub async fn services(args: ServicesArgs) -> anyhow::Result<()> {
     let timeout = args.deadline.timeout;
-    let client = args.common.client(Some(timeout))?;
-    let services = within(&client, timeout, client.services(&args.common.namespace)).await?;
+    let client = args.common.registry.client(Some(timeout))?;
+    let services = within(
+        &client,
+        timeout,
+        client.services(&args.common.registry.namespace),
+    )
+    .await?;
     match args.common.format {
         Format::Json => {
             #[derive(Serialize)]
@@ -527,7 +539,10 @@ pub async fn services(args: ServicesArgs) -> anyhow::Result<()> {
         }
         Format::Table => {
             if services.is_empty() {
-                say!("no services in namespace {:?}", args.common.namespace);
+                say!(
+                    "no services in namespace {:?}",
+                    args.common.registry.namespace
+                );
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = services
@@ -552,12 +567,17 @@ pub async fn services(args: ServicesArgs) -> anyhow::Result<()> {
 pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
     let filter = filter(&args.common, &args.filter);
     let timeout = args.deadline.timeout;
-    let client = args.common.client(Some(timeout))?;
+    let client = args.common.registry.client(Some(timeout))?;
     let instances = within(&client, timeout, client.discover(filter)).await?;
     if instances.is_empty() {
         // Nothing matched: say whether the service exists at all, since a typo and a service
         // with no matching instance look the same otherwise.
-        let services = within(&client, timeout, client.services(&args.common.namespace)).await?;
+        let services = within(
+            &client,
+            timeout,
+            client.services(&args.common.registry.namespace),
+        )
+        .await?;
         let name = &args.filter.service;
         if !services.iter().any(|s| &s.name == name) {
             let hint = match nearest(name, services.iter().map(|s| s.name.as_str())) {
@@ -566,7 +586,7 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
             };
             anyhow::bail!(
                 "no service {name:?} in namespace {:?}{hint}",
-                args.common.namespace
+                args.common.registry.namespace
             );
         }
     }
@@ -620,9 +640,12 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
 
 pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let timeout = args.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    let client = args.common.client(args.ttl.is_none().then_some(timeout))?;
+    let client = args
+        .common
+        .registry
+        .client(args.ttl.is_none().then_some(timeout))?;
     let mut builder = RegistrationBuilder::new(args.service.clone())
-        .namespace(args.common.namespace.clone())
+        .namespace(args.common.registry.namespace.clone())
         .address(args.address.clone())
         .port(args.port)
         .weight(args.weight)
@@ -676,7 +699,12 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         };
     };
     // The library retries an unreachable registry quietly; waiting here first says so.
-    wait_for_registry(&client, &args.common.namespace, &AtomicBool::new(false)).await;
+    wait_for_registry(
+        &client,
+        &args.common.registry.namespace,
+        &AtomicBool::new(false),
+    )
+    .await;
     let registration = client.register(builder.ttl(ttl)).await?;
     let lease = match registration.state() {
         RegistrationState::Registered { lease_id } => lease_id,
@@ -764,11 +792,11 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<()> {
 
 pub async fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
     let timeout = args.deadline.timeout;
-    let client = args.common.client(Some(timeout))?;
+    let client = args.common.registry.client(Some(timeout))?;
     let existed = within(
         &client,
         timeout,
-        client.deregister(&args.common.namespace, &args.service, &args.id),
+        client.deregister(&args.common.registry.namespace, &args.service, &args.id),
     )
     .await?;
     match args.common.format {
@@ -866,14 +894,18 @@ fn print_event(
 
 pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let filter = filter(&args.common, &args.filter);
-    let client = args.common.client(None)?;
+    let client = args.common.registry.client(None)?;
     let (mut updates, stats) = client.watch_with_stats(filter);
     // What we have shown, so a reset after a reconnect prints only what really changed.
     let mut shown: BTreeMap<String, Instance> = BTreeMap::new();
     let format = args.common.format;
     // The watch reconnects by itself without a word; until a stream delivers, a probe says on
     // stderr what the watch waits for.
-    let mut waiting = Some(Waiting::start(&client, &args.common.namespace, false));
+    let mut waiting = Some(Waiting::start(
+        &client,
+        &args.common.registry.namespace,
+        false,
+    ));
     let mut reconnects = stats.counts().reconnects;
     // The counts are the only sign of a broken stream; a quarter second is soon enough to say so.
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -887,7 +919,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                         "signpost: lost the watch stream from registry at {}; reconnecting",
                         client.addresses()
                     );
-                    waiting = Some(Waiting::start(&client, &args.common.namespace, true));
+                    waiting = Some(Waiting::start(&client, &args.common.registry.namespace, true));
                 }
                 reconnects = now;
                 continue;

@@ -14,6 +14,7 @@
 
 mod cli;
 mod duration;
+mod gateway;
 mod output;
 
 /// mimalloc instead of the system allocator: building each answer allocates many small strings and
@@ -57,6 +58,11 @@ enum Command {
     Register(cli::RegisterArgs),
     /// Remove an instance.
     Deregister(cli::DeregisterArgs),
+    /// Server-side discovery: a reverse proxy that sends /{service}/{path} to a healthy instance.
+    ///
+    /// HTTP/1.1, HTTP/2 and gRPC pass through; WebSockets are tunnelled. Keeps routing to the
+    /// last known instances while the registry is unreachable. Stops gracefully on SIGTERM.
+    Gateway(gateway::GatewayArgs),
     /// Print every change to a service as it happens, until Ctrl-C; reconnects on its own.
     Watch(cli::WatchArgs),
 }
@@ -177,7 +183,7 @@ struct ServeArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
@@ -318,7 +324,9 @@ fn config_flags(text: &str, serve: &clap::ArgMatches) -> anyhow::Result<Vec<Stri
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if !matches!(cli.command, Command::Serve(_)) {
+    if let Command::Gateway(args) = &cli.command {
+        init_logs(args.log_format);
+    } else if !matches!(cli.command, Command::Serve(_)) {
         // The operator's commands print their own one-line errors; library logs go to stderr
         // only when asked for with RUST_LOG.
         if std::env::var_os("RUST_LOG").is_some() {
@@ -332,6 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Register(args) => cli::register(args).await,
         Command::Deregister(args) => cli::deregister(args).await,
         Command::Watch(args) => cli::watch(args).await,
+        Command::Gateway(args) => gateway::run(args).await,
     }
 }
 

@@ -1,0 +1,958 @@
+//! One request through the gateway: route it, pick an instance, send it on, and answer.
+//!
+//! Retries, in the order the rules allow them:
+//! - a request that never left (no connection could be made, or hyper handed the request back
+//!   unsent) goes to another instance, whatever its method, up to `max_attempts`;
+//! - an idempotent request (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) whose body is small enough
+//!   to have been kept (or that has none) goes once more to another instance when the first
+//!   answered 502/503/504 or broke the connection before answering, if the target's retry
+//!   budget allows;
+//! - anything else that may have reached an instance (a POST, a gRPC call, an upgrade, a
+//!   streamed body) is never sent twice: it fails with 502 and says so.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::Metrics;
+use crate::route::Routes;
+use crate::upstream::{BoxError, Conn, Endpoint, ProxyBody, Upstream, Upstreams, ViewState};
+
+/// What every request is held to; from the gateway's configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) namespace: String,
+    pub(crate) request_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    /// How long a request waits for the registry's first answer about its target.
+    pub(crate) wait_timeout: Duration,
+    pub(crate) max_attempts: u32,
+    /// Request bodies up to this size are kept so that an idempotent request can be retried.
+    pub(crate) retry_buffer: usize,
+    pub(crate) access_log: bool,
+}
+
+/// The gateway's request handler, shared by every connection.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    pub(crate) routes: Routes,
+    pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: Settings,
+}
+
+/// The request's body as the attempts see it.
+enum Held {
+    Empty,
+    /// Kept whole: every attempt sends a copy.
+    Full(Bytes),
+    /// Streamed: the first attempt that sends it consumes it.
+    Stream(Option<ProxyBody>),
+}
+
+impl Held {
+    fn take(&mut self) -> Option<ProxyBody> {
+        match self {
+            Held::Empty => Some(Empty::new().map_err(|never| match never {}).boxed()),
+            Held::Full(bytes) => Some(
+                Full::new(bytes.clone())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            ),
+            Held::Stream(body) => body.take(),
+        }
+    }
+
+    /// An unsent request's body comes back.
+    fn put_back(&mut self, body: ProxyBody) {
+        if let Held::Stream(slot) = self {
+            *slot = Some(body);
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        !matches!(self, Held::Stream(_))
+    }
+}
+
+/// What the access log line and the metrics say of a request.
+struct Record {
+    method: Method,
+    path: String,
+    client: SocketAddr,
+    request_id: HeaderValue,
+    /// The service label: the target's service once it is known to have instances.
+    service: String,
+    instance: Option<String>,
+    retries: u32,
+    started: Instant,
+}
+
+impl Record {
+    fn finish(&self, log: bool, status: u16, bytes: Option<u64>) {
+        let took = self.started.elapsed();
+        if log {
+            tracing::info!(
+                target: "signpost_gateway::access",
+                method = %self.method,
+                path = %self.path,
+                status,
+                service = %self.service,
+                instance = %self.instance.as_deref().unwrap_or("-"),
+                duration_ms = took.as_secs_f64() * 1000.0,
+                bytes = bytes.unwrap_or(0),
+                retries = self.retries,
+                request_id = %self.request_id.to_str().unwrap_or("-"),
+                client = %self.client.ip(),
+            );
+        }
+    }
+}
+
+/// The methods whose requests may be sent twice (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The upgrade a request asks for (`Connection: upgrade` with `Upgrade: websocket`), if any.
+fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// The request's host, lowercase and without its port: `:authority` over HTTP/2, `Host` over
+/// HTTP/1.1.
+fn host_of<B>(request: &Request<B>) -> Option<String> {
+    let text = match request.uri().authority() {
+        Some(a) => a.host().to_owned(),
+        None => {
+            let value = request.headers().get(header::HOST)?.to_str().ok()?;
+            match value.parse::<http::uri::Authority>() {
+                Ok(a) => a.host().to_owned(),
+                Err(_) => return None,
+            }
+        }
+    };
+    Some(
+        text.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase(),
+    )
+}
+
+/// The caller's request id when it is a sane one (up to 128 visible characters), else a new one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get("x-request-id")
+        && !id.is_empty()
+        && id.len() <= 128
+        && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return id.clone();
+    }
+    let text = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Headers that belong to one connection and are never sent on (RFC 9110 §7.6.1), with the
+/// ones the request's own `Connection` header names.
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_trailers_te: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = keep_trailers_te
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (RFC 7239), added to what earlier
+/// proxies said.
+fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool, host: Option<&str>) {
+    let proto = if https { "https" } else { "http" };
+    let ip = client.ip();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {ip}"),
+        None => ip.to_string(),
+    };
+    let node = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut forwarded = format!("for={node};proto={proto}");
+    if let Some(host) = host.filter(|h| {
+        h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    }) {
+        forwarded.push_str(&format!(";host=\"{host}\""));
+    }
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {forwarded}"),
+        None => forwarded,
+    };
+    let set = |headers: &mut HeaderMap, name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    set(headers, "x-forwarded-for", xff);
+    set(headers, "x-forwarded-proto", proto.to_owned());
+    if let Some(host) = host
+        && !headers.contains_key("x-forwarded-host")
+    {
+        set(headers, "x-forwarded-host", host.to_owned());
+    }
+    set(headers, "forwarded", forwarded);
+}
+
+/// gRPC's code for an HTTP status the gateway answers with.
+fn grpc_code(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        400 => 3,
+        404 => 12,
+        431 | 413 => 8,
+        504 => 4,
+        _ => 14,
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2, "Responses").
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The gateway's own answer: a short JSON body for HTTP, a trailers-only answer for gRPC.
+fn error_response(
+    status: StatusCode,
+    grpc: bool,
+    message: &str,
+    service: Option<&str>,
+    request_id: &HeaderValue,
+) -> Response<ProxyBody> {
+    let mut response = if grpc {
+        let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+        let headers = r.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(grpc_code(status))),
+        );
+        if let Ok(m) = HeaderValue::from_str(&grpc_message(message)) {
+            headers.insert("grpc-message", m);
+        }
+        r
+    } else {
+        let mut body = serde_json::json!({ "error": message, "status": status.as_u16() });
+        if let Some(service) = service {
+            body["service"] = serde_json::Value::from(service);
+        }
+        let mut text = body.to_string();
+        text.push('\n');
+        let mut r = Response::new(
+            Full::new(Bytes::from(text))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    response
+        .headers_mut()
+        .insert("x-request-id", request_id.clone());
+    response
+}
+
+/// The gRPC deadline a call carries (`grpc-timeout: 1S`, `250m`, …).
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = error;
+    while let Some(next) = innermost.source() {
+        innermost = next;
+    }
+    if let Some(io) = innermost.downcast_ref::<std::io::Error>() {
+        return io.kind().to_string();
+    }
+    innermost.to_string()
+}
+
+impl Proxy {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
+        https: bool,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let grpc = is_grpc(request.headers());
+        let id = request_id(request.headers());
+        let host = host_of(&request);
+        let path = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned());
+        let mut record = Record {
+            method: request.method().clone(),
+            path: path.clone(),
+            client,
+            request_id: id.clone(),
+            service: "-".to_owned(),
+            instance: None,
+            retries: 0,
+            started,
+        };
+        let fail = |record: &Record, status: StatusCode, message: &str, service: Option<&str>| {
+            self.metrics
+                .answered(&record.service, status.as_u16(), record.started.elapsed());
+            record.finish(self.settings.access_log, status.as_u16(), None);
+            error_response(status, grpc, message, service, &record.request_id)
+        };
+        let routed = match self.routes.route(&path, host.as_deref(), grpc) {
+            Ok(routed) => routed,
+            Err(no_route) => {
+                return fail(
+                    &record,
+                    StatusCode::BAD_REQUEST,
+                    &no_route.to_string(),
+                    None,
+                );
+            }
+        };
+        let service = routed.target.service.clone();
+        let upstream = match self.upstreams.get(&routed.target) {
+            Ok(upstream) => upstream,
+            Err(too_many) => {
+                let message = format!(
+                    "the gateway follows its most services already ({}); try again shortly",
+                    too_many.0
+                );
+                return fail(
+                    &record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &message,
+                    Some(&service),
+                );
+            }
+        };
+        match upstream.synced(self.settings.wait_timeout).await {
+            ViewState::Synced => {}
+            ViewState::Waiting => {
+                let message = format!(
+                    "the registry has not answered about {} within {:?}",
+                    routed.target, self.settings.wait_timeout
+                );
+                return fail(
+                    &record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &message,
+                    Some(&service),
+                );
+            }
+            ViewState::Refused(reason) => {
+                let message = format!("the registry refused to list {}: {reason}", routed.target);
+                return fail(
+                    &record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &message,
+                    Some(&service),
+                );
+            }
+        }
+        if upstream.registered() == 0 {
+            let message = format!(
+                "no service named {:?} in namespace {:?}",
+                service, self.settings.namespace
+            );
+            if !routed.explicit {
+                return fail(&record, StatusCode::NOT_FOUND, &message, Some(&service));
+            }
+            let message = format!("no instance of {} is registered", routed.target);
+            return fail(
+                &record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &message,
+                Some(&service),
+            );
+        }
+        record.service = service.clone();
+        upstream.budget.deposit();
+
+        let upgrade = upgrade_of(request.headers());
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
+        let (parts, body) = request.into_parts();
+        let method = parts.method.clone();
+        let mut headers = parts.headers;
+        remove_hop_by_hop(&mut headers, true);
+        headers.remove(header::HOST);
+        add_forwarded(&mut headers, client, https, host.as_deref());
+        headers.insert("x-request-id", id.clone());
+        if let Some(upgrade) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, upgrade.clone());
+        }
+        let mut timeout = routed
+            .timeouts
+            .request
+            .unwrap_or(self.settings.request_timeout);
+        if grpc && let Some(deadline) = grpc_timeout(&headers) {
+            timeout = timeout.min(deadline);
+        }
+        let idle = routed.timeouts.idle.unwrap_or(self.settings.idle_timeout);
+        let deadline = started + timeout;
+        let retry_status = idempotent(&method) && !grpc && upgrade.is_none();
+
+        let mut held = if body.is_end_stream() {
+            Held::Empty
+        } else if retry_status
+            && body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= self.settings.retry_buffer as u64)
+        {
+            let limit = self.settings.retry_buffer;
+            match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
+                Ok(Ok(collected)) => Held::Full(collected.to_bytes()),
+                Ok(Err(e)) => {
+                    let message = format!("the request's body could not be read: {e}");
+                    return fail(&record, StatusCode::BAD_REQUEST, &message, Some(&service));
+                }
+                Err(_) => {
+                    let message = format!("the request's body did not arrive within {timeout:?}");
+                    return fail(
+                        &record,
+                        StatusCode::REQUEST_TIMEOUT,
+                        &message,
+                        Some(&service),
+                    );
+                }
+            }
+        } else {
+            Held::Stream(Some(Idle::wrap(body.map_err(BoxError::from).boxed(), idle)))
+        };
+
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut attempts = 0;
+        let mut replayed = false;
+        let mut last_error: Option<String> = None;
+        loop {
+            let Some(endpoint) = upstream.pick(&tried) else {
+                let why = match last_error.take() {
+                    Some(error) => format!("{}; last error: {error}", upstream.why_none()),
+                    None => upstream.why_none(),
+                };
+                let message = format!(
+                    "no healthy instance of {} can take the request: {why}",
+                    routed.target
+                );
+                return fail(
+                    &record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &message,
+                    Some(&service),
+                );
+            };
+            attempts += 1;
+            if attempts > 1 {
+                record.retries += 1;
+                self.metrics.retry(&service);
+            }
+            record.instance = Some(endpoint.id.clone());
+            let conn = match endpoint.checkout(grpc).await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    self.metrics.connect_error(&service);
+                    if upstream.record(&endpoint, true) {
+                        self.metrics.ejection(&service);
+                    }
+                    last_error = Some(format!("instance {}: {error}", endpoint.id));
+                    tried.push(endpoint);
+                    if attempts >= self.settings.max_attempts {
+                        let message = format!(
+                            "no instance of {} could be reached in {attempts} attempts; last error: {}",
+                            routed.target,
+                            last_error.as_deref().unwrap_or("none")
+                        );
+                        return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
+                    }
+                    continue;
+                }
+            };
+            if upgrade.is_some() && !matches!(conn, Conn::H1(_)) {
+                let message = format!(
+                    "instance {} of {service} speaks HTTP/2 only (protocol=h2c), and an upgrade needs HTTP/1.1",
+                    endpoint.id
+                );
+                return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
+            }
+            let Some(body) = held.take() else {
+                let message = "the request's body was already sent to an instance that failed; it is not sent twice";
+                return fail(&record, StatusCode::BAD_GATEWAY, message, Some(&service));
+            };
+            let mut outgoing = Request::new(body);
+            *outgoing.method_mut() = method.clone();
+            *outgoing.headers_mut() = headers.clone();
+            let path_and_query = routed.path_and_query.as_str();
+            match &conn {
+                Conn::H1(_) => {
+                    *outgoing.version_mut() = Version::HTTP_11;
+                    if let Ok(uri) = path_and_query.parse() {
+                        *outgoing.uri_mut() = uri;
+                    }
+                    if let Ok(value) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                        outgoing.headers_mut().insert(header::HOST, value);
+                    }
+                }
+                Conn::H2(_) => {
+                    *outgoing.version_mut() = Version::HTTP_2;
+                    let uri = http::Uri::builder()
+                        .scheme("http")
+                        .authority(endpoint.authority.clone())
+                        .path_and_query(path_and_query)
+                        .build();
+                    if let Ok(uri) = uri {
+                        *outgoing.uri_mut() = uri;
+                    }
+                }
+            }
+            endpoint.load.start();
+            let sent_at = Instant::now();
+            let (answer, h1) = match conn {
+                Conn::H1(mut sender) => {
+                    let sending = sender.try_send_request(outgoing);
+                    (
+                        tokio::time::timeout_at(deadline, sending).await,
+                        Some(sender),
+                    )
+                }
+                Conn::H2(mut sender) => {
+                    let sending = sender.try_send_request(outgoing);
+                    (tokio::time::timeout_at(deadline, sending).await, None)
+                }
+            };
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(_) => {
+                    endpoint.load.observe(sent_at.elapsed(), Instant::now());
+                    endpoint.load.end();
+                    if upstream.record(&endpoint, true) {
+                        self.metrics.ejection(&service);
+                    }
+                    let message = format!(
+                        "instance {} of {service} did not answer within {timeout:?}",
+                        endpoint.id
+                    );
+                    return fail(
+                        &record,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &message,
+                        Some(&service),
+                    );
+                }
+            };
+            let mut response = match answer {
+                Ok(response) => response,
+                Err(mut error) => {
+                    endpoint.load.end();
+                    let unsent = error.take_message();
+                    let cause = root_cause(&error.into_error());
+                    last_error = Some(format!("instance {}: {cause}", endpoint.id));
+                    tried.push(endpoint.clone());
+                    if let Some(unsent) = unsent {
+                        // Never written: the connection was gone before the request left.
+                        held.put_back(unsent.into_body());
+                        if attempts < self.settings.max_attempts {
+                            continue;
+                        }
+                    } else {
+                        if upstream.record(&endpoint, true) {
+                            self.metrics.ejection(&service);
+                        }
+                        if retry_status
+                            && held.replayable()
+                            && !replayed
+                            && attempts < self.settings.max_attempts
+                            && upstream.budget.withdraw()
+                        {
+                            replayed = true;
+                            continue;
+                        }
+                    }
+                    let message = format!(
+                        "the request to instance {} of {service} failed: {cause}; {} is not sent twice",
+                        endpoint.id,
+                        if retry_status {
+                            "it was retried already, or its body was not kept, so it"
+                        } else {
+                            "a non-idempotent request"
+                        }
+                    );
+                    return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
+                }
+            };
+            let now = Instant::now();
+            endpoint.load.observe(now - sent_at, now);
+            let status = response.status();
+            let failed = status.is_server_error()
+                || (grpc
+                    && response
+                        .headers()
+                        .get("grpc-status")
+                        .is_some_and(|s| s == "14"));
+            if upstream.record(&endpoint, failed) {
+                self.metrics.ejection(&service);
+            }
+            if retry_status
+                && matches!(status.as_u16(), 502..=504)
+                && held.replayable()
+                && !replayed
+                && attempts < self.settings.max_attempts
+                && another(&upstream, &tried, &endpoint)
+                && upstream.budget.withdraw()
+            {
+                endpoint.load.end();
+                replayed = true;
+                tried.push(endpoint);
+                last_error = Some(format!("an instance answered {status}"));
+                continue;
+            }
+            self.metrics
+                .answered(&service, status.as_u16(), started.elapsed());
+            if status == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client_upgrade) = client_upgrade
+            {
+                endpoint.load.end();
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(tunnel(
+                    client_upgrade,
+                    upstream_upgrade,
+                    endpoint.id.clone(),
+                ));
+                record.finish(self.settings.access_log, status.as_u16(), None);
+                response.headers_mut().insert("x-request-id", id);
+                return response.map(|_| Empty::new().map_err(|never| match never {}).boxed());
+            }
+            if let Some(sender) = h1 {
+                endpoint.checkin(sender);
+            }
+            remove_hop_by_hop(response.headers_mut(), false);
+            response.headers_mut().insert("x-request-id", id);
+            let finish = Finish {
+                record,
+                status: status.as_u16(),
+                endpoint,
+                log: self.settings.access_log,
+                bytes: 0,
+            };
+            return response.map(|body| {
+                let body = Idle::wrap(body.map_err(BoxError::from).boxed(), idle);
+                Tracked {
+                    inner: body,
+                    finish: Some(finish),
+                }
+                .boxed()
+            });
+        }
+    }
+}
+
+/// Whether an instance other than `endpoint` and those tried could take a retry: without one,
+/// the instance's own answer is better than the gateway's 503.
+fn another(upstream: &Upstream, tried: &[Arc<Endpoint>], endpoint: &Arc<Endpoint>) -> bool {
+    let mut all = tried.to_vec();
+    all.push(endpoint.clone());
+    upstream.pick(&all).is_some()
+}
+
+/// An upgraded connection (a WebSocket): bytes both ways until either side closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    id: String,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(instance = %id, %error, "an upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(instance = %id, %error, "an upgraded connection ended");
+    }
+}
+
+/// An answer's end: the endpoint's load, the access log line.
+struct Finish {
+    record: Record,
+    status: u16,
+    endpoint: Arc<Endpoint>,
+    log: bool,
+    bytes: u64,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.endpoint.load.end();
+        self.record.finish(self.log, self.status, Some(self.bytes));
+    }
+}
+
+/// An answer's body on its way to the client; its end (or the client going away) finishes
+/// the request.
+struct Tracked {
+    inner: ProxyBody,
+    finish: Option<Finish>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(finish)) = (frame.data_ref(), self.finish.as_mut()) {
+                    finish.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish = None,
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body that fails once it has gone `idle` without a frame: a stalled instance or client
+/// cannot hold a request open for ever.
+struct Idle {
+    inner: ProxyBody,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Idle {
+    fn wrap(inner: ProxyBody, idle: Duration) -> ProxyBody {
+        Idle {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+        .boxed()
+    }
+}
+
+impl http_body::Body for Idle {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => {
+                if self.timer.as_mut().poll(cx).is_ready() {
+                    let idle = self.idle;
+                    return Poll::Ready(Some(Err(format!(
+                        "no data for {idle:?}: the body is cut off"
+                    )
+                    .into())));
+                }
+                Poll::Pending
+            }
+            ready => {
+                let next = Instant::now() + self.idle;
+                self.timer.as_mut().reset(next);
+                ready
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_named_ones_too() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        remove_hop_by_hop(&mut h, true);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept", "te"]);
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn forwarded_headers_append_to_earlier_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let client: SocketAddr = "[::1]:5000".parse().unwrap();
+        add_forwarded(&mut h, client, true, Some("api.example"));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "api.example");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[::1]\";proto=https;host=\"api.example\""
+        );
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_made_otherwise() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        let made = request_id(&h);
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, request_id(&h), "each made id is new");
+    }
+
+    #[test]
+    fn grpc_errors_are_trailers_only_with_a_code() {
+        let id = HeaderValue::from_static("x");
+        let r = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            true,
+            "no instance: 100%",
+            None,
+            &id,
+        );
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["grpc-message"], "no instance: 100%25");
+        let r = error_response(StatusCode::NOT_FOUND, false, "no service", Some("web"), &id);
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn upgrades_are_recognised_only_with_connection_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(upgrade_of(&h).is_none());
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(upgrade_of(&h).unwrap(), "websocket");
+    }
+}
