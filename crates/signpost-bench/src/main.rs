@@ -11,9 +11,12 @@
 //! `failover` starts `greeter-server` processes (and, without `--target`, a registry) and kills
 //! them on every way out, a signal included.
 //!
+//! `http-backend` is the instance behind the gateway benchmark (hyper, as in the gateway).
+//!
 //! `etcd-client` is the etcd v3 client the comparison needs (it shares tonic with Signpost);
 //! `mimalloc` keeps the generator's own allocations cheap.
 
+mod backend;
 mod balance;
 mod failover;
 mod process;
@@ -166,6 +169,15 @@ enum Workload {
         #[arg(long)]
         json: bool,
     },
+    /// An HTTP/1.1 and h2c backend for the gateway benchmark; prints `serving on PORT`.
+    HttpBackend {
+        /// 0 for any free port.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// What every answer says.
+        #[arg(long, default_value = "backend")]
+        id: String,
+    },
     /// Time from a backend's Register to its first routed call, and from its Deregister to its
     /// last, with callers busy on a balanced channel.
     Propagation {
@@ -260,6 +272,7 @@ async fn interrupted() -> anyhow::Result<&'static str> {
 
 async fn run(workload: Workload) -> anyhow::Result<()> {
     match workload {
+        Workload::HttpBackend { port, id } => backend::serve(port, id).await,
         Workload::Register {
             common,
             clients,

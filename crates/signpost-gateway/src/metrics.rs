@@ -124,18 +124,23 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    pub(crate) fn connect_error(&self, service: &str) {
-        self.connect_errors
-            .get_or_create(&Self::service(service))
-            .inc();
-    }
-
-    pub(crate) fn retry(&self, service: &str) {
-        self.retries.get_or_create(&Self::service(service)).inc();
-    }
-
-    pub(crate) fn ejection(&self, service: &str) {
-        self.ejections.get_or_create(&Self::service(service)).inc();
+    /// One service's handles, so that a request costs no label lookup.
+    pub(crate) fn for_service(&self, service: &str) -> ServiceMetrics {
+        let labels = Self::service(service);
+        ServiceMetrics {
+            service: service.to_owned(),
+            ok: self
+                .requests
+                .get_or_create(&CodeLabels {
+                    service: service.to_owned(),
+                    code: 200,
+                })
+                .clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            connect_errors: self.connect_errors.get_or_create(&labels).clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            ejections: self.ejections.get_or_create(&labels).clone(),
+        }
     }
 
     /// The metrics as Prometheus text.
@@ -145,6 +150,34 @@ impl Metrics {
             text.clear();
         }
         text
+    }
+}
+
+/// A service's metrics, looked up once.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceMetrics {
+    service: String,
+    ok: Counter,
+    duration: Histogram,
+    pub(crate) connect_errors: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) ejections: Counter,
+}
+
+impl ServiceMetrics {
+    pub(crate) fn answered(&self, metrics: &Metrics, code: u16, took: Duration) {
+        if code == 200 {
+            self.ok.inc();
+        } else {
+            metrics
+                .requests
+                .get_or_create(&CodeLabels {
+                    service: self.service.clone(),
+                    code,
+                })
+                .inc();
+        }
+        self.duration.observe(took.as_secs_f64());
     }
 }
 

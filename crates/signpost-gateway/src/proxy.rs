@@ -185,6 +185,24 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// Headers that belong to one connection and are never sent on (RFC 9110 §7.6.1), with the
 /// ones the request's own `Connection` header names.
 fn remove_hop_by_hop(headers: &mut HeaderMap, keep_trailers_te: bool) {
+    // Most requests and answers carry none: one pass over the names finds out.
+    let hop = |name: &HeaderName| {
+        matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+        )
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -224,40 +242,47 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_trailers_te: bool) {
 /// `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (RFC 7239), added to what earlier
 /// proxies said.
 fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool, host: Option<&str>) {
+    use std::fmt::Write as _;
     let proto = if https { "https" } else { "http" };
     let ip = client.ip();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {ip}"),
-        None => ip.to_string(),
+    let mut text = String::with_capacity(64);
+    let value = |text: &str| HeaderValue::from_str(text).ok();
+    if let Some(earlier) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        text.push_str(earlier);
+        text.push_str(", ");
+    }
+    let _ = write!(text, "{ip}");
+    if let Some(v) = value(&text) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
+    text.clear();
+    if let Some(earlier) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        text.push_str(earlier);
+        text.push_str(", ");
+    }
+    let _ = match ip {
+        std::net::IpAddr::V4(v4) => write!(text, "for={v4};proto={proto}"),
+        std::net::IpAddr::V6(v6) => write!(text, "for=\"[{v6}]\";proto={proto}"),
     };
-    let node = match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut forwarded = format!("for={node};proto={proto}");
     if let Some(host) = host.filter(|h| {
         h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
     }) {
-        forwarded.push_str(&format!(";host=\"{host}\""));
+        let _ = write!(text, ";host=\"{host}\"");
     }
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {forwarded}"),
-        None => forwarded,
-    };
-    let set = |headers: &mut HeaderMap, name: &'static str, value: String| {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(name, value);
-        }
-    };
-    set(headers, "x-forwarded-for", xff);
-    set(headers, "x-forwarded-proto", proto.to_owned());
+    if let Some(v) = value(&text) {
+        headers.insert(header::FORWARDED, v);
+    }
     if let Some(host) = host
         && !headers.contains_key("x-forwarded-host")
+        && let Some(v) = value(host)
     {
-        set(headers, "x-forwarded-host", host.to_owned());
+        headers.insert("x-forwarded-host", v);
     }
-    set(headers, "forwarded", forwarded);
 }
 
 /// gRPC's code for an HTTP status the gateway answers with.
@@ -459,6 +484,7 @@ impl Proxy {
             );
         }
         record.service = service.clone();
+        let sm = upstream.metrics(&self.metrics);
         upstream.budget.deposit();
 
         let upgrade = upgrade_of(request.headers());
@@ -538,15 +564,15 @@ impl Proxy {
             attempts += 1;
             if attempts > 1 {
                 record.retries += 1;
-                self.metrics.retry(&service);
+                sm.retries.inc();
             }
             record.instance = Some(endpoint.id.clone());
             let conn = match endpoint.checkout(grpc).await {
                 Ok(conn) => conn,
                 Err(error) => {
-                    self.metrics.connect_error(&service);
+                    sm.connect_errors.inc();
                     if upstream.record(&endpoint, true) {
-                        self.metrics.ejection(&service);
+                        sm.ejections.inc();
                     }
                     last_error = Some(format!("instance {}: {error}", endpoint.id));
                     tried.push(endpoint);
@@ -574,7 +600,13 @@ impl Proxy {
             };
             let mut outgoing = Request::new(body);
             *outgoing.method_mut() = method.clone();
-            *outgoing.headers_mut() = headers.clone();
+            // Kept for a retry only when one could follow a sent request; an unsent one comes
+            // back whole, its headers with it.
+            *outgoing.headers_mut() = if retry_status && held.replayable() {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             let path_and_query = routed.path_and_query.as_str();
             match &conn {
                 Conn::H1(_) => {
@@ -619,7 +651,7 @@ impl Proxy {
                     endpoint.load.observe(sent_at.elapsed(), Instant::now());
                     endpoint.load.end();
                     if upstream.record(&endpoint, true) {
-                        self.metrics.ejection(&service);
+                        sm.ejections.inc();
                     }
                     let message = format!(
                         "instance {} of {service} did not answer within {timeout:?}",
@@ -643,13 +675,16 @@ impl Proxy {
                     tried.push(endpoint.clone());
                     if let Some(unsent) = unsent {
                         // Never written: the connection was gone before the request left.
-                        held.put_back(unsent.into_body());
+                        let (parts, body) = unsent.into_parts();
+                        headers = parts.headers;
+                        headers.remove(header::HOST);
+                        held.put_back(body);
                         if attempts < self.settings.max_attempts {
                             continue;
                         }
                     } else {
                         if upstream.record(&endpoint, true) {
-                            self.metrics.ejection(&service);
+                            sm.ejections.inc();
                         }
                         if retry_status
                             && held.replayable()
@@ -683,7 +718,7 @@ impl Proxy {
                         .get("grpc-status")
                         .is_some_and(|s| s == "14"));
             if upstream.record(&endpoint, failed) {
-                self.metrics.ejection(&service);
+                sm.ejections.inc();
             }
             if retry_status
                 && matches!(status.as_u16(), 502..=504)
@@ -699,8 +734,7 @@ impl Proxy {
                 last_error = Some(format!("an instance answered {status}"));
                 continue;
             }
-            self.metrics
-                .answered(&service, status.as_u16(), started.elapsed());
+            sm.answered(&self.metrics, status.as_u16(), started.elapsed());
             if status == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client_upgrade) = client_upgrade
             {
@@ -714,6 +748,47 @@ impl Proxy {
                 record.finish(self.settings.access_log, status.as_u16(), None);
                 response.headers_mut().insert("x-request-id", id);
                 return response.map(|_| Empty::new().map_err(|never| match never {}).boxed());
+            }
+            // A small answer of known length is read whole and sent on in one write, as nginx's
+            // proxy buffering does: half the writes for the typical API answer, and the
+            // connection is back in the pool at once. Anything else streams.
+            let small = !grpc
+                && response
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .is_some_and(|n| n <= self.settings.retry_buffer as u64);
+            if small {
+                let (mut head, body) = response.into_parts();
+                let limit = self.settings.retry_buffer;
+                let read = tokio::time::timeout(idle, Limited::new(body, limit).collect()).await;
+                endpoint.load.end();
+                let bytes = match read {
+                    Ok(Ok(collected)) => collected.to_bytes(),
+                    failed => {
+                        if upstream.record(&endpoint, true) {
+                            sm.ejections.inc();
+                        }
+                        let why = match failed {
+                            Ok(Err(e)) => format!("broke off: {e}"),
+                            _ => format!("stalled for {idle:?}"),
+                        };
+                        let message = format!("the answer of instance {} {why}", endpoint.id);
+                        return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
+                    }
+                };
+                if let Some(sender) = h1 {
+                    endpoint.checkin(sender);
+                }
+                remove_hop_by_hop(&mut head.headers, false);
+                head.headers.insert("x-request-id", id);
+                record.finish(
+                    self.settings.access_log,
+                    status.as_u16(),
+                    Some(bytes.len() as u64),
+                );
+                let body = Full::new(bytes).map_err(|never| match never {}).boxed();
+                return Response::from_parts(head, body);
             }
             if let Some(sender) = h1 {
                 endpoint.checkin(sender);

@@ -31,6 +31,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
+use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::Target;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -186,36 +187,27 @@ impl Endpoint {
             *shared = Some(sender.clone());
             return Ok(Conn::H2(sender));
         }
-        loop {
-            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            match idle {
-                Some(sender) if sender.is_ready() && !sender.is_closed() => {
-                    return Ok(Conn::H1(sender));
-                }
-                Some(_) => continue,
-                None => break,
+        {
+            // The most recently used connection that is ready again; those still finishing an
+            // answer stay, those closed go.
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|s| !s.is_closed());
+            if let Some(at) = idle.iter().rposition(|s| s.is_ready()) {
+                return Ok(Conn::H1(idle.swap_remove(at)));
             }
         }
         let sender = self.connect_h1().await.inspect_err(|e| self.failed(e))?;
         Ok(Conn::H1(sender))
     }
 
-    /// An HTTP/1.1 connection whose answer was read to its end goes back to the pool.
-    pub(crate) fn checkin(self: &Arc<Self>, mut sender: http1::SendRequest<ProxyBody>) {
-        let endpoint = Arc::downgrade(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let Some(endpoint) = endpoint.upgrade() else {
-                return;
-            };
-            let mut idle = endpoint.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|s| !s.is_closed());
-            if idle.len() < endpoint.settings.max_idle_per_endpoint {
-                idle.push(sender);
-            }
-        });
+    /// An HTTP/1.1 connection goes back to the pool as soon as its answer's head is in: it is
+    /// taken again once hyper says it is ready, which is when that answer was read to its end.
+    /// No task waits for that moment.
+    pub(crate) fn checkin(&self, sender: http1::SendRequest<ProxyBody>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.settings.max_idle_per_endpoint {
+            idle.push(sender);
+        }
     }
 
     async fn tcp(&self) -> Result<TcpStream, String> {
@@ -343,6 +335,9 @@ pub(crate) struct Upstream {
     pub(crate) changed: Arc<watch::Sender<u64>>,
     settings: Arc<Settings>,
     pub(crate) budget: Budget,
+    /// Made on the first request that finds instances: a name that is not a service gets
+    /// no metrics of its own.
+    metrics: std::sync::OnceLock<ServiceMetrics>,
     /// Milliseconds since the gateway started, at the last request.
     last_used: AtomicU64,
     stop: CancellationToken,
@@ -363,6 +358,7 @@ impl Upstream {
             changed: Arc::new(watch::channel(0).0),
             budget: Budget::new(settings.retry_budget),
             settings,
+            metrics: std::sync::OnceLock::new(),
             last_used: AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
@@ -395,6 +391,11 @@ impl Upstream {
         Duration::from_millis(now.saturating_sub(self.last_used.load(Ordering::Relaxed)))
     }
 
+    pub(crate) fn metrics(&self, metrics: &Metrics) -> &ServiceMetrics {
+        self.metrics
+            .get_or_init(|| metrics.for_service(&self.target.service))
+    }
+
     pub(crate) fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.endpoints
             .read()
@@ -408,6 +409,9 @@ impl Upstream {
 
     /// Waits, up to `wait`, for the registry's first answer.
     pub(crate) async fn synced(&self, wait: Duration) -> ViewState {
+        if *self.sync.borrow() == ViewState::Synced {
+            return ViewState::Synced;
+        }
         let mut sync = self.sync.subscribe();
         let reached = tokio::time::timeout(wait, sync.wait_for(|s| *s != ViewState::Waiting)).await;
         match reached {
@@ -421,26 +425,25 @@ impl Upstream {
     pub(crate) fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
         let snapshot = self.snapshot();
         let now = Instant::now();
-        let usable: Vec<&Arc<Endpoint>> = snapshot.iter().filter(|e| e.is_healthy()).collect();
-        let known = Known {
-            all: usable.len(),
-            local: usable
-                .iter()
-                .filter(|e| e.local.load(Ordering::Relaxed))
-                .count(),
-        };
-        let mut endpoints = Vec::with_capacity(usable.len());
-        let mut candidates = Vec::with_capacity(usable.len());
-        for e in usable {
+        let mut known = Known::default();
+        let mut endpoints = Vec::with_capacity(snapshot.len());
+        let mut candidates = Vec::with_capacity(snapshot.len());
+        for e in snapshot.iter() {
+            // The registry's critical instances are not candidates at all: the gateway answers
+            // 503 rather than send to an instance its checks fail. What is judged here is
+            // outlier detection's, which the panic threshold may overrule.
+            if !e.is_healthy() {
+                continue;
+            }
+            let local = e.local.load(Ordering::Relaxed);
+            known.all += 1;
+            known.local += usize::from(local);
             if e.is_down() || tried.iter().any(|t| Arc::ptr_eq(t, e)) {
                 continue;
             }
             candidates.push(Candidate {
                 weight: e.weight.load(Ordering::Relaxed),
-                local: e.local.load(Ordering::Relaxed),
-                // The registry's critical instances are not candidates at all: the gateway
-                // answers 503 rather than send to an instance its checks fail. What is judged
-                // here is outlier detection's, which the panic threshold may overrule.
+                local,
                 healthy: true,
                 ejected: e
                     .outlier

@@ -207,8 +207,12 @@ fn main() -> std::process::ExitCode {
     // connection's task runs after the other streams have queued theirs and writes them all
     // together: server CPU per change to 5,000 watchers ~72 -> ~20 ms, and Discover and Register
     // cost less too (docs/benchmarks.md). The flag comes from .cargo/config.toml.
+    // The gateway is the opposite case: each request is a hand-off from the client's
+    // connection task to the instance's and back, which the LIFO slot runs at once.
     #[cfg(tokio_unstable)]
-    builder.disable_lifo_slot();
+    if !matches!(cli.command, Command::Gateway(_)) {
+        builder.disable_lifo_slot();
+    }
     let result = builder
         .enable_all()
         .build()
