@@ -5,7 +5,8 @@
 #   bench/compare.sh            # full run (about ten minutes on two cores)
 #   bench/compare.sh --quick    # a few seconds per workload, to check the harness works
 #
-# Needs etcd (Debian: etcd-server); installs it with apt-get when missing and run as root.
+# Needs etcd, and nginx, wrk and h2load for the gateway section (Debian: etcd-server nginx wrk
+# nghttp2-client); installs them with apt-get when missing and run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,11 @@ $quick && out=$(mktemp)
 
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# The gateway section (bench/gateway.sh).
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "bench/compare.sh needs ${need[*]} (apt-get install -y ${need[*]})" >&2
@@ -309,6 +315,7 @@ etcd_version=$(etcd --version 2>/dev/null | sed -n 1p)
   a=$(field "$p" register_to_first_p99_ms); d=$(field "$p" deregister_to_last_p99_ms)
   echo "| Register → first routed call, Deregister → last, p99 < 50 ms | $(ms "$a") ms, $(ms "$d") ms | $(awk -v a="$a" -v d="$d" 'BEGIN { print (a < 50 && d < 50) ? "met" : "missed" }') |"
   echo
+  if $quick; then bench/gateway.sh "$bin" --quick; else bench/gateway.sh "$bin"; fi
   if [ -s "$work/retries" ]; then
     echo "Retried in this run:"
     echo
