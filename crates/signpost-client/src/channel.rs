@@ -630,7 +630,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 }
 
 /// The call's deadline from its `grpc-timeout` header (`1S`, `250m`, …).
-fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     let value = headers.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = digits.parse().ok()?;

@@ -188,13 +188,7 @@ impl Endpoint {
         settings: Arc<Settings>,
         changed: Arc<watch::Sender<u64>>,
     ) -> Result<Arc<Endpoint>, String> {
-        let authority_text = if instance.address.contains(':') {
-            format!("[{}]:{}", instance.address, instance.port)
-        } else {
-            format!("{}:{}", instance.address, instance.port)
-        };
-        let authority = http::uri::Authority::try_from(authority_text.as_str())
-            .map_err(|e| format!("address {authority_text:?} is not usable: {e}"))?;
+        let authority = instance.authority()?;
         let meta = Meta::of(instance);
         let endpoint = Arc::new(Endpoint {
             id: instance.id.clone(),

@@ -91,6 +91,7 @@ pub use watcher::{WatchCounts, WatchStats};
 /// gateway's HTTP/1.1 pools): which endpoint takes a call, when one is ejected, and how load is
 /// weighed are then the same as a [`BalancedChannel`]'s.
 pub mod rules {
+    pub use crate::channel::grpc_timeout;
     pub use crate::load::Load;
     pub use crate::outlier::{Outlier, may_eject, record};
     pub use crate::pick::{Candidate, Known, Picked, Policy, pick};

@@ -88,11 +88,23 @@ pub struct Instance {
 impl Instance {
     /// `http://address:port`, with brackets around an IPv6 address.
     pub fn uri(&self) -> String {
+        format!("http://{}", self.authority_text())
+    }
+
+    fn authority_text(&self) -> String {
         if self.address.contains(':') {
-            format!("http://[{}]:{}", self.address, self.port)
+            format!("[{}]:{}", self.address, self.port)
         } else {
-            format!("http://{}:{}", self.address, self.port)
+            format!("{}:{}", self.address, self.port)
         }
+    }
+
+    /// `address:port` as an HTTP authority (brackets around an IPv6 address); the error says
+    /// why the address cannot be one.
+    pub fn authority(&self) -> Result<http::uri::Authority, String> {
+        let text = self.authority_text();
+        http::uri::Authority::try_from(text.as_str())
+            .map_err(|e| format!("address {text:?} is not usable: {e}"))
     }
 }
 

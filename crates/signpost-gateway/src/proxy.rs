@@ -24,6 +24,8 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use signpost_client::rules::grpc_timeout;
+
 use crate::metrics::Metrics;
 use crate::route::Routes;
 use crate::upstream::{BoxError, Conn, Endpoint, ProxyBody, Upstream, Upstreams, ViewState};
@@ -355,22 +357,6 @@ fn error_response(
         .headers_mut()
         .insert("x-request-id", request_id.clone());
     response
-}
-
-/// The gRPC deadline a call carries (`grpc-timeout: 1S`, `250m`, …).
-fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
 }
 
 fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {

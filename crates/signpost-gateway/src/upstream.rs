@@ -112,13 +112,7 @@ impl Endpoint {
         settings: Arc<Settings>,
         changed: Arc<watch::Sender<u64>>,
     ) -> Result<Arc<Endpoint>, String> {
-        let text = if instance.address.contains(':') {
-            format!("[{}]:{}", instance.address, instance.port)
-        } else {
-            format!("{}:{}", instance.address, instance.port)
-        };
-        let authority = http::uri::Authority::try_from(text.as_str())
-            .map_err(|e| format!("address {text:?} is not usable: {e}"))?;
+        let authority = instance.authority()?;
         let endpoint = Arc::new(Endpoint {
             id: instance.id.clone(),
             authority,

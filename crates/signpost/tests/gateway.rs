@@ -569,6 +569,19 @@ fn grpc_passes_through_for_grpcurl_and_python_stubs_with_streams_unbuffered() {
     assert_eq!(out.trim(), "stream one two");
 }
 
+/// Asks the backend for its two chunks: the second comes once `flag` exists.
+fn ask_for_chunks(addr: SocketAddr, flag: &Path) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "GET /web/chunks?flag={} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        flag.display()
+    )
+    .unwrap();
+    stream
+}
+
 #[test]
 fn a_chunked_answer_streams_through_unbuffered() {
     if !python_ready("json") {
@@ -580,14 +593,7 @@ fn a_chunked_answer_streams_through_unbuffered() {
     wait_until_served_by(gw.addr, "/web/whoami", &["a"]);
     let flags = tempfile::tempdir().unwrap();
     let flag = flags.path().join("got-first");
-    let mut stream = TcpStream::connect(gw.addr).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(
-        stream,
-        "GET /web/chunks?flag={} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        flag.display()
-    )
-    .unwrap();
+    let mut stream = ask_for_chunks(gw.addr, &flag);
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains("first") {
@@ -744,14 +750,7 @@ fn sigterm_lets_a_request_in_flight_finish() {
     wait_until_served_by(gw.addr, "/web/whoami", &["a"]);
     let flags = tempfile::tempdir().unwrap();
     let flag = flags.path().join("go");
-    let mut stream = TcpStream::connect(gw.addr).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(
-        stream,
-        "GET /web/chunks?flag={} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        flag.display()
-    )
-    .unwrap();
+    let mut stream = ask_for_chunks(gw.addr, &flag);
     let mut buf = [0u8; 4096];
     let n = stream.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("200"));
