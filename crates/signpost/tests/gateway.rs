@@ -306,7 +306,7 @@ fn python_gets_through_the_gateway_reach_every_instance_with_the_request_intact(
         .iter()
         .map(|id| backend("http", "web", id, &url, &[]))
         .collect();
-    let gw = gateway(&url, &["--route", "host=*.svc.test"]);
+    let mut gw = gateway(&url, &["--route", "host=*.svc.test"]);
     wait_until_served_by(gw.addr, "/web/whoami", &["a", "b", "c"]);
 
     // The seed pattern: a user's few lines of Python.
@@ -357,6 +357,17 @@ fn python_gets_through_the_gateway_reach_every_instance_with_the_request_intact(
         .iter()
         .find(|b| h["host"] == format!("127.0.0.1:{}", b.port));
     assert!(b.is_some(), "Host names the instance: {h}");
+
+    // An access log line per request, naming the instance that served it.
+    let line = gw.process.wait_for("signpost_gateway::access");
+    assert!(
+        line.contains("service=web") && line.contains("status=200"),
+        "{line}"
+    );
+    assert!(
+        ["a", "b", "c"].contains(&field(&line, "instance").as_str()),
+        "{line}"
+    );
 
     // A made request id; host routing; HTTP/2 from the client (h2c, prior knowledge).
     let (_, head, _) = http(
@@ -766,4 +777,136 @@ fn sigterm_lets_a_request_in_flight_finish() {
     );
     let (ok, out) = process.finish();
     assert!(ok, "the gateway exited with an error: {out}");
+}
+
+#[test]
+fn an_instance_registered_as_h2c_is_reached_over_http2() {
+    // The registry itself stands in for an HTTP/2-only server: tonic speaks no HTTP/1.1.
+    let registry = registry();
+    let url = registry.url();
+    let port = registry.addr.port().to_string();
+    let register = |service: &str, extra: &[&str]| {
+        let mut p = Proc::spawn(
+            Command::new(EXE)
+                .args(["register", service, "--registry", &url, "--id", "r1"])
+                .args(["--address", "127.0.0.1", "--port", &port, "--ttl", "5s"])
+                .args(extra),
+        );
+        p.wait_for("keeping it alive");
+        p
+    };
+    let _h2 = register("h2", &["--meta", "protocol=h2c"]);
+    let _h1 = register("h1", &[]);
+    let gw = gateway(&url, &[]);
+    let path = "/h2/grpc.health.v1.Health/Check";
+    let deadline = Instant::now() + DEADLINE;
+    let head = loop {
+        let (status, head, _) = http(
+            gw.addr,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        if status == 200 {
+            break head;
+        }
+        assert!(Instant::now() < deadline, "{status} {head}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // tonic answered (over HTTP/2): a gRPC status for the empty request.
+    assert!(head.contains("grpc-status"), "{head}");
+    // The same server without the metadata is spoken to in HTTP/1.1, which it does not speak.
+    let (status, body) = get(gw.addr, "/h1/grpc.health.v1.Health/Check");
+    assert_eq!(status, 503, "{body}");
+}
+
+#[test]
+fn the_tls_listener_speaks_http2_and_http1_by_alpn() {
+    if !python_ready("json") {
+        return;
+    }
+    let Some(curl) = require_program("curl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = signpost_tests::tls::Pki::new("gateway");
+    pki.write(dir.path());
+    let registry = registry();
+    let _a = backend("http", "web", "a", &registry.url(), &[]);
+    let cert = dir.path().join("server.pem");
+    let key = dir.path().join("server.key");
+    let mut gw = gateway(
+        &registry.url(),
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    wait_until_served_by(gw.addr, "/web/whoami", &["a"]);
+    let line = gw
+        .process
+        .seen
+        .iter()
+        .find(|l| l.contains("gateway serving HTTPS"))
+        .cloned()
+        .unwrap_or_else(|| gw.process.wait_for("gateway serving HTTPS"));
+    let https = field(&line, "addr");
+    let ca = dir.path().join("ca.pem");
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let (ok, out, err) = run(Command::new(&curl)
+            .args(["-s", flag, "--cacert"])
+            .arg(&ca)
+            .args([
+                "-w",
+                " %{http_version}",
+                &format!("https://{https}/web/headers"),
+            ]));
+        assert!(ok, "{err}");
+        let (body, got) = out.rsplit_once(' ').unwrap();
+        assert_eq!(got, version, "{out}");
+        let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    }
+}
+
+#[test]
+fn an_instance_that_keeps_failing_is_ejected_and_the_rest_take_its_share() {
+    if !python_ready("json") {
+        return;
+    }
+    let registry = registry();
+    let url = registry.url();
+    let _good = backend("http", "flaky", "good", &url, &[]);
+    let _bad = backend_with("http", "flaky", "bad", &url, &[], &["--status", "500"]);
+    let gw = gateway(&url, &[]);
+    // Every answer counts, from the first one the gateway gives.
+    let deadline = Instant::now() + DEADLINE;
+    let mut failures = 0;
+    let mut answers = Vec::new();
+    while answers.len() < 60 {
+        let (status, body) = get(gw.addr, "/flaky/whoami");
+        assert!(Instant::now() < deadline, "{answers:?}");
+        match status {
+            500 => failures += 1,
+            200 => {}
+            // Not in the gateway's view yet.
+            _ => continue,
+        }
+        answers.push((status, body));
+    }
+    // Five failures in a row on the one instance eject it; after that every answer is good.
+    assert_eq!(failures, 5, "{answers:?}");
+    assert!(
+        answers[answers.len() - 20..]
+            .iter()
+            .all(|(s, b)| *s == 200 && b == "good")
+    );
+    assert_eq!(
+        metric(&gw, "signpost_gateway_ejections_total{service=\"flaky\"}"),
+        1.0
+    );
 }

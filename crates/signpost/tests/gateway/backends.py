@@ -47,7 +47,7 @@ def http_backend(args):
 
         def do_GET(self):
             if self.path.startswith("/whoami"):
-                self.answer(200, args.id)
+                self.answer(args.status, args.id)
             elif self.path.startswith("/headers"):
                 seen = {k.lower(): v for k, v in self.headers.items()}
                 self.answer(200, json.dumps({"path": self.path, "headers": seen}), "application/json")
@@ -245,6 +245,7 @@ def main():
         s.add_argument("--port", type=int, default=0)
         s.add_argument("--marks", default="")
         s.add_argument("--stubs", default="")
+        s.add_argument("--status", type=int, default=200, help="what /whoami answers")
     s = sub.add_parser("get")
     s.add_argument("url")
     s.add_argument("n", type=int)
