@@ -159,19 +159,20 @@ measure_all() {
   done
 }
 
-# killed URL: wrk through URL while backend 1 is killed; "requests failed".
+# killed URL: wrk through URL while backend 1 is killed; sets KILLED to "requests failed".
+# Not run in a subshell: the backend it starts again must be this shell's, for the next run.
 killed() {
   local out=$work/kill.out
   "${load[@]}" wrk -t1 -c64 -d"$((seconds + 2))s" "$1" >"$out" &
   local w=$!
   sleep 1
-  kill -9 "${pids[2]}" 2>/dev/null || true
+  { kill -9 "${pids[2]}" && wait "${pids[2]}"; } 2>/dev/null || true
   wait "$w"
   local total non2xx sock
   total=$(awk '/requests in/ {print $1}' "$out")
   non2xx=$(awk '/Non-2xx/ {print $5}' "$out")
   sock=$(awk -F'[ ,]+' '/Socket errors/ {print $4 + $6 + $8 + $10}' "$out")
-  echo "$total $(( ${non2xx:-0} + ${sock:-0} ))"
+  KILLED="$total $(( ${non2xx:-0} + ${sock:-0} ))"
   # Back on the same port for the next run.
   "${server_cpu[@]}" "$bin/signpost-bench" http-backend --port "${backend_ports[1]}" --id b1 >/dev/null 2>&1 &
   pids[2]=$!
@@ -189,8 +190,8 @@ for mode in pinned unpinned; do
   start "$mode"
   measure_all "$mode"
   if [ "$mode" = pinned ]; then
-    kill_gateway=$(killed "http://$GW/web/")
-    kill_nginx=$(killed "http://$NGINX1/web/")
+    killed "http://$GW/web/"; kill_gateway=$KILLED
+    killed "http://$NGINX1/web/"; kill_nginx=$KILLED
   fi
   stop_all
 done
