@@ -494,7 +494,7 @@ impl Proxy {
             timeout = timeout.min(deadline);
         }
         let idle = routed.timeouts.idle.unwrap_or(self.settings.idle_timeout);
-        let deadline = started + timeout;
+        let deadline = later(started, timeout);
         let retry_status = idempotent(&method) && !grpc && upgrade.is_none();
 
         let mut held = if body.is_end_stream() {
@@ -800,6 +800,12 @@ impl Proxy {
     }
 }
 
+/// `after` past `now`, or a year when a setting is too large for the clock.
+fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .unwrap_or(now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// Whether an instance other than `endpoint` and those tried could take a retry: without one,
 /// the instance's own answer is better than the gateway's 503.
 fn another(upstream: &Upstream, tried: &[Arc<Endpoint>], endpoint: &Arc<Endpoint>) -> bool {
@@ -920,7 +926,7 @@ impl http_body::Body for Idle {
                 Poll::Pending
             }
             ready => {
-                let next = Instant::now() + self.idle;
+                let next = later(Instant::now(), self.idle);
                 self.timer.as_mut().reset(next);
                 ready
             }

@@ -101,17 +101,11 @@ pub(crate) struct Endpoint {
     idle: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<ProxyBody>>>,
     settings: Arc<Settings>,
-    /// Wakes requests that wait for an endpoint to come back.
-    changed: Arc<watch::Sender<u64>>,
     stop: CancellationToken,
 }
 
 impl Endpoint {
-    fn new(
-        instance: &Instance,
-        settings: Arc<Settings>,
-        changed: Arc<watch::Sender<u64>>,
-    ) -> Result<Arc<Endpoint>, String> {
+    fn new(instance: &Instance, settings: Arc<Settings>) -> Result<Arc<Endpoint>, String> {
         let authority = instance.authority()?;
         let endpoint = Arc::new(Endpoint {
             id: instance.id.clone(),
@@ -129,7 +123,6 @@ impl Endpoint {
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             settings,
-            changed,
             stop: CancellationToken::new(),
         });
         endpoint.update(instance);
@@ -262,7 +255,6 @@ impl Endpoint {
             return;
         }
         tracing::info!(id = %self.id, authority = %self.authority, %error, "endpoint out of the pick until it accepts connections again");
-        self.changed.send_modify(|n| *n += 1);
         let weak = Arc::downgrade(self);
         let stop = self.stop.clone();
         let mut backoff = signpost_backoff::Backoff::new(
@@ -282,7 +274,6 @@ impl Endpoint {
                     Ok(_) => {
                         tracing::info!(id = %endpoint.id, authority = %endpoint.authority, "endpoint accepts connections again");
                         endpoint.down.store(false, Ordering::Release);
-                        endpoint.changed.send_modify(|n| *n += 1);
                         return;
                     }
                     Err(e) => {
@@ -326,7 +317,6 @@ pub(crate) struct Upstream {
     /// Instances the view holds, critical ones included: 0 means the service has none.
     registered: AtomicU64,
     sync: watch::Sender<ViewState>,
-    pub(crate) changed: Arc<watch::Sender<u64>>,
     settings: Arc<Settings>,
     pub(crate) budget: Budget,
     /// Made on the first request that finds instances: a name that is not a service gets
@@ -349,7 +339,6 @@ impl Upstream {
             endpoints: RwLock::new(Arc::new(Vec::new())),
             registered: AtomicU64::new(0),
             sync: watch::channel(ViewState::Waiting).0,
-            changed: Arc::new(watch::channel(0).0),
             budget: Budget::new(settings.retry_budget),
             settings,
             metrics: std::sync::OnceLock::new(),
@@ -500,7 +489,6 @@ impl Upstream {
             let was = std::mem::replace(s, ViewState::Synced);
             was != ViewState::Synced
         });
-        self.changed.send_modify(|n| *n += 1);
     }
 }
 
@@ -581,7 +569,13 @@ async fn follow(upstream: Weak<Upstream>, client: Client, filter: Filter, stop: 
                             stale.entry(id)
                         {
                             tracing::info!(service = %upstream.target, id = %entry.key(), grace = ?settings.stale_grace, "instance missing from the registry's view after a reconnect; kept for the grace period");
-                            entry.insert(Instant::now() + settings.stale_grace);
+                            entry.insert(
+                                Instant::now()
+                                    .checked_add(settings.stale_grace)
+                                    .unwrap_or_else(|| {
+                                        Instant::now() + Duration::from_secs(365 * 24 * 3600)
+                                    }),
+                            );
                         }
                     }
                 } else {
@@ -607,7 +601,7 @@ async fn follow(upstream: Weak<Upstream>, client: Client, filter: Filter, stop: 
                         }
                         e.stop();
                     }
-                    match Endpoint::new(instance, settings.clone(), upstream.changed.clone()) {
+                    match Endpoint::new(instance, settings.clone()) {
                         Ok(e) => {
                             endpoints.insert(instance.id.clone(), e);
                         }
