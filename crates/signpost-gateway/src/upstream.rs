@@ -89,7 +89,7 @@ pub(crate) struct Endpoint {
     pub(crate) authority: http::uri::Authority,
     host: String,
     port: u16,
-    pub(crate) protocol: Protocol,
+    protocol: Protocol,
     weight: AtomicU32,
     healthy: AtomicBool,
     local: AtomicBool,
@@ -147,7 +147,7 @@ impl Endpoint {
         );
     }
 
-    pub(crate) fn is_down(&self) -> bool {
+    fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
     }
 
@@ -155,7 +155,7 @@ impl Endpoint {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn last_error(&self) -> Option<String> {
+    fn last_error(&self) -> Option<String> {
         self.last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
