@@ -191,15 +191,29 @@ impl Caller {
         }
     }
 
-    /// Waits until `n` more calls have completed.
-    pub async fn calls(&self, n: u64) {
-        let target = self.total.load(Ordering::SeqCst) + n;
-        within("calls", async {
-            while self.total.load(Ordering::SeqCst) < target {
+    /// Waits until `n` more calls have completed, failing the test if none completes for
+    /// [`DEADLINE`]: a stall is the defect, while how long `n` paced calls take depends on
+    /// the host's timer and load.
+    #[track_caller]
+    pub fn calls(&self, n: u64) -> impl std::future::Future<Output = ()> + '_ {
+        let caller = std::panic::Location::caller();
+        async move {
+            let target = self.total.load(Ordering::SeqCst) + n;
+            let mut seen = self.total.load(Ordering::SeqCst);
+            let mut progress = Instant::now();
+            while seen < target {
                 tokio::time::sleep(Duration::from_millis(5)).await;
+                let now = self.total.load(Ordering::SeqCst);
+                if now != seen {
+                    (seen, progress) = (now, Instant::now());
+                } else if progress.elapsed() > DEADLINE {
+                    panic!(
+                        "calls: {} of {n} done, then none for {DEADLINE:?} (at {caller})",
+                        n - (target - seen)
+                    );
+                }
             }
-        })
-        .await;
+        }
     }
 
     pub fn answered_by(&self, id: &str) -> u64 {
