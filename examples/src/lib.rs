@@ -1,6 +1,8 @@
 //! The Greeter used by Signpost's examples and end-to-end tests: a tonic service that answers
 //! with its own instance id, so a caller can see which instance the balancer picked.
 //!
+//! It also serves `grpc.health.v1`, so the registry's gRPC health check can probe it.
+//!
 //! `greeter-server` registers itself with Signpost and serves it; `greeter-client` calls it
 //! through a balanced channel.
 
@@ -31,17 +33,38 @@ pub struct Greeter {
     delay: Duration,
     /// Answer UNAVAILABLE, as an instance whose own dependency is down would.
     failing: Arc<AtomicBool>,
+    /// `grpc.health.v1` on the same port, for the registry's gRPC health checks.
+    health: tonic_health::server::HealthReporter,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
 
 impl Greeter {
     pub fn new(id: impl Into<String>) -> Self {
+        let health = tonic_health::server::HealthReporter::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        );
         Greeter {
             id: id.into(),
             served: Arc::default(),
             calls: Arc::default(),
             delay: Duration::ZERO,
             failing: Arc::default(),
+            health,
+            health_service,
         }
+    }
+
+    /// What its health service answers for the whole server (the empty service name): SERVING
+    /// from the start, NOT_SERVING after `set_serving(false)`. Calls are answered either way.
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
     }
 
     /// Answers every call `delay` late.
@@ -112,6 +135,7 @@ impl Greeter {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         builder
+            .add_service(self.health_service.clone())
             .add_service(GreeterServiceServer::new(self))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await

@@ -34,6 +34,33 @@ pub fn require_program(program: &str) -> Option<PathBuf> {
     }
 }
 
+/// Whether `python3` can import every module of `modules` (named by their pip package in the
+/// skip line); skips as [`require_program`] does when it cannot.
+pub fn require_python_modules(modules: &[(&str, &str)]) -> bool {
+    if require_program("python3").is_none() {
+        return false;
+    }
+    for (module, package) in modules {
+        let imported = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if imported {
+            continue;
+        }
+        if std::env::var_os("SIGNPOST_REQUIRE_ALL").is_some() {
+            panic!(
+                "the Python package {package} is required (SIGNPOST_REQUIRE_ALL is set): pip install {package}"
+            );
+        }
+        report_skip(&format!("Python package {package}"));
+        return false;
+    }
+    true
+}
+
 /// `target/signpost-skips.txt` of the workspace (or of `CARGO_TARGET_DIR`): one line per test
 /// skipped for a missing program.
 pub fn skips_file() -> PathBuf {

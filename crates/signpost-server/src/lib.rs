@@ -50,7 +50,9 @@ pub mod selector;
 mod service;
 mod tls;
 mod validate;
+mod view;
 mod watch;
+pub mod xds;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -208,6 +210,7 @@ pub async fn serve(
         (None, None)
     };
 
+    let ads = xds::Ads::new(registry.clone()).server();
     let registry = RegistryServer::new(registry);
 
     let stop_streams = streams.clone();
@@ -235,6 +238,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
+        .add_service(ads)
         .add_service(registry);
     match tls {
         None => {

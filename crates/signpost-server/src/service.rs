@@ -22,6 +22,7 @@ use crate::filter::Filter;
 use crate::hub::Hub;
 use crate::limits::{WatchLimits, request_too_large, too_large_request};
 use crate::validate;
+use crate::view::Views;
 use crate::watch::{Sent, WatchReceiver, WatchTask};
 
 /// The shortest lease ttl: shorter leases cannot be kept alive reliably over a real network.
@@ -40,6 +41,8 @@ pub struct Registry {
     watches: WatchLimits,
     /// Routes changes to each service's watch streams; started with the first watch.
     hub: Arc<OnceLock<Arc<Hub>>>,
+    /// The live views of services followed for clients that keep none (xDS).
+    views: Arc<OnceLock<Arc<Views>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -61,6 +64,7 @@ impl Registry {
             store,
             watches: WatchLimits::new(&config.limits),
             hub: Arc::default(),
+            views: Arc::default(),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         }
@@ -73,7 +77,7 @@ impl Registry {
 
     /// The token a request carries, when the server checks tokens. Checked before anything
     /// else, so that a stranger learns nothing, not even whether the request was well formed.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<Principal>> {
+    pub(crate) fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<Principal>> {
         let Some(tokens) = &self.config.auth else {
             return Ok(None);
         };
@@ -82,6 +86,23 @@ impl Registry {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         tokens.authenticate(header).map(Some)
+    }
+
+    fn hub(&self) -> &Arc<Hub> {
+        self.hub.get_or_init(|| Hub::start(self.store.clone()))
+    }
+
+    /// The live views of the services, shared by every stream that follows one.
+    pub(crate) fn views(&self) -> Arc<Views> {
+        self.views
+            .get_or_init(|| {
+                Arc::new(Views::new(
+                    self.store.clone(),
+                    self.hub().clone(),
+                    self.shutdown.clone(),
+                ))
+            })
+            .clone()
     }
 
     /// Cancelling this token ends every Watch and KeepAlive stream with `UNAVAILABLE`, so that a
@@ -332,8 +353,7 @@ impl Registry {
             _slots: slots,
         };
         let topic = self
-            .hub
-            .get_or_init(|| Hub::start(self.store.clone()))
+            .hub()
             .subscribe(&task.filter.namespace, &task.filter.service);
         // The task owns the sending half: it ends when the client goes away (the receiver is
         // dropped), on shutdown, or when the store fails.

@@ -1,0 +1,447 @@
+//! An xDS control plane: `envoy.service.discovery.v3.AggregatedDiscoveryService`, State of the
+//! World, fed by the registry's live views, so that any gRPC implementation with xDS support
+//! balances over Signpost's instances with no Signpost library (`xds:///greeter`).
+//!
+//! Each ADS stream is one task ([`AdsStream`]) that keeps, per resource kind, what the client
+//! subscribed to and what was last sent, and follows the live view ([`crate::view`]) of every
+//! service whose endpoints it subscribed to. A proxyless gRPC client asks in turn for a Listener
+//! (named by its target), the RouteConfiguration and Cluster that names, and the cluster's
+//! ClusterLoadAssignment; what each name means, and the resource for it, is `resources`'.
+//!
+//! The endpoints of a service version are encoded once, on the view, for every stream that
+//! sends them. A stream that cannot send as fast as its service changes skips to the newest
+//! version, since a State of the World response replaces the last. A service that does not
+//! exist yet still gets its listener, route and cluster, with no endpoints: the client's calls
+//! fail at once with `UNAVAILABLE` instead of waiting out the client's does-not-exist timer, and
+//! succeed as soon as an instance registers.
+//!
+//! The protocol per gRFC A27 and Envoy's xDS protocol page: a request whose nonce is not the
+//! last one sent for its type is stale and ignored; one that repeats the subscription with the
+//! last nonce is an ACK, and with an `error_detail` a NACK, which is logged and not answered (an
+//! answer would be the same rejected resources again). Delta xDS is not served.
+//!
+//! Message types and the service trait come from [envoy-types](https://docs.rs/envoy-types):
+//! Envoy's API compiled for prost/tonic 0.14, the versions the rest of Signpost uses, with no
+//! protoc at build time.
+
+mod resources;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::{StreamExt, StreamMap};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Principal, Verb};
+use crate::service::Registry;
+use crate::view::{LiveView, ViewReceiver, Views};
+use resources::{Endpoints, Kind, Target};
+
+/// The node metadata key a client's bootstrap sets to name the namespace its plain listener
+/// names (`xds:///greeter`) are looked up in.
+pub const NAMESPACE_METADATA_KEY: &str = "signpost.namespace";
+
+/// The ADS service over a [`Registry`]'s live views; mount it with [`Ads::server`].
+#[derive(Debug, Clone)]
+pub struct Ads {
+    registry: Registry,
+}
+
+impl Ads {
+    pub fn new(registry: Registry) -> Self {
+        Ads { registry }
+    }
+
+    /// The service as a tonic server, with the registry's message size limits.
+    pub fn server(self) -> AggregatedDiscoveryServiceServer<Ads> {
+        let (max_request, max_response) = self.registry.message_limits();
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(max_request)
+            .max_encoding_message_size(max_response)
+    }
+}
+
+type Responses = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let principal = self.registry.authenticate(&request).map_err(Status::from)?;
+        if let Some(p) = &principal {
+            p.check_any(Verb::Read).map_err(Status::from)?;
+        }
+        let remote = request.remote_addr();
+        // Two responses in flight at most: a slow client holds back its own stream, whose
+        // views then skip to their newest versions.
+        let (tx, rx) = mpsc::channel(2);
+        let stream = AdsStream {
+            views: self.registry.views(),
+            principal,
+            shutdown: self.registry.shutdown_token(),
+            node: String::new(),
+            namespace: crate::DEFAULT_NAMESPACE.to_owned(),
+            kinds: HashMap::new(),
+            followed: StreamMap::new(),
+            known: HashMap::new(),
+            nonces: 0,
+            tx,
+        };
+        tokio::spawn(async move {
+            let node = stream.run(request.into_inner()).await;
+            tracing::debug!(node = %node, remote = ?remote, "xDS stream ended");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "this server serves State of the World xDS (StreamAggregatedResources) only",
+        ))
+    }
+}
+
+/// Per resource kind: what the client subscribed to, and what it was last sent.
+#[derive(Debug, Default)]
+struct Subscription {
+    names: BTreeSet<String>,
+    /// The version of the last response of this kind: a count, per stream.
+    version: u64,
+    /// The nonce of the last response of this kind, which a request must carry to be current.
+    nonce: String,
+}
+
+struct AdsStream {
+    views: Arc<Views>,
+    principal: Option<Principal>,
+    shutdown: CancellationToken,
+    /// The client's node id, for logs.
+    node: String,
+    /// Where plain listener names are looked up: the node's `signpost.namespace`, or `default`.
+    namespace: String,
+    kinds: HashMap<Kind, Subscription>,
+    /// The live view of each service whose endpoints the client subscribed to, by the name it
+    /// subscribed with.
+    followed: StreamMap<String, WatchStream<Option<Arc<LiveView>>>>,
+    /// The newest version of each followed view, and the service it is of.
+    known: HashMap<String, (Target, Option<Arc<LiveView>>)>,
+    nonces: u64,
+    tx: Responses,
+}
+
+/// Why a stream stops, other than its client going away.
+enum End {
+    ClientGone,
+    Status(Status),
+}
+
+impl AdsStream {
+    /// Serves the stream until the client or the server ends it; answers the node id.
+    async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) -> String {
+        let end = loop {
+            let step = tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    Err(End::Status(Status::unavailable("the registry is shutting down: reconnect")))
+                }
+                _ = self.tx.closed() => Err(End::ClientGone),
+                request = requests.next() => match request {
+                    None => Err(End::ClientGone),
+                    Some(Err(status)) => {
+                        tracing::debug!(node = %self.node, %status, "xDS request stream failed");
+                        Err(End::ClientGone)
+                    }
+                    Some(Ok(request)) => self.on_request(request).await,
+                },
+                Some((name, view)) = self.followed.next(), if !self.followed.is_empty() => {
+                    self.on_view(name, view).await
+                }
+            };
+            if let Err(end) = step {
+                break end;
+            }
+        };
+        if let End::Status(status) = end {
+            if status.code() != tonic::Code::Unavailable {
+                tracing::warn!(node = %self.node, %status, "xDS stream ended");
+            }
+            let _ = self.tx.try_send(Err(status));
+        }
+        self.node
+    }
+
+    async fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), End> {
+        if let Some(node) = &request.node
+            && self.node.is_empty()
+        {
+            self.node = node.id.clone();
+            if let Some(namespace) = node
+                .metadata
+                .as_ref()
+                .and_then(|m| m.fields.get(NAMESPACE_METADATA_KEY))
+                .and_then(|v| match &v.kind {
+                    Some(ValueKind::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+            {
+                self.namespace = crate::validate::namespace(NAMESPACE_METADATA_KEY, namespace)
+                    .map_err(|e| {
+                        End::Status(Status::invalid_argument(format!("node.metadata {e}")))
+                    })?;
+            }
+        }
+        let Some(kind) = Kind::from_type_url(&request.type_url) else {
+            // Envoy asks for kinds a gRPC client does not (secrets, runtime): nothing to send.
+            tracing::debug!(node = %self.node, type_url = %request.type_url, "xDS request for a kind this server does not serve");
+            return Ok(());
+        };
+        let state = self.kinds.entry(kind).or_default();
+        if !request.response_nonce.is_empty() && request.response_nonce != state.nonce {
+            // Stale: the client has not yet seen the newest response of this kind, whose
+            // answer to it is on its way.
+            return Ok(());
+        }
+        let names: BTreeSet<String> = request.resource_names.into_iter().collect();
+        let first = state.nonce.is_empty();
+        if !first && names == state.names {
+            if let Some(error) = &request.error_detail {
+                tracing::warn!(
+                    node = %self.node,
+                    kind = kind.short(),
+                    rejected_version = state.version,
+                    kept_version = %request.version_info,
+                    error = %error.message,
+                    "an xDS client rejected resources (NACK); not sending them again until they change"
+                );
+            }
+            return Ok(());
+        }
+        state.names = names;
+        match kind {
+            Kind::Endpoints => {
+                self.follow_endpoints()?;
+                // Views already followed answer now; new ones answer when they are first read.
+                if self.known.values().any(|(_, view)| view.is_some()) {
+                    self.send_endpoints().await?;
+                }
+                Ok(())
+            }
+            _ => self.send_static(kind).await,
+        }
+    }
+
+    /// A service a resource name asks for, if this stream may read it.
+    fn target(&self, kind: Kind, name: &str) -> Result<Option<Target>, End> {
+        let parsed = match kind {
+            Kind::Listener => Target::from_listener(name, &self.namespace),
+            _ => Target::from_canonical(name),
+        };
+        match parsed {
+            Ok(target) => {
+                if let Some(p) = &self.principal {
+                    p.check(Verb::Read, &target.namespace)
+                        .map_err(|e| End::Status(e.into()))?;
+                }
+                Ok(Some(target))
+            }
+            Err(why) => {
+                // Left out: the client reports the resource as missing after its timer.
+                tracing::warn!(node = %self.node, kind = kind.short(), name, why, "xDS resource name names no service");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Sends every subscribed listener, route or cluster: each depends on its name alone.
+    async fn send_static(&mut self, kind: Kind) -> Result<(), End> {
+        let names: Vec<String> = self.kinds[&kind].names.iter().cloned().collect();
+        let mut sent = Vec::with_capacity(names.len());
+        for name in &names {
+            if let Some(target) = self.target(kind, name)? {
+                sent.push(match kind {
+                    Kind::Listener => resources::listener(name, &target),
+                    Kind::Route => resources::route(&target),
+                    Kind::Cluster => resources::cluster(&target),
+                    Kind::Endpoints => continue,
+                });
+            }
+        }
+        self.send(kind, sent).await
+    }
+
+    /// Follows the views of the subscribed endpoints, and stops following the rest.
+    fn follow_endpoints(&mut self) -> Result<(), End> {
+        let names = self.kinds[&Kind::Endpoints].names.clone();
+        let gone: Vec<String> = self
+            .known
+            .keys()
+            .filter(|n| !names.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.known.remove(&name);
+            self.followed.remove(&name);
+        }
+        for name in names {
+            if self.known.contains_key(&name) {
+                continue;
+            }
+            if let Some(target) = self.target(Kind::Endpoints, &name)? {
+                let view: ViewReceiver = self.views.follow(&target.namespace, &target.service);
+                self.followed.insert(name.clone(), WatchStream::new(view));
+                self.known.insert(name, (target, None));
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_view(&mut self, name: String, view: Option<Arc<LiveView>>) -> Result<(), End> {
+        let Some((_, known)) = self.known.get_mut(&name) else {
+            return Ok(());
+        };
+        match view {
+            Some(view) => {
+                *known = Some(view);
+                self.send_endpoints().await
+            }
+            // Before the first read there is nothing to send; after one, the view ended with
+            // the store's feed.
+            None if known.is_none() => Ok(()),
+            None => Err(End::Status(Status::unavailable(
+                "the registry stopped following its store: reconnect",
+            ))),
+        }
+    }
+
+    /// Sends the endpoints of every followed service read so far.
+    async fn send_endpoints(&mut self) -> Result<(), End> {
+        let resources: Vec<Any> = self
+            .known
+            .values()
+            .filter_map(|(target, view)| {
+                let view = view.as_ref()?;
+                let made = view.memo.get_or_init(|| {
+                    let made = resources::endpoints(target, view.instances.iter().map(|i| &**i));
+                    if made.hostnames > 0 {
+                        tracing::warn!(
+                            namespace = %target.namespace,
+                            service = %target.service,
+                            left_out = made.hostnames,
+                            "instances registered by hostname are left out of xDS endpoints: gRPC needs IP addresses"
+                        );
+                    }
+                    made
+                });
+                let made: &Endpoints = &made;
+                Some(made.resource.clone())
+            })
+            .collect();
+        self.send(Kind::Endpoints, resources).await
+    }
+
+    async fn send(&mut self, kind: Kind, resources: Vec<Any>) -> Result<(), End> {
+        self.nonces += 1;
+        let state = self.kinds.entry(kind).or_default();
+        state.version += 1;
+        state.nonce = self.nonces.to_string();
+        let response = DiscoveryResponse {
+            version_info: state.version.to_string(),
+            resources,
+            type_url: kind.type_url().to_owned(),
+            nonce: state.nonce.clone(),
+            ..DiscoveryResponse::default()
+        };
+        tokio::select! {
+            sent = self.tx.send(Ok(response)) => sent.map_err(|_| End::ClientGone),
+            _ = self.shutdown.cancelled() => Err(End::Status(Status::unavailable(
+                "the registry is shutting down: reconnect",
+            ))),
+        }
+    }
+}
+
+/// What a gRPC client's xDS bootstrap names: this server and the client itself.
+#[derive(Debug, Clone, Default)]
+pub struct Bootstrap {
+    /// The registry's `host:port`.
+    pub server_uri: String,
+    /// The client's node id, as the server's logs name it.
+    pub node_id: String,
+    /// The namespace plain target names (`xds:///greeter`) are looked up in.
+    pub namespace: Option<String>,
+    /// The client's zone (the node's locality).
+    pub zone: Option<String>,
+    /// Reach the server over TLS: the CA file that signed its certificate, and for mutual TLS
+    /// the client's own certificate and key files (PEM).
+    pub tls: Option<BootstrapTls>,
+}
+
+/// Files for a bootstrap's `tls` channel credentials.
+#[derive(Debug, Clone, Default)]
+pub struct BootstrapTls {
+    pub ca_certificate_file: String,
+    pub certificate_file: Option<String>,
+    pub private_key_file: Option<String>,
+}
+
+impl Bootstrap {
+    /// The bootstrap file's JSON (gRPC's xDS bootstrap format, gRFC A27 and A65).
+    pub fn to_json(&self) -> String {
+        let creds = match &self.tls {
+            None => serde_json::json!({ "type": "insecure" }),
+            Some(tls) => {
+                let mut config = serde_json::Map::new();
+                config.insert(
+                    "ca_certificate_file".into(),
+                    tls.ca_certificate_file.clone().into(),
+                );
+                if let Some(cert) = &tls.certificate_file {
+                    config.insert("certificate_file".into(), cert.clone().into());
+                }
+                if let Some(key) = &tls.private_key_file {
+                    config.insert("private_key_file".into(), key.clone().into());
+                }
+                serde_json::json!({ "type": "tls", "config": config })
+            }
+        };
+        let mut node = serde_json::Map::new();
+        node.insert("id".into(), self.node_id.clone().into());
+        if let Some(zone) = &self.zone {
+            node.insert("locality".into(), serde_json::json!({ "zone": zone }));
+        }
+        if let Some(namespace) = &self.namespace {
+            node.insert(
+                "metadata".into(),
+                serde_json::json!({ NAMESPACE_METADATA_KEY: namespace }),
+            );
+        }
+        let bootstrap = serde_json::json!({
+            "xds_servers": [{
+                "server_uri": self.server_uri,
+                "channel_creds": [creds],
+                "server_features": ["xds_v3"],
+            }],
+            "node": node,
+        });
+        serde_json::to_string_pretty(&bootstrap).unwrap_or_default()
+    }
+}
