@@ -1,0 +1,305 @@
+//! The ADS protocol as a client other than gRPC's sees it: ACKs and NACKs answered per the
+//! protocol (a rejected response is not sent again, and the server says why), stale requests
+//! ignored, unsubscribing honoured; and a thousand streams following one service.
+
+// Test code: a failed expectation is the test failing.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
+use signpost_tests::{TestServer, instance, register, within};
+use tokio::sync::mpsc;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// What the server logged, for the test that reads why a NACK was logged.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// One ADS stream, driven by hand.
+struct Ads {
+    requests: mpsc::UnboundedSender<DiscoveryRequest>,
+    responses: Streaming<DiscoveryResponse>,
+}
+
+impl Ads {
+    async fn open(channel: Channel) -> Ads {
+        let (requests, rx) = mpsc::unbounded_channel();
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let responses = within(
+            "open an ADS stream",
+            client.stream_aggregated_resources(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            ),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        Ads {
+            requests,
+            responses,
+        }
+    }
+
+    fn ask(&self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
+        self.requests
+            .send(DiscoveryRequest {
+                node: Some(Node {
+                    id: "ads-test".into(),
+                    ..Node::default()
+                }),
+                type_url: type_url.into(),
+                resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+                version_info: version.into(),
+                response_nonce: nonce.into(),
+                ..DiscoveryRequest::default()
+            })
+            .unwrap();
+    }
+
+    fn nack(&self, type_url: &str, names: &[&str], version: &str, nonce: &str, why: &str) {
+        self.requests
+            .send(DiscoveryRequest {
+                type_url: type_url.into(),
+                resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+                version_info: version.into(),
+                response_nonce: nonce.into(),
+                error_detail: Some(RpcStatus {
+                    code: 3,
+                    message: why.into(),
+                    details: Vec::new(),
+                }),
+                ..DiscoveryRequest::default()
+            })
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> DiscoveryResponse {
+        within("an ADS response", self.responses.message())
+            .await
+            .unwrap()
+            .expect("the stream ended")
+    }
+}
+
+/// The endpoint addresses of an endpoints response, as `ip:port`.
+fn endpoints(response: &DiscoveryResponse) -> Vec<String> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    assert_eq!(response.type_url, ENDPOINTS);
+    let mut all = Vec::new();
+    for resource in &response.resources {
+        let cla = ClusterLoadAssignment::decode(resource.value.as_slice()).unwrap();
+        for locality in cla.endpoints {
+            for e in locality.lb_endpoints {
+                let Some(HostIdentifier::Endpoint(ep)) = e.host_identifier else {
+                    continue;
+                };
+                if let Some(Address::SocketAddress(sa)) = ep.address.and_then(|a| a.address) {
+                    let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                        continue;
+                    };
+                    all.push(format!("{}:{port}", sa.address));
+                }
+            }
+        }
+    }
+    all.sort();
+    all
+}
+
+async fn channel(server: &TestServer) -> Channel {
+    within(
+        "connect",
+        Channel::from_shared(server.url()).unwrap().connect(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_nacks_stale_requests_and_unsubscribing_follow_the_protocol() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    // The server's tasks run on other threads: the subscriber must be theirs too.
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let server = {
+        let _guard = tracing::dispatcher::set_default(&dispatch);
+        TestServer::start().await
+    };
+    let _global = tracing::dispatcher::set_global_default(dispatch);
+    let mut client = server.client().await;
+    let mut ads = Ads::open(channel(&server).await).await;
+
+    ads.ask(LISTENER, &["greeter"], "", "");
+    let l1 = ads.next().await;
+    assert_eq!(l1.type_url, LISTENER);
+    assert_eq!(l1.resources.len(), 1);
+    let listener = Listener::decode(l1.resources[0].value.as_slice()).unwrap();
+    assert_eq!(listener.name, "greeter");
+
+    // ACK, then NACK the same response: neither is answered. Proven by the order of what
+    // comes next on the stream: the answer to a later request, not a repeat.
+    ads.ask(LISTENER, &["greeter"], &l1.version_info, &l1.nonce);
+    ads.nack(
+        LISTENER,
+        &["greeter"],
+        "",
+        &l1.nonce,
+        "listener rejected on purpose",
+    );
+    ads.ask(CLUSTER, &["default/greeter"], "", "");
+    let c1 = ads.next().await;
+    assert_eq!(c1.type_url, CLUSTER, "a NACK was answered with {c1:?}");
+    within("the NACK is logged with why", async {
+        while !logs.text().contains("listener rejected on purpose") {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    ads.ask(CLUSTER, &["default/greeter"], &c1.version_info, &c1.nonce);
+
+    // Endpoints of a service with no instance yet: an empty assignment, then each change.
+    ads.ask(ENDPOINTS, &["default/greeter"], "", "");
+    let e1 = ads.next().await;
+    assert_eq!(endpoints(&e1), Vec::<String>::new());
+    register(&mut client, instance("greeter", "g1", 5001)).await;
+    let e2 = ads.next().await;
+    assert_eq!(endpoints(&e2), ["127.0.0.1:5001"]);
+
+    // A NACK of endpoints: not sent again, but the next change is.
+    ads.nack(
+        ENDPOINTS,
+        &["default/greeter"],
+        &e1.version_info,
+        &e2.nonce,
+        "no",
+    );
+    register(&mut client, instance("greeter", "g2", 5002)).await;
+    let e3 = ads.next().await;
+    assert_eq!(endpoints(&e3), ["127.0.0.1:5001", "127.0.0.1:5002"]);
+
+    // A request with an old nonce is stale: its unsubscribe is ignored.
+    ads.ask(ENDPOINTS, &[], &e2.version_info, &e2.nonce);
+    register(&mut client, instance("greeter", "g3", 5003)).await;
+    let e4 = ads.next().await;
+    assert_eq!(endpoints(&e4).len(), 3);
+
+    // A current one is not: after it, changes to the service are not sent.
+    ads.ask(ENDPOINTS, &[], &e4.version_info, &e4.nonce);
+    register(&mut client, instance("greeter", "g4", 5004)).await;
+    ads.ask(LISTENER, &["greeter", "other"], &l1.version_info, &l1.nonce);
+    let l2 = ads.next().await;
+    assert_eq!(l2.type_url, LISTENER, "sent after unsubscribing: {l2:?}");
+    assert_eq!(l2.resources.len(), 2);
+
+    // Names that name no service are left out, and said why.
+    ads.ask(LISTENER, &["Not A Service"], &l2.version_info, &l2.nonce);
+    let l3 = ads.next().await;
+    assert!(l3.resources.is_empty(), "{l3:?}");
+    within("the bad name is logged", async {
+        while !logs.text().contains("names no service") {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_each_get_every_change_of_their_service() {
+    const STREAMS: usize = 1_000;
+    const CONNECTIONS: usize = 10;
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut connections = Vec::new();
+    for _ in 0..CONNECTIONS {
+        connections.push(channel(&server).await);
+    }
+    // Each stream reports how many endpoints its newest assignment holds.
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<(usize, usize)>();
+    let mut tasks = Vec::new();
+    for n in 0..STREAMS {
+        let mut ads = Ads::open(connections[n % CONNECTIONS].clone()).await;
+        let seen = seen_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            ads.ask(ENDPOINTS, &["default/fan"], "", "");
+            loop {
+                let Ok(Some(response)) = ads.responses.message().await else {
+                    return;
+                };
+                ads.ask(
+                    ENDPOINTS,
+                    &["default/fan"],
+                    &response.version_info,
+                    &response.nonce,
+                );
+                if seen.send((n, endpoints(&response).len())).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    let mut newest = vec![usize::MAX; STREAMS];
+    wait_for(&mut newest, 0, &mut seen).await;
+    for i in 1..=5u32 {
+        register(&mut client, instance("fan", &format!("f{i}"), 6000 + i)).await;
+        let started = std::time::Instant::now();
+        wait_for(&mut newest, i as usize, &mut seen).await;
+        eprintln!(
+            "change {i} reached {STREAMS} streams in {:?}",
+            started.elapsed()
+        );
+    }
+    for task in tasks {
+        task.abort();
+    }
+}
+
+/// Reads what the streams report until every one's newest assignment holds `want` endpoints.
+async fn wait_for(
+    newest: &mut [usize],
+    want: usize,
+    seen: &mut mpsc::UnboundedReceiver<(usize, usize)>,
+) {
+    within("every stream has the change", async {
+        while newest.iter().any(|&n| n != want) {
+            let (stream, count) = seen.recv().await.unwrap();
+            newest[stream] = count;
+        }
+    })
+    .await;
+}
