@@ -1,4 +1,4 @@
-//! gRPC's own xDS client, in Python (grpcio), calling the Rust greeters through a plain
+//! gRPC's own xDS clients, Python's grpcio and Node's grpc-js, calling the Rust greeters through a plain
 //! `grpc.insecure_channel("xds:///greeter")` with Signpost as its control plane: no Signpost
 //! code on the calling side, only a bootstrap file.
 
@@ -15,11 +15,35 @@ use signpost_client::{HealthCheck, Probe, RegistrationBuilder};
 use signpost_examples::Greeter;
 use signpost_server::xds::Bootstrap;
 use signpost_tests::greeters::{Backend, GreeterProcess, test_client};
-use signpost_tests::process::require_python_modules;
+use signpost_tests::process::{require_program, require_python_modules};
 use signpost_tests::{DEADLINE, TestServer};
 use tokio::sync::mpsc;
 
 const GREETER: &str = env!("CARGO_BIN_EXE_greeter-server");
+
+#[derive(Debug, Clone, Copy)]
+enum Language {
+    Python,
+    Node,
+}
+
+/// Node with grpc-js and its xDS plugin, installed by `npm ci` in tests/xds/node.
+fn node_grpc() -> bool {
+    if require_program("node").is_none() {
+        return false;
+    }
+    let installed = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/xds/node/node_modules/@grpc/grpc-js-xds")
+        .is_dir();
+    if !installed {
+        assert!(
+            std::env::var_os("SIGNPOST_REQUIRE_ALL").is_none(),
+            "@grpc/grpc-js-xds is required (SIGNPOST_REQUIRE_ALL is set): npm ci --prefix examples/tests/xds/node"
+        );
+        eprintln!("skipping: npm ci --prefix examples/tests/xds/node has not been run");
+    }
+    installed
+}
 
 fn python_grpc() -> bool {
     require_python_modules(&[("grpc", "grpcio"), ("grpc_tools", "grpcio-tools")])
@@ -37,9 +61,9 @@ impl Answer {
     }
 }
 
-/// `tests/xds/caller.py`: calls one after another through an `xds:///` channel; killed when
-/// dropped.
-struct PyCaller {
+/// `tests/xds/caller.py` or `tests/xds/node/caller.js`: calls one after another through an
+/// `xds:///` channel; killed when dropped.
+struct Caller {
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,
     /// Everything it printed that was not an answer (grpcio's own logs), for failure messages.
@@ -47,14 +71,29 @@ struct PyCaller {
     _bootstrap: tempfile::TempDir,
 }
 
-impl PyCaller {
-    fn start(bootstrap: &Bootstrap, target: &str) -> PyCaller {
+impl Caller {
+    fn start(bootstrap: &Bootstrap, target: &str) -> Caller {
+        Caller::start_in(Language::Python, bootstrap, target)
+    }
+
+    fn start_in(language: Language, bootstrap: &Bootstrap, target: &str) -> Caller {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bootstrap.json");
         std::fs::write(&file, bootstrap.to_json()).unwrap();
         let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut child = Command::new("python3")
-            .arg(here.join("tests/xds/caller.py"))
+        let mut command = match language {
+            Language::Python => {
+                let mut c = Command::new("python3");
+                c.arg(here.join("tests/xds/caller.py"));
+                c
+            }
+            Language::Node => {
+                let mut c = Command::new("node");
+                c.arg(here.join("tests/xds/node/caller.js"));
+                c
+            }
+        };
+        let mut child = command
             .args(["--target", target])
             .arg("--proto-dir")
             .arg(here.join("proto"))
@@ -78,7 +117,7 @@ impl PyCaller {
                 let _ = tx2.send(format!("stderr: {line}"));
             }
         });
-        let mut caller = PyCaller {
+        let mut caller = Caller {
             child,
             lines,
             log: Vec::new(),
@@ -101,7 +140,7 @@ impl PyCaller {
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             }
         }
-        panic!("caller.py did not start:\n{}", self.log.join("\n"));
+        panic!("the caller did not start:\n{}", self.log.join("\n"));
     }
 
     /// The next call's outcome; the test fails if none comes within [`DEADLINE`].
@@ -109,9 +148,9 @@ impl PyCaller {
         loop {
             let line = match tokio::time::timeout(DEADLINE, self.lines.recv()).await {
                 Ok(Some(line)) => line,
-                Ok(None) => panic!("caller.py ended:\n{}", self.log.join("\n")),
+                Ok(None) => panic!("the caller ended:\n{}", self.log.join("\n")),
                 Err(_) => panic!(
-                    "caller.py finished no call within {DEADLINE:?}:\n{}",
+                    "the caller finished no call within {DEADLINE:?}:\n{}",
                     self.log.join("\n")
                 ),
             };
@@ -159,7 +198,7 @@ impl PyCaller {
     }
 }
 
-impl Drop for PyCaller {
+impl Drop for Caller {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -211,7 +250,7 @@ async fn start_greeters(registry: &str, n: usize) -> Vec<GreeterProcess> {
 }
 
 /// Reads calls until `id` has answered none of the last 50, within `limit`.
-async fn until_none_from(caller: &mut PyCaller, id: &str, what: &str, limit: Duration) {
+async fn until_none_from(caller: &mut Caller, id: &str, what: &str, limit: Duration) {
     let mut without = 0;
     caller
         .until(what, limit, |a| {
@@ -223,13 +262,23 @@ async fn until_none_from(caller: &mut PyCaller, id: &str, what: &str, limit: Dur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_xds_calls_spread_and_follow_registrations_deregistrations_and_a_kill() {
-    if !python_grpc() {
-        return;
+    if python_grpc() {
+        calls_spread_and_follow_changes(Language::Python).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_xds_calls_spread_and_follow_registrations_deregistrations_and_a_kill() {
+    if node_grpc() {
+        calls_spread_and_follow_changes(Language::Node).await;
+    }
+}
+
+async fn calls_spread_and_follow_changes(language: Language) {
     let server = TestServer::start().await;
     let url = server.url();
     let mut greeters = start_greeters(&url, 3).await;
-    let mut caller = PyCaller::start(&bootstrap(&server, None), "xds:///greeter");
+    let mut caller = Caller::start_in(language, &bootstrap(&server, None), "xds:///greeter");
 
     let ids: BTreeSet<String> = greeters.iter().map(|g| g.id.clone()).collect();
     let mut seen = BTreeSet::new();
@@ -327,7 +376,7 @@ async fn a_greeter_whose_check_turns_critical_gets_no_calls_until_it_passes_agai
     let client = test_client(server.url());
     let h1 = Backend::start_with(&client, Greeter::new("h1"), grpc_checked("h1")).await;
     let _h2 = Backend::start_with(&client, Greeter::new("h2"), grpc_checked("h2")).await;
-    let mut caller = PyCaller::start(&bootstrap(&server, None), "xds:///greeter");
+    let mut caller = Caller::start(&bootstrap(&server, None), "xds:///greeter");
     let (mut one, mut two) = (false, false);
     caller
         .until("both greeters answer", DEADLINE, |a| {
@@ -368,7 +417,7 @@ async fn a_service_not_yet_registered_fails_at_once_and_recovers_when_it_registe
     }
     let server = TestServer::start().await;
     let client = test_client(server.url());
-    let mut caller = PyCaller::start(&bootstrap(&server, None), "xds:///late.payments.svc");
+    let mut caller = Caller::start(&bootstrap(&server, None), "xds:///late.payments.svc");
     let started = Instant::now();
     let first = caller.next().await;
     let waited = started.elapsed();
@@ -397,7 +446,7 @@ async fn a_service_not_yet_registered_fails_at_once_and_recovers_when_it_registe
     eprintln!("recovered {:?} after it registered", registered.elapsed());
 
     // The same service by its plain name, from a client whose bootstrap names its namespace.
-    let mut local = PyCaller::start(&bootstrap(&server, Some("payments")), "xds:///late");
+    let mut local = Caller::start(&bootstrap(&server, Some("payments")), "xds:///late");
     let answers = local.take(20).await;
     assert!(
         answers.iter().all(|a| a.is("late1")),

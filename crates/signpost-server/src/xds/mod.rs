@@ -425,9 +425,14 @@ impl Bootstrap {
         };
         let mut node = serde_json::Map::new();
         node.insert("id".into(), self.node_id.clone().into());
-        if let Some(zone) = &self.zone {
-            node.insert("locality".into(), serde_json::json!({ "zone": zone }));
-        }
+        // grpc-js refuses a bootstrap whose node has no locality at all.
+        node.insert(
+            "locality".into(),
+            match &self.zone {
+                Some(zone) => serde_json::json!({ "zone": zone }),
+                None => serde_json::json!({}),
+            },
+        );
         if let Some(namespace) = &self.namespace {
             node.insert(
                 "metadata".into(),
