@@ -454,3 +454,42 @@ async fn a_service_not_yet_registered_fails_at_once_and_recovers_when_it_registe
         tally(&answers)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_python_lines_reach_a_greeter() {
+    if !python_grpc() {
+        return;
+    }
+    let server = TestServer::start().await;
+    let greeter = start_greeters(&server.url(), 1).await.remove(0);
+    let dir = tempfile::tempdir().unwrap();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The README's own stub command, run where the snippet runs.
+    let (ok, _, err) = signpost_tests::process::run(
+        Command::new("python3")
+            .args(["-m", "grpc_tools.protoc", "-I"])
+            .arg(here.join("proto"))
+            .args(["--python_out=.", "--grpc_python_out=.", "greeter/v1/greeter.proto"])
+            .current_dir(dir.path()),
+    );
+    assert!(ok, "protoc: {err}");
+    let bootstrap = dir.path().join("bootstrap.json");
+    std::fs::write(&bootstrap, self::bootstrap(&server, None).to_json()).unwrap();
+    let snippet = signpost_tests::process::readme_block("xds-python");
+    assert_eq!(snippet.lines().count(), 3, "{snippet}");
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || {
+            signpost_tests::process::run(
+                Command::new("python3")
+                    .args(["-c", &snippet])
+                    .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+                    .current_dir(dir),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.trim(), greeter.id);
+}

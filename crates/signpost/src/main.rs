@@ -1,5 +1,6 @@
-//! `signpost`: the Signpost registry server (`signpost serve`) and the operator's commands
-//! (`services`, `ls`, `register`, `deregister`, `watch`).
+//! `signpost`: the Signpost registry server (`signpost serve`), the gateway (`gateway`), and the
+//! operator's commands (`services`, `ls`, `register`, `deregister`, `watch`, and `xds-bootstrap`,
+//! which prints a gRPC client's xDS bootstrap file, in `xds`).
 //!
 //! This binary is a thin edge over the library crates: it reads flags and `SIGNPOST_*` environment
 //! variables with clap, sets up `tracing` logs, builds the chosen store, and hands both to
@@ -16,6 +17,7 @@ mod cli;
 mod duration;
 mod gateway;
 mod output;
+mod xds;
 
 /// mimalloc instead of the system allocator: building each answer allocates many small strings and
 /// maps, and a profile of Discover under load showed glibc's malloc and free taking about a quarter
@@ -65,6 +67,9 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// Print every change to a service as it happens, until Ctrl-C; reconnects on its own.
     Watch(cli::WatchArgs),
+    /// Print the xDS bootstrap file that makes gRPC clients use the registry as their control
+    /// plane: `GRPC_XDS_BOOTSTRAP=file`, then `xds:///service` targets.
+    XdsBootstrap(xds::XdsBootstrapArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -345,6 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deregister(args) => cli::deregister(args).await,
         Command::Watch(args) => cli::watch(args).await,
         Command::Gateway(args) => gateway::run(args).await,
+        Command::XdsBootstrap(args) => xds::bootstrap(args),
     }
 }
 

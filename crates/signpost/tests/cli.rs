@@ -715,3 +715,46 @@ fn tls_mistakes_say_which_in_one_line() {
     );
     assert!(out.contains("no services"), "{out}");
 }
+
+#[test]
+fn xds_bootstrap_prints_a_file_grpc_takes_to_reach_the_registry() {
+    let server = ServerProcess::start(Path::new(EXE), &["--store", "memory"]);
+    let url = server.url();
+    let out = ok(&url, &["xds-bootstrap", "-n", "payments", "--zone", "z1"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        json["xds_servers"][0]["server_uri"],
+        server.addr.to_string(),
+        "{out}"
+    );
+    assert_eq!(json["node"]["metadata"]["signpost.namespace"], "payments");
+    assert_eq!(json["node"]["locality"]["zone"], "z1");
+    let (succeeded, _, err) = cli(&url, &["xds-bootstrap", "--registry", "https://r.example"]);
+    assert!(!succeeded && err.contains("--ca-cert"), "{err}");
+
+    // grpcio reads it and asks the registry: a service with no instance fails at once.
+    if !signpost_tests::process::require_python_modules(&[("grpc", "grpcio")]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bootstrap.json");
+    std::fs::write(&file, &out).unwrap();
+    let probe = r#"
+import grpc
+channel = grpc.insecure_channel("xds:///nobody")
+try:
+    channel.unary_unary("/greeter.v1.GreeterService/SayHello")(b"", timeout=10)
+except grpc.RpcError as e:
+    print(e.code().name, e.details())
+"#;
+    let (ran, stdout, stderr) = signpost_tests::process::run(
+        std::process::Command::new("python3")
+            .args(["-c", probe])
+            .env("GRPC_XDS_BOOTSTRAP", &file),
+    );
+    assert!(ran, "{stderr}");
+    assert!(
+        stdout.starts_with("UNAVAILABLE") && stdout.contains("payments/nobody"),
+        "{stdout}{stderr}"
+    );
+}
