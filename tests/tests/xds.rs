@@ -52,21 +52,29 @@ struct Ads {
 
 impl Ads {
     async fn open(channel: Channel) -> Ads {
+        Ads::open_with(channel, None).await.unwrap()
+    }
+
+    async fn open_with(channel: Channel, token: Option<&str>) -> Result<Ads, tonic::Status> {
         let (requests, rx) = mpsc::unbounded_channel();
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let mut request =
+            tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
         let responses = within(
             "open an ADS stream",
-            client.stream_aggregated_resources(
-                tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
-            ),
+            client.stream_aggregated_resources(request),
         )
-        .await
-        .unwrap()
+        .await?
         .into_inner();
-        Ads {
+        Ok(Ads {
             requests,
             responses,
-        }
+        })
     }
 
     fn ask(&self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
@@ -302,4 +310,37 @@ async fn wait_for(
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_a_stream_needs_one_that_may_read_what_it_asks_for() {
+    let tokens = signpost_server::Tokens::parse(
+        "[[token]]\nname = \"payments\"\nsecret = \"p-secret\"\nread = [\"payments\"]\n",
+    )
+    .unwrap();
+    let server = TestServer::start_with(
+        signpost_server::Config {
+            auth: Some(Arc::new(tokens)),
+            ..signpost_server::Config::default()
+        },
+        signpost_store::MemoryConfig::default(),
+    )
+    .await;
+    let refused = Ads::open_with(channel(&server).await, None).await.err();
+    assert_eq!(
+        refused.map(|s| s.code()),
+        Some(tonic::Code::Unauthenticated)
+    );
+
+    let mut ads = Ads::open_with(channel(&server).await, Some("p-secret"))
+        .await
+        .unwrap();
+    ads.ask(LISTENER, &["greeter.payments.svc"], "", "");
+    assert_eq!(ads.next().await.resources.len(), 1);
+    ads.ask(CLUSTER, &["default/greeter"], "", "");
+    let denied = within("the stream ends", ads.responses.message())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("\"default\""), "{denied:?}");
 }
