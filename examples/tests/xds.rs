@@ -493,3 +493,55 @@ async fn the_readme_python_lines_reach_a_greeter() {
     assert!(ok, "{out}{err}");
     assert_eq!(out.trim(), greeter.id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_requires_mutual_tls_is_a_control_plane_over_it() {
+    if !python_grpc() {
+        return;
+    }
+    let pki = signpost_tests::tls::Pki::new("xds");
+    let server = TestServer::start_with(
+        signpost_server::Config {
+            tls: Some(pki.server_tls(true)),
+            ..signpost_server::Config::default()
+        },
+        signpost_store::MemoryConfig::default(),
+    )
+    .await;
+    let client = signpost_client::Client::builder()
+        .registry(format!("https://{}", server.addr))
+        .ca_certificate(pki.ca_pem.clone())
+        .identity(pki.client_cert_pem.clone(), pki.client_key_pem.clone())
+        .build()
+        .unwrap();
+    let _greeter = Backend::start_with(
+        &client,
+        Greeter::new("tls1"),
+        RegistrationBuilder::new("greeter").id("tls1"),
+    )
+    .await;
+    let files = tempfile::tempdir().unwrap();
+    pki.write(files.path());
+    let path = |name: &str| files.path().join(name).display().to_string();
+    let mut bootstrap = bootstrap(&server, None);
+    bootstrap.tls = Some(signpost_server::xds::BootstrapTls {
+        ca_certificate_file: path("ca.pem"),
+        certificate_file: Some(path("client.pem")),
+        private_key_file: Some(path("client.key")),
+    });
+    let mut caller = Caller::start(&bootstrap, "xds:///greeter");
+    let answers = caller.take(5).await;
+    assert!(answers.iter().all(|a| a.is("tls1")), "{:?}", tally(&answers));
+
+    // Without a client certificate the registry refuses the control-plane connection.
+    bootstrap.tls = Some(signpost_server::xds::BootstrapTls {
+        ca_certificate_file: path("ca.pem"),
+        ..Default::default()
+    });
+    let mut stranger = Caller::start(&bootstrap, "xds:///greeter");
+    let refused = stranger.next().await;
+    assert!(
+        matches!(&refused, Answer::Err(e) if e.starts_with("UNAVAILABLE")),
+        "{refused:?}"
+    );
+}
