@@ -469,7 +469,11 @@ async fn the_readme_python_lines_reach_a_greeter() {
         Command::new("python3")
             .args(["-m", "grpc_tools.protoc", "-I"])
             .arg(here.join("proto"))
-            .args(["--python_out=.", "--grpc_python_out=.", "greeter/v1/greeter.proto"])
+            .args([
+                "--python_out=.",
+                "--grpc_python_out=.",
+                "greeter/v1/greeter.proto",
+            ])
             .current_dir(dir.path()),
     );
     assert!(ok, "protoc: {err}");
@@ -531,7 +535,11 @@ async fn a_registry_that_requires_mutual_tls_is_a_control_plane_over_it() {
     });
     let mut caller = Caller::start(&bootstrap, "xds:///greeter");
     let answers = caller.take(5).await;
-    assert!(answers.iter().all(|a| a.is("tls1")), "{:?}", tally(&answers));
+    assert!(
+        answers.iter().all(|a| a.is("tls1")),
+        "{:?}",
+        tally(&answers)
+    );
 
     // Without a client certificate the registry refuses the control-plane connection.
     bootstrap.tls = Some(signpost_server::xds::BootstrapTls {

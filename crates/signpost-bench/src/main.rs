@@ -21,6 +21,7 @@ mod balance;
 mod failover;
 mod process;
 mod workloads;
+mod xds;
 
 /// The same allocator as the server: decoding answers allocates as much as building them did,
 /// and the generator should be the last thing to run out of CPU.
@@ -177,6 +178,30 @@ enum Workload {
         /// What every answer says.
         #[arg(long, default_value = "backend")]
         id: String,
+    },
+    /// S ADS streams subscribed to one service's endpoints and S Watch streams on another; for
+    /// each of K changes to each, the time from the write to the moment all S have it.
+    XdsFanout {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, short = 's', default_value_t = 1_000)]
+        subscribers: usize,
+        #[arg(long, short = 'k', default_value_t = 100)]
+        changes: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+    },
+    /// Time from a greeter's registration to the first call a Python grpcio xDS client
+    /// (`caller.py`, run with python3) routes to it.
+    XdsFirstCall {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        #[arg(long, default_value = "examples/tests/xds/caller.py")]
+        caller: PathBuf,
+        #[arg(long, default_value = "examples/proto")]
+        proto_dir: PathBuf,
     },
     /// Time from a backend's Register to its first routed call, and from its Deregister to its
     /// last, with callers busy on a balanced channel.
@@ -345,6 +370,18 @@ async fn run(workload: Workload) -> anyhow::Result<()> {
             })
             .await
         }
+        Workload::XdsFanout {
+            common,
+            subscribers,
+            changes,
+            connections,
+        } => xds::fanout(common, subscribers, changes, connections).await,
+        Workload::XdsFirstCall {
+            common,
+            rounds,
+            caller,
+            proto_dir,
+        } => xds::first_call(common, rounds, caller, proto_dir).await,
         Workload::Propagation { common, rounds } => {
             let Target::Signpost(url) = Target::parse(&common.target)? else {
                 bail!("propagation runs against a signpost:// target");

@@ -82,7 +82,12 @@ fn key(service: &str, id: &str) -> String {
 impl Conn {
     /// Registers an instance: on Signpost with a ttl (a fresh lease); on etcd a lease grant and
     /// a put on it, as etcd-based registries do. `ttl` 0: persistent.
-    async fn register(&mut self, service: &str, id: &str, ttl: i64) -> anyhow::Result<i64> {
+    pub(crate) async fn register(
+        &mut self,
+        service: &str,
+        id: &str,
+        ttl: i64,
+    ) -> anyhow::Result<i64> {
         match self {
             Conn::Signpost(c) => {
                 let request = pb::RegisterRequest {
@@ -141,7 +146,7 @@ impl Conn {
 }
 
 /// Prints a result line: `name key=value ...`, or one JSON object.
-fn report(common: &Common, workload: &str, fields: &[(&str, f64)]) {
+pub(crate) fn report(common: &Common, workload: &str, fields: &[(&str, f64)]) {
     if common.json {
         let body: Vec<String> = fields
             .iter()
@@ -159,20 +164,20 @@ fn report(common: &Common, workload: &str, fields: &[(&str, f64)]) {
 }
 
 /// Server CPU microseconds per operation over a measured stretch.
-struct CpuMeter {
+pub(crate) struct CpuMeter {
     pid: Option<u32>,
     start: Option<Duration>,
 }
 
 impl CpuMeter {
-    fn start(pid: Option<u32>) -> Self {
+    pub(crate) fn start(pid: Option<u32>) -> Self {
         CpuMeter {
             pid,
             start: cpu_time(pid),
         }
     }
 
-    fn per_op_us(&self, ops: u64) -> f64 {
+    pub(crate) fn per_op_us(&self, ops: u64) -> f64 {
         match (self.start, cpu_time(self.pid)) {
             (Some(a), Some(b)) if ops > 0 => (b - a).as_secs_f64() * 1e6 / ops as f64,
             _ => 0.0,
@@ -334,7 +339,7 @@ pub(crate) async fn discover(
 }
 
 /// Counts, per change, how many watchers have seen it, and when the last one did.
-struct Arrivals {
+pub(crate) struct Arrivals {
     counts: Vec<AtomicUsize>,
     done: Mutex<Vec<Option<Instant>>>,
     notify: Notify,
@@ -342,7 +347,7 @@ struct Arrivals {
 }
 
 impl Arrivals {
-    fn new(changes: usize, watchers: usize) -> Arc<Self> {
+    pub(crate) fn new(changes: usize, watchers: usize) -> Arc<Self> {
         Arc::new(Arrivals {
             counts: (0..changes).map(|_| AtomicUsize::new(0)).collect(),
             done: Mutex::new(vec![None; changes]),
@@ -352,7 +357,7 @@ impl Arrivals {
     }
 
     /// A watcher saw instance id `id`; ids of changes look like `PREFIX<n>`.
-    async fn saw(&self, id: &str, prefix: &str) {
+    pub(crate) async fn saw(&self, id: &str, prefix: &str) {
         let Some(n) = id
             .strip_prefix(prefix)
             .and_then(|n| n.parse::<usize>().ok())
@@ -368,7 +373,7 @@ impl Arrivals {
         }
     }
 
-    async fn wait(&self, n: usize) -> anyhow::Result<Instant> {
+    pub(crate) async fn wait(&self, n: usize) -> anyhow::Result<Instant> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let notified = self.notify.notified();
@@ -391,7 +396,7 @@ impl Arrivals {
 
 /// Opens `watchers` watch streams on `service` over `conns`; each reports arrivals. Returns once
 /// every stream is established.
-async fn open_watchers(
+pub(crate) async fn open_watchers(
     conns: &[Conn],
     service: &str,
     watchers: usize,

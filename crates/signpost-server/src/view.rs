@@ -34,12 +34,15 @@ pub(crate) type ViewReceiver = watch::Receiver<Option<Arc<LiveView>>>;
 
 type Key = (String, String);
 
+/// Where a view task publishes; shared with the map so that new readers can subscribe.
+type Publisher = Arc<watch::Sender<Option<Arc<LiveView>>>>;
+
 /// The followed services and their views.
 pub(crate) struct Views {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
-    followed: Mutex<HashMap<Key, Arc<watch::Sender<Option<Arc<LiveView>>>>>>,
+    followed: Mutex<HashMap<Key, Publisher>>,
 }
 
 impl std::fmt::Debug for Views {
@@ -60,7 +63,7 @@ impl Views {
         }
     }
 
-    fn followed(&self) -> MutexGuard<'_, HashMap<Key, Arc<watch::Sender<Option<Arc<LiveView>>>>>> {
+    fn followed(&self) -> MutexGuard<'_, HashMap<Key, Publisher>> {
         // The map is changed by single inserts and removes: a panic cannot leave it half-done.
         self.followed.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -82,12 +85,7 @@ impl Views {
         rx
     }
 
-    async fn run(
-        self: Arc<Self>,
-        key: Key,
-        tx: Arc<watch::Sender<Option<Arc<LiveView>>>>,
-        topic: Topic,
-    ) {
+    async fn run(self: Arc<Self>, key: Key, tx: Publisher, topic: Topic) {
         let mut follower = Follower {
             store: &*self.store,
             key: &key,

@@ -27,21 +27,19 @@
 mod resources;
 
 use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
+use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
+use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::{Request, Status, Streaming};
 
 use crate::auth::{Principal, Verb};
 use crate::service::Registry;
@@ -52,7 +50,26 @@ use resources::{Endpoints, Kind, Target};
 /// names (`xds:///greeter`) are looked up in.
 pub const NAMESPACE_METADATA_KEY: &str = "signpost.namespace";
 
-/// The ADS service over a [`Registry`]'s live views; mount it with [`Ads::server`].
+const STREAM_AGGREGATED_RESOURCES: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+
+/// Wire-identical to `envoy.service.discovery.v3.DiscoveryResponse`, with each resource already
+/// encoded (an encoded `google.protobuf.Any`; a length-delimited field is the same whether it is
+/// declared a message or bytes): the endpoints of a service version are encoded once, and each
+/// stream's response only copies those bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Response {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    resources: Vec<Bytes>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+}
+
+/// The ADS service over a [`Registry`]'s live views. Mount [`Ads::server`] on a tonic server.
 #[derive(Debug, Clone)]
 pub struct Ads {
     registry: Registry,
@@ -63,25 +80,22 @@ impl Ads {
         Ads { registry }
     }
 
-    /// The service as a tonic server, with the registry's message size limits.
-    pub fn server(self) -> AggregatedDiscoveryServiceServer<Ads> {
+    /// `envoy.service.discovery.v3.AggregatedDiscoveryService` as a tower service, with the
+    /// registry's message size limits.
+    pub fn server(self) -> AdsServer {
         let (max_request, max_response) = self.registry.message_limits();
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(max_request)
-            .max_encoding_message_size(max_response)
+        AdsServer {
+            ads: self,
+            max_request,
+            max_response,
+        }
     }
-}
 
-type Responses = mpsc::Sender<Result<DiscoveryResponse, Status>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-
-    async fn stream_aggregated_resources(
+    /// Starts a stream's task; its responses come on the returned stream.
+    fn open(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+    ) -> Result<tonic::Response<ReceiverStream<Result<Response, Status>>>, Status> {
         let principal = self.registry.authenticate(&request).map_err(Status::from)?;
         if let Some(p) = &principal {
             p.check_any(Verb::Read).map_err(Status::from)?;
@@ -106,20 +120,70 @@ impl AggregatedDiscoveryService for Ads {
             let node = stream.run(request.into_inner()).await;
             tracing::debug!(node = %node, remote = ?remote, "xDS stream ended");
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-
-    async fn delta_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "this server serves State of the World xDS (StreamAggregatedResources) only",
-        ))
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 }
+
+/// The ADS service as mounted: StreamAggregatedResources served here, with responses made of
+/// shared encodings; Delta xDS (and any other method) answered `UNIMPLEMENTED`.
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    ads: Ads,
+    max_request: usize,
+    max_response: usize,
+}
+
+impl NamedService for AdsServer {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
+
+struct Sar(Ads);
+
+impl StreamingService<DiscoveryRequest> for Sar {
+    type Response = Response;
+    type ResponseStream = ReceiverStream<Result<Response, Status>>;
+    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        let opened = self.0.open(request);
+        Box::pin(async move { opened })
+    }
+}
+
+impl<B> Service<http::Request<B>> for AdsServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != STREAM_AGGREGATED_RESOURCES {
+            return Box::pin(async {
+                Ok(Status::unimplemented(
+                    "this server serves State of the World xDS (StreamAggregatedResources) only",
+                )
+                .into_http())
+            });
+        }
+        let sar = Sar(self.ads.clone());
+        let (max_request, max_response) = (Some(self.max_request), Some(self.max_response));
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<Response, DiscoveryRequest>::default();
+            let mut grpc =
+                Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
+            Ok(grpc.streaming(sar, request).await)
+        })
+    }
+}
+
+type Responses = mpsc::Sender<Result<Response, Status>>;
 
 /// Per resource kind: what the client subscribed to, and what it was last sent.
 #[derive(Debug, Default)]
@@ -158,12 +222,20 @@ enum End {
 impl AdsStream {
     /// Serves the stream until the client or the server ends it; answers the node id.
     async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) -> String {
+        // Made once: a stream wakes for every change of what it follows and for every ACK, and
+        // a fresh cancellation future each time would register with the token every stream
+        // shares, under its lock.
+        let shutdown = self.shutdown.clone();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         let end = loop {
+            // The client going away ends its request stream too, so that is all there is to
+            // watch for besides requests and views.
             let step = tokio::select! {
-                _ = self.shutdown.cancelled() => {
+                biased;
+                _ = &mut cancelled => {
                     Err(End::Status(Status::unavailable("the registry is shutting down: reconnect")))
                 }
-                _ = self.tx.closed() => Err(End::ClientGone),
                 request = requests.next() => match request {
                     None => Err(End::ClientGone),
                     Some(Err(status)) => {
@@ -334,7 +406,7 @@ impl AdsStream {
 
     /// Sends the endpoints of every followed service read so far.
     async fn send_endpoints(&mut self) -> Result<(), End> {
-        let resources: Vec<Any> = self
+        let resources: Vec<Bytes> = self
             .known
             .values()
             .filter_map(|(target, view)| {
@@ -358,20 +430,26 @@ impl AdsStream {
         self.send(Kind::Endpoints, resources).await
     }
 
-    async fn send(&mut self, kind: Kind, resources: Vec<Any>) -> Result<(), End> {
+    async fn send(&mut self, kind: Kind, resources: Vec<Bytes>) -> Result<(), End> {
         self.nonces += 1;
         let state = self.kinds.entry(kind).or_default();
         state.version += 1;
         state.nonce = self.nonces.to_string();
-        let response = DiscoveryResponse {
+        let response = Response {
             version_info: state.version.to_string(),
             resources,
             type_url: kind.type_url().to_owned(),
             nonce: state.nonce.clone(),
-            ..DiscoveryResponse::default()
         };
+        let response = match self.tx.try_send(Ok(response)) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::ClientGone),
+            Err(mpsc::error::TrySendError::Full(response)) => response,
+        };
+        // A client slower than its service changes: wait for it, while the views it follows
+        // move on to newer versions.
         tokio::select! {
-            sent = self.tx.send(Ok(response)) => sent.map_err(|_| End::ClientGone),
+            sent = self.tx.send(response) => sent.map_err(|_| End::ClientGone),
             _ = self.shutdown.cancelled() => Err(End::Status(Status::unavailable(
                 "the registry is shutting down: reconnect",
             ))),

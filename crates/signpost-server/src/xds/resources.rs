@@ -42,6 +42,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use prost::bytes::Bytes;
 use prost::{Message, Name};
 use signpost_store::Instance;
 use std::net::IpAddr;
@@ -148,6 +149,11 @@ fn any<M: Message + Name>(message: &M) -> Any {
     }
 }
 
+/// A resource as a response carries it: an encoded `Any`.
+fn encoded<M: Message + Name>(message: &M) -> Bytes {
+    Bytes::from(any(message).encode_to_vec())
+}
+
 fn ads() -> ConfigSource {
     ConfigSource {
         config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
@@ -157,7 +163,7 @@ fn ads() -> ConfigSource {
 }
 
 /// The Listener `name`: an API listener whose route comes over the same stream.
-pub(crate) fn listener(name: &str, target: &Target) -> Any {
+pub(crate) fn listener(name: &str, target: &Target) -> Bytes {
     let manager = HttpConnectionManager {
         stat_prefix: target.canonical(),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
@@ -172,7 +178,7 @@ pub(crate) fn listener(name: &str, target: &Target) -> Any {
         }],
         ..HttpConnectionManager::default()
     };
-    any(&Listener {
+    encoded(&Listener {
         name: name.to_owned(),
         api_listener: Some(ApiListener {
             api_listener: Some(any(&manager)),
@@ -182,9 +188,9 @@ pub(crate) fn listener(name: &str, target: &Target) -> Any {
 }
 
 /// The RouteConfiguration of `target`: every call to its cluster.
-pub(crate) fn route(target: &Target) -> Any {
+pub(crate) fn route(target: &Target) -> Bytes {
     let name = target.canonical();
-    any(&RouteConfiguration {
+    encoded(&RouteConfiguration {
         name: name.clone(),
         virtual_hosts: vec![VirtualHost {
             name: name.clone(),
@@ -207,8 +213,8 @@ pub(crate) fn route(target: &Target) -> Any {
 }
 
 /// The Cluster of `target`: round robin over endpoints that come over the same stream.
-pub(crate) fn cluster(target: &Target) -> Any {
-    any(&Cluster {
+pub(crate) fn cluster(target: &Target) -> Bytes {
+    encoded(&Cluster {
         name: target.canonical(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds.into())),
         eds_cluster_config: Some(EdsClusterConfig {
@@ -223,7 +229,8 @@ pub(crate) fn cluster(target: &Target) -> Any {
 /// What the endpoints of one service version came to.
 #[derive(Debug, Clone)]
 pub(crate) struct Endpoints {
-    pub(crate) resource: Any,
+    /// The ClusterLoadAssignment as an encoded `Any`.
+    pub(crate) resource: Bytes,
     /// Healthy instances left out because their address is a hostname, not an IP.
     pub(crate) hostnames: usize,
 }
@@ -291,7 +298,7 @@ pub(crate) fn endpoints<'a>(
         zone.lb_endpoints.push(endpoint);
     }
     Endpoints {
-        resource: any(&ClusterLoadAssignment {
+        resource: encoded(&ClusterLoadAssignment {
             cluster_name: target.canonical(),
             endpoints: zones,
             ..ClusterLoadAssignment::default()
@@ -365,10 +372,13 @@ mod tests {
         ];
         let made = endpoints(&target("default", "greeter"), &instances);
         assert_eq!(made.hostnames, 1);
-        assert_eq!(made.resource.type_url, Kind::Endpoints.type_url());
-        let cla = ClusterLoadAssignment::decode(made.resource.value.as_slice()).unwrap();
+        let resource = Any::decode(made.resource.clone()).unwrap();
+        assert_eq!(resource.type_url, Kind::Endpoints.type_url());
+        let cla = ClusterLoadAssignment::decode(resource.value.as_slice()).unwrap();
         assert_eq!(cla.cluster_name, "default/greeter");
-        let zones: Vec<(String, u32, Vec<(String, u32, u32)>)> = cla
+        // (zone, its weight, its endpoints as (address, port, weight))
+        type Zone = (String, u32, Vec<(String, u32, u32)>);
+        let zones: Vec<Zone> = cla
             .endpoints
             .iter()
             .map(|z| {
@@ -423,8 +433,8 @@ mod tests {
     #[test]
     fn the_listener_ends_its_filters_with_the_router_and_routes_over_ads() {
         let t = target("default", "greeter");
-        let made = listener("greeter", &t);
-        let l = Listener::decode(made.value.as_slice()).unwrap();
+        let value = |bytes: Bytes| Any::decode(bytes).unwrap().value;
+        let l = Listener::decode(value(listener("greeter", &t)).as_slice()).unwrap();
         assert_eq!(l.name, "greeter");
         let api = l.api_listener.and_then(|a| a.api_listener).unwrap();
         assert_eq!(api.type_url, HttpConnectionManager::type_url());
@@ -439,7 +449,7 @@ mod tests {
         };
         assert_eq!(rds.route_config_name, "default/greeter");
 
-        let r = RouteConfiguration::decode(route(&t).value.as_slice()).unwrap();
+        let r = RouteConfiguration::decode(value(route(&t)).as_slice()).unwrap();
         let action = r.virtual_hosts[0].routes[0].action.clone();
         assert_eq!(
             action,
@@ -448,7 +458,7 @@ mod tests {
                 ..RouteAction::default()
             }))
         );
-        let c = Cluster::decode(cluster(&t).value.as_slice()).unwrap();
+        let c = Cluster::decode(value(cluster(&t)).as_slice()).unwrap();
         assert_eq!(c.name, "default/greeter");
         assert_eq!(c.lb_policy, i32::from(LbPolicy::RoundRobin));
     }

@@ -1,0 +1,315 @@
+//! The xDS workloads: push fan-out to ADS subscribers against Watch fan-out to as many watchers
+//! in the same run, and the time from a registration to the first call a real gRPC xDS client
+//! (Python grpcio) routes to the new instance.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use prost::Message;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::workloads::{Arrivals, connect, open_watchers, report};
+use crate::{Common, Latencies, Target, cpu_time};
+
+/// The fields of a ClusterLoadAssignment the load generator reads: each endpoint's hostname
+/// (the instance id). Decoding the whole message for each of a thousand streams would make the
+/// generator, not the server, what is measured; prost skips the fields not declared here.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Assignment {
+    #[prost(message, repeated, tag = "2")]
+    localities: Vec<Locality>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Locality {
+    #[prost(message, repeated, tag = "2")]
+    endpoints: Vec<LbEndpoint>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LbEndpoint {
+    #[prost(message, optional, tag = "1")]
+    endpoint: Option<EndpointName>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EndpointName {
+    #[prost(string, tag = "3")]
+    hostname: String,
+}
+
+const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// Opens `subscribers` ADS streams over `channels`, each subscribed to the endpoints of
+/// `service`; each instance id new to a stream counts as an arrival there. Returns once every
+/// stream has had its first answer.
+async fn open_subscribers(
+    channels: &[Channel],
+    service: &str,
+    subscribers: usize,
+    arrivals: Arc<Arrivals>,
+    prefix: &'static str,
+) -> anyhow::Result<()> {
+    let (ready_tx, mut ready) = mpsc::channel::<anyhow::Result<()>>(subscribers.max(1));
+    let name = format!("default/{service}");
+    for s in 0..subscribers {
+        let channel = channels[s % channels.len()].clone();
+        let (arrivals, ready, name) = (arrivals.clone(), ready_tx.clone(), name.clone());
+        tokio::spawn(async move {
+            let (requests, rx) = mpsc::unbounded_channel();
+            let ask = |version: String, nonce: String| DiscoveryRequest {
+                type_url: ENDPOINTS.into(),
+                resource_names: vec![name.clone()],
+                version_info: version,
+                response_nonce: nonce,
+                ..DiscoveryRequest::default()
+            };
+            let _ = requests.send(ask(String::new(), String::new()));
+            let mut client = AggregatedDiscoveryServiceClient::new(channel)
+                .max_decoding_message_size(64 * 1024 * 1024);
+            let mut stream = match client
+                .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
+                .await
+            {
+                Ok(s) => s.into_inner(),
+                Err(e) => return drop(ready.send(Err(e.into())).await),
+            };
+            let mut seen = HashSet::new();
+            let mut first = true;
+            while let Ok(Some(response)) = stream.message().await {
+                let _ = requests.send(ask(response.version_info.clone(), response.nonce.clone()));
+                if std::mem::take(&mut first) {
+                    let _ = ready.send(Ok(())).await;
+                }
+                for resource in &response.resources {
+                    let Ok(cla) = Assignment::decode(resource.value.as_slice()) else {
+                        continue;
+                    };
+                    for e in cla.localities.into_iter().flat_map(|l| l.endpoints) {
+                        if let Some(name) = e.endpoint.map(|e| e.hostname)
+                            && !seen.contains(&name)
+                        {
+                            arrivals.saw(&name, prefix).await;
+                            seen.insert(name);
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    for _ in 0..subscribers {
+        ready
+            .recv()
+            .await
+            .context("an ADS stream ended before its first answer")??;
+    }
+    Ok(())
+}
+
+/// W Watch streams on one service and W ADS streams on another; each change goes to one
+/// service and then the other, so both are measured under the same conditions.
+pub(crate) async fn fanout(
+    common: Common,
+    subscribers: usize,
+    changes: usize,
+    connections: usize,
+) -> anyhow::Result<()> {
+    let target = Target::parse(&common.target)?;
+    let Target::Signpost(url) = &target else {
+        bail!("xds-fanout runs against a signpost:// target");
+    };
+    let conns = connect(&target, connections).await?;
+    let mut channels = Vec::with_capacity(connections.max(1));
+    for _ in 0..connections.max(1) {
+        channels.push(
+            // Each response is the service's whole endpoint set, hundreds of streams to a
+            // connection: with h2's default 64 KiB connection window the server waits on
+            // WINDOW_UPDATEs, as a real client with a fixed window would (grpc C-core and Java
+            // grow theirs by bandwidth-delay probing).
+            Endpoint::from_shared(url.clone())?
+                .tcp_nodelay(true)
+                .initial_connection_window_size(16 * 1024 * 1024)
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {url}"))?,
+        );
+    }
+    let run = std::process::id();
+    let (watched, pushed) = (format!("fan-watch-{run}"), format!("fan-xds-{run}"));
+    let watch_arrivals = Arrivals::new(changes, subscribers);
+    let xds_arrivals = Arrivals::new(changes, subscribers);
+    open_watchers(&conns, &watched, subscribers, watch_arrivals.clone(), "w").await?;
+    open_subscribers(&channels, &pushed, subscribers, xds_arrivals.clone(), "x").await?;
+    let mut writer = conns[0].clone();
+    let (mut watch, mut xds) = (Vec::with_capacity(changes), Vec::with_capacity(changes));
+    // Server CPU time spent on each kind of change, summed over the interleaved stretches.
+    let (mut watch_cpu, mut xds_cpu) = (Duration::ZERO, Duration::ZERO);
+    let cpu = || cpu_time(common.server_pid).unwrap_or_default();
+    for n in 0..changes {
+        let (sent, before) = (Instant::now(), cpu());
+        writer.register(&watched, &format!("w{n}"), 0).await?;
+        watch.push(
+            watch_arrivals
+                .wait(n)
+                .await?
+                .duration_since(sent)
+                .as_micros() as u64,
+        );
+        let (sent, between) = (Instant::now(), cpu());
+        writer.register(&pushed, &format!("x{n}"), 0).await?;
+        xds.push(xds_arrivals.wait(n).await?.duration_since(sent).as_micros() as u64);
+        watch_cpu += between.saturating_sub(before);
+        xds_cpu += cpu().saturating_sub(between);
+    }
+    let per_change = |d: Duration| d.as_secs_f64() * 1e6 / changes.max(1) as f64;
+    let (watch, xds) = (Latencies::new(watch), Latencies::new(xds));
+    report(
+        &common,
+        "xds-fanout",
+        &[
+            ("subscribers", subscribers as f64),
+            ("changes", changes as f64),
+            ("watch_p50_ms", watch.percentile(50.0)),
+            ("watch_p99_ms", watch.percentile(99.0)),
+            ("xds_p50_ms", xds.percentile(50.0)),
+            ("xds_p99_ms", xds.percentile(99.0)),
+            (
+                "xds_vs_watch_p99",
+                xds.percentile(99.0) / watch.percentile(99.0).max(f64::MIN_POSITIVE),
+            ),
+            ("server_cpu_us_per_watch_change", per_change(watch_cpu)),
+            ("server_cpu_us_per_xds_change", per_change(xds_cpu)),
+        ],
+    );
+    Ok(())
+}
+
+/// A greeter in this process, registered as `id`, until dropped.
+struct Greeter {
+    _registration: signpost_client::Registration,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Greeter {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn greeter(client: &signpost_client::Client, id: &str) -> anyhow::Result<Greeter> {
+    let (listener, bound) = signpost_examples::bind("127.0.0.1", 0).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(signpost_examples::Greeter::new(id).serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let registration = client
+        .register(
+            signpost_client::RegistrationBuilder::new("xds-first-call")
+                .id(id)
+                .address("127.0.0.1")
+                .port(bound.port())
+                .ttl(Duration::from_secs(10)),
+        )
+        .await?;
+    Ok(Greeter {
+        _registration: registration,
+        stop: Some(stop),
+    })
+}
+
+/// Rounds of: register a new greeter, wait for the first call the Python xDS caller routes to
+/// it, deregister it. One greeter stays registered throughout, so calls flow all the time.
+pub(crate) async fn first_call(
+    common: Common,
+    rounds: usize,
+    caller: PathBuf,
+    proto_dir: PathBuf,
+) -> anyhow::Result<()> {
+    let Target::Signpost(url) = Target::parse(&common.target)? else {
+        bail!("xds-first-call runs against a signpost:// target");
+    };
+    let authority = url
+        .strip_prefix("http://")
+        .context("xds-first-call needs a plaintext http:// registry")?;
+    let client = signpost_client::Client::builder()
+        .registry(url.clone())
+        .build()?;
+    let _steady = greeter(&client, "steady").await?;
+    let bootstrap = tempfile_path("signpost-xds-bootstrap.json");
+    std::fs::write(
+        &bootstrap,
+        format!(
+            r#"{{"xds_servers":[{{"server_uri":"{authority}","channel_creds":[{{"type":"insecure"}}],"server_features":["xds_v3"]}}],"node":{{"id":"bench","locality":{{}}}}}}"#
+        ),
+    )?;
+    let mut child = tokio::process::Command::new("python3")
+        .arg(&caller)
+        .args(["--target", "xds:///xds-first-call", "--pause-ms", "1"])
+        .arg("--proto-dir")
+        .arg(&proto_dir)
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot run python3 {}", caller.display()))?;
+    let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    let mut next_line = async || -> anyhow::Result<String> {
+        match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+            Ok(Ok(Some(line))) => Ok(line),
+            Ok(Ok(None)) => bail!("the xDS caller ended"),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => bail!("the xDS caller printed nothing for 30 s"),
+        }
+    };
+    // Calls flowing to the steady greeter first.
+    while next_line().await? != "ok steady" {}
+    let mut samples = Vec::with_capacity(rounds);
+    for n in 0..rounds {
+        let id = format!("new-{n}");
+        let started = Instant::now();
+        let newcomer = greeter(&client, &id).await?;
+        let want = format!("ok {id}");
+        while next_line().await? != want {}
+        samples.push(started.elapsed().as_micros() as u64);
+        drop(newcomer);
+        // Its deregistration reaches the caller before the next round starts.
+        let mut without = 0;
+        while without < 20 {
+            without = if next_line().await? == want {
+                0
+            } else {
+                without + 1
+            };
+        }
+    }
+    let latencies = Latencies::new(samples);
+    report(
+        &common,
+        "xds-first-call",
+        &[
+            ("rounds", rounds as f64),
+            ("p50_ms", latencies.percentile(50.0)),
+            ("p99_ms", latencies.percentile(99.0)),
+            ("max_ms", latencies.percentile(100.0)),
+        ],
+    );
+    let _ = std::fs::remove_file(&bootstrap);
+    Ok(())
+}
+
+fn tempfile_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{}-{name}", std::process::id()))
+}
