@@ -6,7 +6,8 @@
 #   bench/compare.sh --quick    # a few seconds per workload, to check the harness works
 #
 # Needs etcd, and nginx, wrk and h2load for the gateway section (Debian: etcd-server nginx wrk
-# nghttp2-client); installs them with apt-get when missing and run as root.
+# nghttp2-client), installed with apt-get when missing and run as root; and python3 with grpcio
+# and grpcio-tools for the xDS section (bench/xds.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -316,6 +317,9 @@ etcd_version=$(etcd --version 2>/dev/null | sed -n 1p)
   echo "| Register → first routed call, Deregister → last, p99 < 50 ms | $(ms "$a") ms, $(ms "$d") ms | $(awk -v a="$a" -v d="$d" 'BEGIN { print (a < 50 && d < 50) ? "met" : "missed" }') |"
   echo
   if $quick; then bench/gateway.sh "$bin" --quick; else bench/gateway.sh "$bin"; fi
+  echo
+  if $quick; then bench/xds.sh "$bin" --quick; else bench/xds.sh "$bin"; fi
+  echo
   if [ -s "$work/retries" ]; then
     echo "Retried in this run:"
     echo

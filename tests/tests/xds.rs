@@ -165,9 +165,17 @@ async fn acks_nacks_stale_requests_and_unsubscribing_follow_the_protocol() {
     let _logging = tracing::subscriber::set_default(subscriber);
     // The server's tasks run on other threads: the subscriber must be theirs too.
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let metrics = Arc::new(signpost_server::metrics::Metrics::new());
     let server = {
         let _guard = tracing::dispatcher::set_default(&dispatch);
-        TestServer::start().await
+        TestServer::start_with(
+            signpost_server::Config {
+                metrics: Some(metrics.clone()),
+                ..signpost_server::Config::default()
+            },
+            signpost_store::MemoryConfig::default(),
+        )
+        .await
     };
     let _global = tracing::dispatcher::set_global_default(dispatch);
     let mut client = server.client().await;
@@ -200,6 +208,14 @@ async fn acks_nacks_stale_requests_and_unsubscribing_follow_the_protocol() {
     })
     .await;
     ads.ask(CLUSTER, &["default/greeter"], &c1.version_info, &c1.nonce);
+    let text = metrics.render(&*server.store);
+    for line in [
+        "signpost_xds_streams 1",
+        "signpost_xds_nacks_total{kind=\"listener\"} 1",
+        "signpost_xds_responses_total{kind=\"cluster\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
 
     // Endpoints of a service with no instance yet: an empty assignment, then each change.
     ads.ask(ENDPOINTS, &["default/greeter"], "", "");

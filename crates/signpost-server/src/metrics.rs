@@ -29,6 +29,11 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: &'static str,
 }
@@ -48,6 +53,9 @@ pub struct Metrics {
     watch_streams: Gauge,
     watch_events: Counter,
     watch_resets_slow: Counter,
+    xds_streams: Gauge,
+    xds_responses: Family<KindLabels, Counter>,
+    xds_nacks: Family<KindLabels, Counter>,
     instances: Gauge,
     services: Gauge,
     leases: Gauge,
@@ -101,6 +109,20 @@ impl Metrics {
             "resets sent to watchers that fell behind",
             watch_resets_slow.clone(),
         );
+        let xds_streams = Gauge::default();
+        registry.register("xds_streams", "open xDS (ADS) streams", xds_streams.clone());
+        let xds_responses = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "xds_responses",
+            "xDS responses sent, by resource kind",
+            xds_responses.clone(),
+        );
+        let xds_nacks = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "xds_nacks",
+            "xDS responses a client rejected, by resource kind (the server log says why)",
+            xds_nacks.clone(),
+        );
         let instances = Gauge::default();
         registry.register("instances", "registered instances", instances.clone());
         let services = Gauge::default();
@@ -127,6 +149,9 @@ impl Metrics {
             watch_streams,
             watch_events,
             watch_resets_slow,
+            xds_streams,
+            xds_responses,
+            xds_nacks,
             instances,
             services,
             leases,
@@ -167,6 +192,22 @@ impl Metrics {
 
     pub(crate) fn slow_reset(&self) {
         self.watch_resets_slow.inc();
+    }
+
+    pub(crate) fn xds_opened(&self) {
+        self.xds_streams.inc();
+    }
+
+    pub(crate) fn xds_closed(&self) {
+        self.xds_streams.dec();
+    }
+
+    pub(crate) fn xds_response(&self, kind: &'static str) {
+        self.xds_responses.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub(crate) fn xds_nack(&self, kind: &'static str) {
+        self.xds_nacks.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Reads the store's sizes and renders everything as Prometheus text.

@@ -70,6 +70,10 @@ impl Registry {
         }
     }
 
+    pub(crate) fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        self.config.metrics.clone()
+    }
+
     /// The largest request and response the service is built for.
     pub(crate) fn message_limits(&self) -> (usize, usize) {
         (self.config.max_request_size, self.config.max_response_size)

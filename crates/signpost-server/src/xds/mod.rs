@@ -106,6 +106,7 @@ impl Ads {
         let (tx, rx) = mpsc::channel(2);
         let stream = AdsStream {
             views: self.registry.views(),
+            metrics: self.registry.metrics(),
             principal,
             shutdown: self.registry.shutdown_token(),
             node: String::new(),
@@ -197,6 +198,7 @@ struct Subscription {
 
 struct AdsStream {
     views: Arc<Views>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     principal: Option<Principal>,
     shutdown: CancellationToken,
     /// The client's node id, for logs.
@@ -225,6 +227,9 @@ impl AdsStream {
         // Made once: a stream wakes for every change of what it follows and for every ACK, and
         // a fresh cancellation future each time would register with the token every stream
         // shares, under its lock.
+        if let Some(m) = &self.metrics {
+            m.xds_opened();
+        }
         let shutdown = self.shutdown.clone();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
@@ -257,6 +262,9 @@ impl AdsStream {
                 tracing::warn!(node = %self.node, %status, "xDS stream ended");
             }
             let _ = self.tx.try_send(Err(status));
+        }
+        if let Some(m) = &self.metrics {
+            m.xds_closed();
         }
         self.node
     }
@@ -296,6 +304,9 @@ impl AdsStream {
         let first = state.nonce.is_empty();
         if !first && names == state.names {
             if let Some(error) = &request.error_detail {
+                if let Some(m) = &self.metrics {
+                    m.xds_nack(kind.short());
+                }
                 tracing::warn!(
                     node = %self.node,
                     kind = kind.short(),
@@ -431,6 +442,9 @@ impl AdsStream {
     }
 
     async fn send(&mut self, kind: Kind, resources: Vec<Bytes>) -> Result<(), End> {
+        if let Some(m) = &self.metrics {
+            m.xds_response(kind.short());
+        }
         self.nonces += 1;
         let state = self.kinds.entry(kind).or_default();
         state.version += 1;
