@@ -243,20 +243,30 @@ async fn acks_nacks_stale_requests_and_unsubscribing_follow_the_protocol() {
     let e4 = ads.next().await;
     assert_eq!(endpoints(&e4).len(), 3);
 
-    // A current one is not: after it, changes to the service are not sent.
+    // A current one is not: the stream stops following the service (the only follower here,
+    // so the server's live view of it goes).
     ads.ask(ENDPOINTS, &[], &e4.version_info, &e4.nonce);
-    register(&mut client, instance("greeter", "g4", 5004)).await;
     ads.ask(LISTENER, &["greeter", "other"], &l1.version_info, &l1.nonce);
     let l2 = ads.next().await;
-    assert_eq!(l2.type_url, LISTENER, "sent after unsubscribing: {l2:?}");
+    assert_eq!(l2.type_url, LISTENER, "{l2:?}");
     assert_eq!(l2.resources.len(), 2);
+    within("the unsubscribed service is no longer followed", async {
+        while !metrics
+            .render(&*server.store)
+            .lines()
+            .any(|l| l == "signpost_live_views 0")
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
 
     // Names that name no service are left out, and said why.
     ads.ask(LISTENER, &["Not A Service"], &l2.version_info, &l2.nonce);
     let l3 = ads.next().await;
     assert!(l3.resources.is_empty(), "{l3:?}");
     within("the bad name is logged", async {
-        while !logs.text().contains("names no service") {
+        while !logs.text().contains("Not A Service") {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     })
@@ -353,10 +363,33 @@ async fn with_tokens_a_stream_needs_one_that_may_read_what_it_asks_for() {
         .unwrap();
     ads.ask(LISTENER, &["greeter.payments.svc"], "", "");
     assert_eq!(ads.next().await.resources.len(), 1);
-    ads.ask(CLUSTER, &["default/greeter"], "", "");
-    let denied = within("the stream ends", ads.responses.message())
+    // A name of another namespace is left out, and the stream goes on: gRPC shares one stream
+    // between every xds:/// channel of a process.
+    ads.ask(CLUSTER, &["default/greeter", "payments/greeter"], "", "");
+    let clusters = ads.next().await;
+    assert_eq!(clusters.resources.len(), 1, "{clusters:?}");
+    let cluster = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(
+        clusters.resources[0].value.as_slice(),
+    )
+    .unwrap();
+    assert_eq!(cluster.name, "payments/greeter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_names_than_the_limit_end_the_stream_saying_so() {
+    let server = TestServer::start().await;
+    let mut ads = Ads::open(channel(&server).await).await;
+    let names: Vec<String> = (0..=signpost_server::xds::MAX_NAMES_PER_KIND)
+        .map(|n| format!("default/s{n}"))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    ads.ask(ENDPOINTS, &names, "", "");
+    let ended = within("the stream ends", ads.responses.message())
         .await
         .unwrap_err();
-    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
-    assert!(denied.message().contains("\"default\""), "{denied:?}");
+    assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
+    assert!(
+        ended.message().contains("limit xds names per kind"),
+        "{ended:?}"
+    );
 }

@@ -12,6 +12,12 @@
 //! (`encode`). Errors become `tonic::Status` in one place (`error`). Nothing here knows which
 //! store backend it runs on.
 //!
+//! The same port is an xDS control plane ([`xds`]) for gRPC clients that balance by themselves:
+//! it serves what they subscribe to from live views of the services (`view`), one task per
+//! followed service on the hub. Envoy's message types come from
+//! [envoy-types](https://docs.rs/envoy-types) (pre-generated for prost/tonic 0.14, no protoc);
+//! [serde_json](https://docs.rs/serde_json) writes the clients' bootstrap file.
+//!
 //! Security sits in front of every handler: [`auth`] checks access tokens (the token file is
 //! TOML, read with [toml](https://docs.rs/toml); tokens are kept as SHA-256 hashes, computed with
 //! RustCrypto's [sha2](https://docs.rs/sha2)), [`Limits`] are checked where the request is

@@ -54,6 +54,7 @@ pub struct Metrics {
     watch_events: Counter,
     watch_resets_slow: Counter,
     xds_streams: Gauge,
+    live_views: Gauge,
     xds_responses: Family<KindLabels, Counter>,
     xds_nacks: Family<KindLabels, Counter>,
     instances: Gauge,
@@ -111,6 +112,12 @@ impl Metrics {
         );
         let xds_streams = Gauge::default();
         registry.register("xds_streams", "open xDS (ADS) streams", xds_streams.clone());
+        let live_views = Gauge::default();
+        registry.register(
+            "live_views",
+            "services whose live view the server follows (for xDS clients)",
+            live_views.clone(),
+        );
         let xds_responses = Family::<KindLabels, Counter>::default();
         registry.register(
             "xds_responses",
@@ -150,6 +157,7 @@ impl Metrics {
             watch_events,
             watch_resets_slow,
             xds_streams,
+            live_views,
             xds_responses,
             xds_nacks,
             instances,
@@ -200,6 +208,10 @@ impl Metrics {
 
     pub(crate) fn xds_closed(&self) {
         self.xds_streams.dec();
+    }
+
+    pub(crate) fn live_views(&self, followed: usize) {
+        self.live_views.set(to_i64(followed as u64));
     }
 
     pub(crate) fn xds_response(&self, kind: &'static str) {

@@ -70,6 +70,14 @@ impl Registry {
         }
     }
 
+    /// A stream's places under the watch limits (an ADS stream counts as a watch).
+    pub(crate) fn watch_slots(
+        &self,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Result<crate::limits::WatchSlots> {
+        self.watches.take(remote)
+    }
+
     pub(crate) fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
         self.config.metrics.clone()
     }
@@ -104,6 +112,7 @@ impl Registry {
                     self.store.clone(),
                     self.hub().clone(),
                     self.shutdown.clone(),
+                    self.config.metrics.clone(),
                 ))
             })
             .clone()

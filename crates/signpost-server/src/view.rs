@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Hub, Topic};
+use crate::metrics::Metrics;
 
 /// One version of a service's instances, healthy or not, sorted by id.
 #[derive(Debug, Default)]
@@ -28,20 +29,30 @@ pub(crate) struct LiveView {
     pub(crate) memo: Memo,
 }
 
-/// What a reader of a view sees: `None` until the view's first version is read from the store,
-/// or after the store's feed closed (the reader should end; the registry is going away).
-pub(crate) type ViewReceiver = watch::Receiver<Option<Arc<LiveView>>>;
+/// Where a view is.
+#[derive(Debug, Clone)]
+pub(crate) enum ViewState {
+    /// Its first version is being read from the store.
+    Reading,
+    Live(Arc<LiveView>),
+    /// No more versions come: the store failed or its feed closed, or the server is shutting
+    /// down. A reader that still wants the service follows it anew.
+    Ended,
+}
+
+pub(crate) type ViewReceiver = watch::Receiver<ViewState>;
 
 type Key = (String, String);
 
 /// Where a view task publishes; shared with the map so that new readers can subscribe.
-type Publisher = Arc<watch::Sender<Option<Arc<LiveView>>>>;
+type Publisher = Arc<watch::Sender<ViewState>>;
 
 /// The followed services and their views.
 pub(crate) struct Views {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
     followed: Mutex<HashMap<Key, Publisher>>,
 }
 
@@ -54,12 +65,24 @@ impl std::fmt::Debug for Views {
 }
 
 impl Views {
-    pub(crate) fn new(store: Arc<dyn Store>, hub: Arc<Hub>, shutdown: CancellationToken) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
         Views {
             store,
             hub,
             shutdown,
+            metrics,
             followed: Mutex::default(),
+        }
+    }
+
+    fn count(&self, followed: usize) {
+        if let Some(m) = &self.metrics {
+            m.live_views(followed);
         }
     }
 
@@ -76,9 +99,10 @@ impl Views {
         if let Some(tx) = followed.get(&key) {
             return tx.subscribe();
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(ViewState::Reading);
         let tx = Arc::new(tx);
         followed.insert(key.clone(), tx.clone());
+        self.count(followed.len());
         // Subscribed before the task reads its start, so no change falls between the two.
         let topic = self.hub.subscribe(namespace, service);
         tokio::spawn(self.clone().run(key, tx, topic));
@@ -100,7 +124,7 @@ impl Views {
                     break;
                 }
             };
-            tx.send_replace(Some(published));
+            tx.send_replace(ViewState::Live(published));
             let lagged = loop {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => break None,
@@ -110,6 +134,7 @@ impl Views {
                         let mut followed = self.followed();
                         if tx.receiver_count() == 0 {
                             followed.remove(&key);
+                            self.count(followed.len());
                             return;
                         }
                         continue;
@@ -126,7 +151,7 @@ impl Views {
                                 }
                             }
                             if lagged { break Some(()) }
-                            tx.send_replace(Some(follower.publish()));
+                            tx.send_replace(ViewState::Live(follower.publish()));
                         }
                         Step::Same => {}
                         Step::Lagged => break Some(()),
@@ -142,13 +167,15 @@ impl Views {
         self.end(&key, &tx);
     }
 
-    /// Stops following: readers see `None` and the service is followed anew by the next reader.
-    fn end(&self, key: &Key, tx: &watch::Sender<Option<Arc<LiveView>>>) {
+    /// Stops following: readers see the end, and the service is followed anew by the next
+    /// reader.
+    fn end(&self, key: &Key, tx: &watch::Sender<ViewState>) {
         let mut followed = self.followed();
         if followed.get(key).is_some_and(|t| std::ptr::eq(&**t, tx)) {
             followed.remove(key);
+            self.count(followed.len());
         }
-        tx.send_replace(None);
+        tx.send_replace(ViewState::Ended);
     }
 }
 
@@ -254,7 +281,7 @@ mod tests {
     async fn until(rx: &mut ViewReceiver, want: impl Fn(&LiveView) -> bool) -> Arc<LiveView> {
         let wait = async {
             loop {
-                if let Some(view) = rx.borrow_and_update().clone()
+                if let ViewState::Live(view) = rx.borrow_and_update().clone()
                     && want(&view)
                 {
                     return view;
@@ -283,6 +310,7 @@ mod tests {
             store.clone(),
             Hub::start(store.clone()),
             shutdown.clone(),
+            None,
         ));
         let mut rx = views.follow("default", "a");
         let mut rx2 = views.follow("default", "a");
@@ -319,7 +347,7 @@ mod tests {
         shutdown.cancel();
         let ended = async {
             while rx.changed().await.is_ok() {
-                if rx.borrow().is_none() {
+                if matches!(*rx.borrow(), ViewState::Ended) {
                     return;
                 }
             }

@@ -43,12 +43,16 @@ use tonic::{Request, Status, Streaming};
 
 use crate::auth::{Principal, Verb};
 use crate::service::Registry;
-use crate::view::{LiveView, ViewReceiver, Views};
+use crate::view::{ViewReceiver, ViewState, Views};
 use resources::{Endpoints, Kind, Target};
 
 /// The node metadata key a client's bootstrap sets to name the namespace its plain listener
 /// names (`xds:///greeter`) are looked up in.
 pub const NAMESPACE_METADATA_KEY: &str = "signpost.namespace";
+
+/// The most resource names a stream may subscribe to of one kind: each endpoints name is a
+/// service the server follows for it.
+pub const MAX_NAMES_PER_KIND: usize = 1_000;
 
 const STREAM_AGGREGATED_RESOURCES: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
@@ -101,6 +105,8 @@ impl Ads {
             p.check_any(Verb::Read).map_err(Status::from)?;
         }
         let remote = request.remote_addr();
+        // A stream that follows services costs what a Watch does: it takes a watch place.
+        let slots = self.registry.watch_slots(remote).map_err(Status::from)?;
         // Two responses in flight at most: a slow client holds back its own stream, whose
         // views then skip to their newest versions.
         let (tx, rx) = mpsc::channel(2);
@@ -110,12 +116,14 @@ impl Ads {
             principal,
             shutdown: self.registry.shutdown_token(),
             node: String::new(),
+            node_seen: false,
             namespace: crate::DEFAULT_NAMESPACE.to_owned(),
             kinds: HashMap::new(),
             followed: StreamMap::new(),
             known: HashMap::new(),
             nonces: 0,
             tx,
+            _slots: slots,
         };
         tokio::spawn(async move {
             let node = stream.run(request.into_inner()).await;
@@ -203,16 +211,21 @@ struct AdsStream {
     shutdown: CancellationToken,
     /// The client's node id, for logs.
     node: String,
+    /// Whether the node was read: only the first request's counts (Envoy repeats it on every
+    /// request; the namespace must not change under resources already sent).
+    node_seen: bool,
     /// Where plain listener names are looked up: the node's `signpost.namespace`, or `default`.
     namespace: String,
     kinds: HashMap<Kind, Subscription>,
     /// The live view of each service whose endpoints the client subscribed to, by the name it
     /// subscribed with.
-    followed: StreamMap<String, WatchStream<Option<Arc<LiveView>>>>,
+    followed: StreamMap<String, WatchStream<ViewState>>,
     /// The newest version of each followed view, and the service it is of.
-    known: HashMap<String, (Target, Option<Arc<LiveView>>)>,
+    known: HashMap<String, (Target, Option<Arc<crate::view::LiveView>>)>,
     nonces: u64,
     tx: Responses,
+    /// The stream's places under the watch limits, given back when it ends.
+    _slots: crate::limits::WatchSlots,
 }
 
 /// Why a stream stops, other than its client going away.
@@ -261,7 +274,11 @@ impl AdsStream {
             if status.code() != tonic::Code::Unavailable {
                 tracing::warn!(node = %self.node, %status, "xDS stream ended");
             }
-            let _ = self.tx.try_send(Err(status));
+            // Waited for a moment: a full channel would otherwise lose the reason, and the
+            // client would see its stream end as if all were well.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), self.tx.send(Err(status)))
+                    .await;
         }
         if let Some(m) = &self.metrics {
             m.xds_closed();
@@ -271,8 +288,9 @@ impl AdsStream {
 
     async fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), End> {
         if let Some(node) = &request.node
-            && self.node.is_empty()
+            && !self.node_seen
         {
+            self.node_seen = true;
             self.node = node.id.clone();
             if let Some(namespace) = node
                 .metadata
@@ -300,6 +318,13 @@ impl AdsStream {
             // answer to it is on its way.
             return Ok(());
         }
+        if request.resource_names.len() > MAX_NAMES_PER_KIND {
+            return Err(End::Status(Status::resource_exhausted(format!(
+                "limit xds names per kind ({MAX_NAMES_PER_KIND}) reached: {} {} names asked for",
+                request.resource_names.len(),
+                kind.short()
+            ))));
+        }
         let names: BTreeSet<String> = request.resource_names.into_iter().collect();
         let first = state.nonce.is_empty();
         if !first && names == state.names {
@@ -321,37 +346,44 @@ impl AdsStream {
         state.names = names;
         match kind {
             Kind::Endpoints => {
-                self.follow_endpoints()?;
+                self.follow_endpoints();
                 // Views already followed answer now; new ones answer when they are first read.
-                if self.known.values().any(|(_, view)| view.is_some()) {
-                    self.send_endpoints().await?;
+                let read: Vec<String> = self
+                    .known
+                    .iter()
+                    .filter(|(_, (_, view))| view.is_some())
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                if read.is_empty() {
+                    return Ok(());
                 }
-                Ok(())
+                self.send_endpoints(&read).await
             }
             _ => self.send_static(kind).await,
         }
     }
 
-    /// A service a resource name asks for, if this stream may read it.
-    fn target(&self, kind: Kind, name: &str) -> Result<Option<Target>, End> {
+    /// The service a resource name asks for, if it names one this stream may read. A name
+    /// that does not is left out of the answer (the client reports that resource missing after
+    /// its timer), not the end of the stream: gRPC shares one stream between every `xds:///`
+    /// channel of a process, and one bad target must not take the others down.
+    fn target(&self, kind: Kind, name: &str) -> Option<Target> {
         let parsed = match kind {
             Kind::Listener => Target::from_listener(name, &self.namespace),
             _ => Target::from_canonical(name),
         };
-        match parsed {
-            Ok(target) => {
-                if let Some(p) = &self.principal {
-                    p.check(Verb::Read, &target.namespace)
-                        .map_err(|e| End::Status(e.into()))?;
-                }
-                Ok(Some(target))
-            }
-            Err(why) => {
-                // Left out: the client reports the resource as missing after its timer.
-                tracing::warn!(node = %self.node, kind = kind.short(), name, why, "xDS resource name names no service");
-                Ok(None)
-            }
-        }
+        let why = match parsed {
+            Ok(target) => match &self.principal {
+                None => return Some(target),
+                Some(p) => match p.check(Verb::Read, &target.namespace) {
+                    Ok(()) => return Some(target),
+                    Err(denied) => denied.to_string(),
+                },
+            },
+            Err(why) => why,
+        };
+        tracing::warn!(node = %self.node, kind = kind.short(), name, why, "xDS resource left out");
+        None
     }
 
     /// Sends every subscribed listener, route or cluster: each depends on its name alone.
@@ -359,7 +391,7 @@ impl AdsStream {
         let names: Vec<String> = self.kinds[&kind].names.iter().cloned().collect();
         let mut sent = Vec::with_capacity(names.len());
         for name in &names {
-            if let Some(target) = self.target(kind, name)? {
+            if let Some(target) = self.target(kind, name) {
                 sent.push(match kind {
                     Kind::Listener => resources::listener(name, &target),
                     Kind::Route => resources::route(&target),
@@ -372,7 +404,7 @@ impl AdsStream {
     }
 
     /// Follows the views of the subscribed endpoints, and stops following the rest.
-    fn follow_endpoints(&mut self) -> Result<(), End> {
+    fn follow_endpoints(&mut self) {
         let names = self.kinds[&Kind::Endpoints].names.clone();
         let gone: Vec<String> = self
             .known
@@ -388,39 +420,38 @@ impl AdsStream {
             if self.known.contains_key(&name) {
                 continue;
             }
-            if let Some(target) = self.target(Kind::Endpoints, &name)? {
+            if let Some(target) = self.target(Kind::Endpoints, &name) {
                 let view: ViewReceiver = self.views.follow(&target.namespace, &target.service);
                 self.followed.insert(name.clone(), WatchStream::new(view));
                 self.known.insert(name, (target, None));
             }
         }
-        Ok(())
     }
 
-    async fn on_view(&mut self, name: String, view: Option<Arc<LiveView>>) -> Result<(), End> {
+    async fn on_view(&mut self, name: String, view: ViewState) -> Result<(), End> {
         let Some((_, known)) = self.known.get_mut(&name) else {
             return Ok(());
         };
         match view {
-            Some(view) => {
+            ViewState::Live(view) => {
                 *known = Some(view);
-                self.send_endpoints().await
+                // Endpoints resources may be sent one at a time: only the changed one goes.
+                self.send_endpoints(std::slice::from_ref(&name)).await
             }
-            // Before the first read there is nothing to send; after one, the view ended with
-            // the store's feed.
-            None if known.is_none() => Ok(()),
-            None => Err(End::Status(Status::unavailable(
-                "the registry stopped following its store: reconnect",
+            ViewState::Reading => Ok(()),
+            // The client reconnects and its services are followed anew.
+            ViewState::Ended => Err(End::Status(Status::unavailable(
+                "the registry stopped following a service: reconnect",
             ))),
         }
     }
 
-    /// Sends the endpoints of every followed service read so far.
-    async fn send_endpoints(&mut self) -> Result<(), End> {
-        let resources: Vec<Bytes> = self
-            .known
-            .values()
-            .filter_map(|(target, view)| {
+    /// Sends the endpoints of the followed services `names` that have been read.
+    async fn send_endpoints(&mut self, names: &[String]) -> Result<(), End> {
+        let resources: Vec<Bytes> = names
+            .iter()
+            .filter_map(|name| {
+                let (target, view) = self.known.get(name)?;
                 let view = view.as_ref()?;
                 let made = view.memo.get_or_init(|| {
                     let made = resources::endpoints(target, view.instances.iter().map(|i| &**i));
