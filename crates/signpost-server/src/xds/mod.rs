@@ -20,9 +20,11 @@
 //! last nonce is an ACK, and with an `error_detail` a NACK, which is logged and not answered (an
 //! answer would be the same rejected resources again). Delta xDS is not served.
 //!
-//! Message types and the service trait come from [envoy-types](https://docs.rs/envoy-types):
-//! Envoy's API compiled for prost/tonic 0.14, the versions the rest of Signpost uses, with no
-//! protoc at build time.
+//! [`AdsServer`] routes StreamAggregatedResources to the stream task itself, with a response
+//! type wire-identical to `DiscoveryResponse` whose resources are those shared encodings, so a
+//! response copies them once instead of cloning and re-encoding the service's endpoint set.
+//! Request types come from [envoy-types](https://docs.rs/envoy-types): Envoy's API compiled for
+//! prost/tonic 0.14, the versions the rest of Signpost uses, with no protoc at build time.
 
 mod resources;
 
