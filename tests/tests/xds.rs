@@ -261,6 +261,14 @@ async fn acks_nacks_stale_requests_and_unsubscribing_follow_the_protocol() {
     })
     .await;
 
+    // A client reconnecting with a version and nonce from an earlier stream is answered.
+    let mut again = Ads::open(channel(&server).await).await;
+    again.ask(LISTENER, &["greeter"], "7", "nonce-of-another-stream");
+    let fresh = again.next().await;
+    assert_eq!(fresh.type_url, LISTENER);
+    assert_eq!(fresh.resources.len(), 1);
+    drop(again);
+
     // Names that name no service are left out, and said why.
     ads.ask(LISTENER, &["Not A Service"], &l2.version_info, &l2.nonce);
     let l3 = ads.next().await;

@@ -239,12 +239,12 @@ enum End {
 impl AdsStream {
     /// Serves the stream until the client or the server ends it; answers the node id.
     async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) -> String {
-        // Made once: a stream wakes for every change of what it follows and for every ACK, and
-        // a fresh cancellation future each time would register with the token every stream
-        // shares, under its lock.
         if let Some(m) = &self.metrics {
             m.xds_opened();
         }
+        // Made once: a stream wakes for every change of what it follows and for every ACK, and
+        // a fresh cancellation future each time would register with the token every stream
+        // shares, under its lock.
         let shutdown = self.shutdown.clone();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
@@ -315,9 +315,13 @@ impl AdsStream {
             return Ok(());
         };
         let state = self.kinds.entry(kind).or_default();
-        if !request.response_nonce.is_empty() && request.response_nonce != state.nonce {
-            // Stale: the client has not yet seen the newest response of this kind, whose
-            // answer to it is on its way.
+        // Stale: the client has not yet seen the newest response of this kind, whose answer to
+        // it is on its way. A nonce on a kind this stream never answered is a client
+        // reconnecting with one from an earlier stream (or server): answered as a first request.
+        if !state.nonce.is_empty()
+            && !request.response_nonce.is_empty()
+            && request.response_nonce != state.nonce
+        {
             return Ok(());
         }
         if request.resource_names.len() > MAX_NAMES_PER_KIND {
