@@ -10,12 +10,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use signpost_proto::v1 as pb;
 use signpost_proto::v1::registry_service_client::RegistryServiceClient;
 use signpost_tests::process::ServerProcess;
-use signpost_tests::{instance, register_request};
+use signpost_tests::{DEADLINE, instance, register_request, within};
 
 const EXE: &str = env!("CARGO_BIN_EXE_signpost");
 
 async fn connect(url: String) -> RegistryServiceClient<tonic::transport::Channel> {
-    RegistryServiceClient::connect(url).await.expect("connect")
+    within("connect", RegistryServiceClient::connect(url))
+        .await
+        .expect("connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,14 +48,16 @@ async fn nothing_acknowledged_is_lost_across_twenty_kill_9_cycles() {
 
         // Everything acknowledged in earlier cycles is here, and revisions went on upwards.
         let mut client = connect(url.clone()).await;
-        let found = client
-            .discover(pb::DiscoverRequest {
+        let found = within(
+            "discover",
+            client.discover(pb::DiscoverRequest {
                 service: "crash".into(),
                 ..Default::default()
-            })
-            .await
-            .expect("discover")
-            .into_inner();
+            }),
+        )
+        .await
+        .expect("discover")
+        .into_inner();
         let present: std::collections::BTreeSet<String> =
             found.instances.iter().map(|i| i.id.clone()).collect();
         for (id, revision) in acknowledged.lock().unwrap().iter() {
@@ -73,13 +77,23 @@ async fn nothing_acknowledged_is_lost_across_twenty_kill_9_cycles() {
                 let url = url.clone();
                 let acknowledged = acknowledged.clone();
                 tokio::spawn(async move {
-                    let mut client = connect(url).await;
+                    // The kill may come before this writer connects, or while a call waits for
+                    // its answer: either way the server is gone, and an unanswered call was not
+                    // acknowledged. Bounded, so that a connection whose end is never seen
+                    // cannot hold the test.
+                    let Ok(Ok(mut client)) =
+                        tokio::time::timeout(DEADLINE, RegistryServiceClient::connect(url)).await
+                    else {
+                        return;
+                    };
                     let mut last = 0;
                     for n in 0.. {
                         let id = format!("c{cycle}-t{task}-{n}");
-                        match client
-                            .register(register_request(instance("crash", &id, 9000), None))
+                        let call =
+                            client.register(register_request(instance("crash", &id, 9000), None));
+                        match tokio::time::timeout(DEADLINE, call)
                             .await
+                            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")))
                         {
                             Ok(answer) => {
                                 let revision = answer.into_inner().revision;
@@ -96,7 +110,7 @@ async fn nothing_acknowledged_is_lost_across_twenty_kill_9_cycles() {
         tokio::time::sleep(next_delay()).await;
         server.kill9();
         for writer in writers {
-            writer.await.expect("writer task");
+            within("a writer stops", writer).await.expect("writer task");
         }
         highest_acknowledged = acknowledged
             .lock()
