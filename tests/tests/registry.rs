@@ -555,6 +555,7 @@ async fn list_services_counts_instances_per_namespace() {
         client
             .list_services(pb::ListServicesRequest {
                 namespace: "staging".into(),
+                ..Default::default()
             })
             .await,
         "list",
@@ -562,6 +563,58 @@ async fn list_services_counts_instances_per_namespace() {
     .into_inner();
     assert_eq!(staging.services.len(), 1);
     assert_eq!(staging.services[0].instances, 1);
+}
+
+#[tokio::test]
+async fn list_services_by_selector_keeps_services_with_a_matching_instance() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for (svc, id, app) in [
+        ("api", "1", "shop"),
+        ("api", "2", "admin"),
+        ("web", "1", "admin"),
+    ] {
+        let mut i = instance(svc, id, 80);
+        i.metadata.insert("app".into(), app.into());
+        register(&mut client, i).await;
+    }
+    register(&mut client, instance("db", "1", 80)).await;
+    let list = |selector: &str| {
+        let mut client = client.clone();
+        let selector = selector.to_owned();
+        async move {
+            client
+                .list_services(pb::ListServicesRequest {
+                    selector,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .services
+                        .into_iter()
+                        .map(|s| (s.name, s.instances))
+                        .collect::<Vec<_>>()
+                })
+        }
+    };
+    let shop = must(list("app=shop").await, "list");
+    assert_eq!(
+        shop,
+        [("api".to_string(), 1)],
+        "counts the matching instances"
+    );
+    let admin = must(list("app in (admin)").await, "list");
+    assert_eq!(admin, [("api".to_string(), 1), ("web".to_string(), 1)]);
+    let no_app = must(list("!app").await, "list");
+    assert_eq!(no_app, [("db".to_string(), 1)]);
+    let all = must(list("").await, "list");
+    assert_eq!(all.len(), 3);
+    let bad = list("app in (")
+        .await
+        .expect_err("a bad selector is refused");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("selector"), "{}", bad.message());
 }
 
 #[tokio::test]

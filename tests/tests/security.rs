@@ -233,6 +233,7 @@ async fn call(server: &TestServer, rpc: Rpc, token: Option<&str>, lease: u64) ->
         Rpc::ListServices => client
             .list_services(pb::ListServicesRequest {
                 namespace: "orders".into(),
+                ..Default::default()
             })
             .await
             .map(|_| ()),

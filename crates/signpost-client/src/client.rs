@@ -357,8 +357,19 @@ impl Client {
 
     /// Lists the services of `namespace` ("" for the default one) with their counts.
     pub async fn services(&self, namespace: &str) -> Result<Vec<pb::ServiceSummary>> {
+        self.services_matching(namespace, "").await
+    }
+
+    /// Lists the services of `namespace` having an instance whose metadata matches `selector`
+    /// (a label selector such as `app=web,tier!=canary`), counting the matching instances only.
+    pub async fn services_matching(
+        &self,
+        namespace: &str,
+        selector: &str,
+    ) -> Result<Vec<pb::ServiceSummary>> {
         let request = pb::ListServicesRequest {
             namespace: namespace.to_owned(),
+            selector: selector.to_owned(),
         };
         let answer = self
             .conn

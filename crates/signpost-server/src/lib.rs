@@ -43,6 +43,7 @@
 
 pub mod auth;
 mod convert;
+pub mod dns;
 mod encode;
 mod error;
 mod filter;
@@ -170,6 +171,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with_dns(store, config, listener, None, shutdown).await
+}
+
+/// [`serve`], and DNS on `dns` ([`dns`]) from the same live views, stopping with it.
+pub async fn serve_with_dns(
+    store: Arc<dyn Store>,
+    config: Config,
+    listener: TcpListener,
+    dns: Option<dns::DnsListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let max_request = config.max_request_size;
     let tls_updates = config.tls_updates.clone();
     let (tls, with_reflection, request_timeout) = (
@@ -216,6 +228,14 @@ pub async fn serve(
         (None, None)
     };
 
+    let dns = dns.map(|listener| {
+        tokio::spawn(dns::serve(
+            listener,
+            registry.views(),
+            registry.metrics(),
+            streams.clone(),
+        ))
+    });
     let ads = xds::Ads::new(registry.clone()).server();
     let registry = RegistryServer::new(registry);
 
@@ -270,6 +290,9 @@ pub async fn serve(
     streams.cancel();
     if let Some(checker) = checker {
         let _ = checker.await;
+    }
+    if let Some(dns) = dns {
+        let _ = dns.await;
     }
     Ok(())
 }

@@ -34,6 +34,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: &'static str,
 }
@@ -57,6 +62,7 @@ pub struct Metrics {
     live_views: Gauge,
     xds_responses: Family<KindLabels, Counter>,
     xds_nacks: Family<KindLabels, Counter>,
+    dns_queries: Family<ResultLabels, Counter>,
     instances: Gauge,
     services: Gauge,
     leases: Gauge,
@@ -130,6 +136,13 @@ impl Metrics {
             "xDS responses a client rejected, by resource kind (the server log says why)",
             xds_nacks.clone(),
         );
+        let dns_queries = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "DNS queries answered, by result (answer, truncated, nodata, nxdomain, refused, \
+             servfail, formerr, badvers, notimp)",
+            dns_queries.clone(),
+        );
         let instances = Gauge::default();
         registry.register("instances", "registered instances", instances.clone());
         let services = Gauge::default();
@@ -160,6 +173,7 @@ impl Metrics {
             live_views,
             xds_responses,
             xds_nacks,
+            dns_queries,
             instances,
             services,
             leases,
@@ -216,6 +230,12 @@ impl Metrics {
 
     pub(crate) fn xds_response(&self, kind: &'static str) {
         self.xds_responses.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub(crate) fn dns_query(&self, result: &'static str) {
+        self.dns_queries
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub(crate) fn xds_nack(&self, kind: &'static str) {

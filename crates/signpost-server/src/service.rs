@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::hub::Hub;
 use crate::limits::{WatchLimits, request_too_large, too_large_request};
+use crate::selector::Selector;
 use crate::validate;
 use crate::view::Views;
 use crate::watch::{Sent, WatchReceiver, WatchTask};
@@ -324,8 +325,28 @@ impl Registry {
         req: pb::ListServicesRequest,
     ) -> Result<pb::ListServicesResponse> {
         let namespace = validate::namespace("namespace", req.namespace)?;
+        let selector = Selector::parse(&req.selector).map_err(|e| {
+            Error::invalid("selector", format!("{:?} is invalid: {e}", req.selector))
+        })?;
         allow(principal.as_ref(), Verb::Read, &namespace)?;
-        let list = self.store.list_services(&namespace)?;
+        let mut list = self.store.list_services(&namespace)?;
+        if !selector.is_empty() {
+            // Each service is read on its own; one that emptied in between is left out.
+            let mut kept = Vec::with_capacity(list.services.len());
+            for mut summary in list.services {
+                let instances = self.store.list(&namespace, &summary.name)?.instances;
+                let matching = instances.iter().filter(|i| selector.matches(&i.metadata));
+                let (all, healthy) = matching.fold((0u32, 0u32), |(all, healthy), i| {
+                    (all + 1, healthy + u32::from(i.health.is_healthy()))
+                });
+                if all > 0 {
+                    summary.instances = all;
+                    summary.healthy = healthy;
+                    kept.push(summary);
+                }
+            }
+            list.services = kept;
+        }
         Ok(pb::ListServicesResponse {
             services: list
                 .services

@@ -154,6 +154,10 @@ impl RegistryArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ServicesArgs {
+    /// Only services with an instance whose metadata matches this label selector (e.g.
+    /// `app=web,tier!=canary`), counting those instances alone.
+    #[arg(long, default_value = "")]
+    selector: String,
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
@@ -516,7 +520,7 @@ pub async fn services(args: ServicesArgs) -> anyhow::Result<()> {
     let services = within(
         &client,
         timeout,
-        client.services(&args.common.registry.namespace),
+        client.services_matching(&args.common.registry.namespace, &args.selector),
     )
     .await?;
     match args.common.format {

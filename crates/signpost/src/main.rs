@@ -134,6 +134,38 @@ struct ServeArgs {
     #[arg(long, env = "SIGNPOST_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 
+    /// Answer DNS on this address, UDP and TCP (e.g. 127.0.0.1:8600); see docs/dns.md.
+    #[arg(long, env = "SIGNPOST_DNS_LISTEN")]
+    dns_listen: Option<SocketAddr>,
+
+    /// The domain DNS answers for (`consul` for clients written for Consul's DNS).
+    #[arg(
+        long,
+        env = "SIGNPOST_DNS_DOMAIN",
+        default_value = "signpost",
+        requires = "dns_listen"
+    )]
+    dns_domain: String,
+
+    /// The TTL of DNS records and of negative answers.
+    #[arg(long, env = "SIGNPOST_DNS_TTL", default_value = "5s", value_parser = duration::parse, requires = "dns_listen")]
+    dns_ttl: Duration,
+
+    /// The most records in one UDP answer; a larger one is marked truncated and given whole over
+    /// TCP.
+    #[arg(long, env = "SIGNPOST_DNS_UDP_MAX_RECORDS", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..), requires = "dns_listen")]
+    dns_udp_max_records: u16,
+
+    /// Answer only these namespaces over DNS, comma-separated (DNS carries no token: with
+    /// --auth-tokens, list the namespaces anyone who can reach the port may read).
+    #[arg(
+        long,
+        env = "SIGNPOST_DNS_NAMESPACES",
+        value_delimiter = ',',
+        requires = "dns_listen"
+    )]
+    dns_namespaces: Option<Vec<String>>,
+
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "SIGNPOST_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -356,7 +388,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn init_logs(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The DNS server logs every query at info; that is for RUST_LOG=hickory_server=info to ask.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hickory")) {
+        for quiet in [
+            "hickory_server=warn",
+            "hickory_net=warn",
+            "hickory_proto=warn",
+        ] {
+            if let Ok(directive) = quiet.parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -584,7 +628,32 @@ async fn run_server<S: Store>(
         shutdown_signal().await;
         let _ = signalled_tx.send(true);
     };
-    let server = signpost_server::serve(store, config, listener, shutdown);
+    let dns = match args.dns_listen {
+        None => None,
+        Some(addr) => {
+            let dns = signpost_server::dns::DnsListener::bind(
+                addr,
+                signpost_server::dns::DnsConfig {
+                    domain: args.dns_domain.clone(),
+                    ttl: args.dns_ttl,
+                    udp_max_records: usize::from(args.dns_udp_max_records),
+                    namespaces: args.dns_namespaces.clone(),
+                    ..signpost_server::dns::DnsConfig::default()
+                },
+            )
+            .await?;
+            let bound = dns.local_addr().context("cannot read the DNS address")?;
+            tracing::info!(domain = %args.dns_domain, "dns on {bound} (udp and tcp)");
+            if args.auth_tokens.is_some() && args.dns_namespaces.is_none() {
+                tracing::warn!(
+                    "DNS carries no token: anyone who can reach {bound} can read every namespace; \
+                     limit it with --dns-namespaces"
+                );
+            }
+            Some(dns)
+        }
+    };
+    let server = signpost_server::serve_with_dns(store, config, listener, dns, shutdown);
     tokio::pin!(server);
     let grace = args.shutdown_grace;
     tokio::select! {
