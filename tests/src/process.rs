@@ -161,6 +161,11 @@ impl ServerProcess {
         }
     }
 
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -229,9 +229,11 @@ impl Zone {
                 IpAddr::V4(v4) => RData::A(A(v4)),
                 IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
             });
+            // A target in SRV data is not compressed (RFC 2782), and the glue's owner may not
+            // point at it: both are counted whole.
             let glue_size = match &glue {
-                Some(RData::AAAA(_)) => POINTER + RECORD_HEADER + 16,
-                Some(_) => POINTER + RECORD_HEADER + 4,
+                Some(RData::AAAA(_)) => wire_len(&target) + RECORD_HEADER + 16,
+                Some(_) => wire_len(&target) + RECORD_HEADER + 4,
                 None => 0,
             };
             let size = POINTER + RECORD_HEADER + 6 + wire_len(&target) + glue_size;
