@@ -543,10 +543,18 @@ pub async fn services(args: ServicesArgs) -> anyhow::Result<()> {
         }
         Format::Table => {
             if services.is_empty() {
-                say!(
-                    "no services in namespace {:?}",
-                    args.common.registry.namespace
-                );
+                if args.selector.is_empty() {
+                    say!(
+                        "no services in namespace {:?}",
+                        args.common.registry.namespace
+                    );
+                } else {
+                    say!(
+                        "no services in namespace {:?} with an instance matching {:?}",
+                        args.common.registry.namespace,
+                        args.selector
+                    );
+                }
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = services

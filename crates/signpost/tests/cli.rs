@@ -141,6 +141,14 @@ fn tables_and_json_for_services_ls_register_deregister() {
         ["api", "2", "2"]
     );
     assert_eq!(lines.len(), 2, "{services}");
+    let selected = ok(&url, &["services", "--selector", "version=v2", "-o", "json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&selected).unwrap(),
+        serde_json::json!([{"name": "api", "instances": 1, "healthy": 1}]),
+        "only the matching instance counts"
+    );
+    let none = ok(&url, &["services", "--selector", "version=v9"]);
+    assert!(none.contains("no services"), "{none}");
     let json: serde_json::Value =
         serde_json::from_str(&ok(&url, &["services", "-n", "staging", "-o", "json"])).unwrap();
     assert_eq!(
