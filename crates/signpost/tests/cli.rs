@@ -141,7 +141,10 @@ fn tables_and_json_for_services_ls_register_deregister() {
         ["api", "2", "2"]
     );
     assert_eq!(lines.len(), 2, "{services}");
-    let selected = ok(&url, &["services", "--selector", "version=v2", "-o", "json"]);
+    let selected = ok(
+        &url,
+        &["services", "--selector", "version=v2", "-o", "json"],
+    );
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&selected).unwrap(),
         serde_json::json!([{"name": "api", "instances": 1, "healthy": 1}]),

@@ -403,6 +403,15 @@ fn two_hundred_instances_are_cut_over_udp_and_whole_over_tcp() {
     let udp = dig(dns, &["+ignore", "+bufsize=1232", name, "A"]);
     assert!(flags(&udp).contains(&"tc"), "{udp}");
     assert_eq!(count(&udp, "ANSWER"), 32, "--dns-udp-max-records' default");
+    // However much a client offers, a UDP answer stays unfragmented.
+    let offered = dig(dns, &["+ignore", "+bufsize=4096", name, "SRV"]);
+    let size: usize = offered
+        .split("MSG SIZE  rcvd: ")
+        .nth(1)
+        .and_then(|rest| rest.trim().split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {offered}"));
+    assert!(size <= 1232 && flags(&offered).contains(&"tc"), "{offered}");
     let plain = dig(dns, &["+ignore", "+noedns", name, "SRV"]);
     assert!(flags(&plain).contains(&"tc"), "{plain}");
     let srv = count(&plain, "ANSWER");
@@ -565,4 +574,35 @@ fn nginx_reaches_a_backend_by_its_dns_name_and_follows_changes() {
         reaches("backend-two"),
     );
     drop((one, two));
+}
+
+#[test]
+fn the_readme_dig_examples_answer_as_their_comments_say() {
+    if !tools() {
+        return;
+    }
+    let (server, dns) = start(&[]);
+    let block = signpost_tests::process::readme_block("dns-dig");
+    let mut lines = block.lines();
+    let register: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(register[0], "signpost");
+    signpost(&server, &register[1..]);
+    let mut answers = Vec::new();
+    for line in lines {
+        let command = line.split('#').next().unwrap();
+        let words: Vec<&str> = command.split_whitespace().collect();
+        assert_eq!(words[..4], ["dig", "@127.0.0.1", "-p", "8600"], "{line}");
+        let out = dig(dns, &words[4..]);
+        answers.push(out.trim().to_owned());
+    }
+    assert_eq!(
+        answers,
+        [
+            "10.0.0.1",
+            "10.0.0.1",
+            "1 100 8080 0a000001.addr.signpost.",
+            "10.0.0.1",
+            "1 100 8080 0a000001.addr.signpost.",
+        ]
+    );
 }

@@ -6,12 +6,17 @@
 //! are left out the answer says so (TC) and a client that wants them all asks again over TCP.
 //! The sizes are counted here, not left to the encoder, so that what is cut is whole records and
 //! the EDNS record always fits.
+//!
+//! The records for a name are built once per version of the service ([`Prepared`] keeps them)
+//! and every answer refers to them in its own order: an answer costs a shuffle of indices, not
+//! a hundred records made and dropped.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
-use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use signpost_store::Instance;
 
 use super::names::{ServiceName, addr_label};
@@ -35,36 +40,80 @@ pub(crate) enum Outcome {
     NxDomain,
 }
 
+/// The records of one name and type, in the order the view has them, with the size each
+/// takes in a message (its glue included).
 #[derive(Debug)]
-pub(crate) struct Answer {
-    pub(crate) outcome: Outcome,
-    pub(crate) answers: Vec<Record>,
-    pub(crate) additionals: Vec<Record>,
-    /// Records were left out for size.
-    pub(crate) truncated: bool,
+pub(crate) struct Built {
+    outcome: Outcome,
+    answers: Vec<Record>,
+    glue: Vec<Option<Record>>,
+    sizes: Vec<usize>,
 }
 
-impl Answer {
+impl Built {
     fn empty(outcome: Outcome) -> Self {
-        Answer {
+        Built {
             outcome,
             answers: Vec::new(),
-            additionals: Vec::new(),
-            truncated: false,
+            glue: Vec::new(),
+            sizes: Vec::new(),
         }
     }
 
-    fn of(answers: Vec<Record>, additionals: Vec<Record>, truncated: bool) -> Self {
-        Answer {
+    fn of(answers: Vec<Record>, glue: Vec<Option<Record>>, sizes: Vec<usize>) -> Self {
+        Built {
             outcome: if answers.is_empty() {
                 Outcome::NoData
             } else {
                 Outcome::Records
             },
             answers,
-            additionals,
-            truncated,
+            glue,
+            sizes,
         }
+    }
+}
+
+/// One answer: some of a [`Built`]'s records, in this answer's order.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) outcome: Outcome,
+    built: Arc<Built>,
+    kept: Vec<u32>,
+    /// Records were left out for size.
+    pub(crate) truncated: bool,
+}
+
+impl Answer {
+    pub(crate) fn empty(outcome: Outcome) -> Self {
+        Answer::whole(Built::empty(outcome))
+    }
+
+    fn whole(built: Built) -> Self {
+        let kept = (0..built.answers.len())
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        Answer {
+            outcome: built.outcome,
+            built: Arc::new(built),
+            kept,
+            truncated: false,
+        }
+    }
+
+    pub(crate) fn answers(&self) -> impl Iterator<Item = &Record> + Send {
+        self.kept.iter().map(|&i| &self.built.answers[i as usize])
+    }
+
+    pub(crate) fn additionals(&self) -> impl Iterator<Item = &Record> + Send {
+        self.kept
+            .iter()
+            .filter_map(|&i| self.built.glue.get(i as usize)?.as_ref())
+    }
+
+    #[cfg(test)]
+    fn records(&self) -> Vec<&Record> {
+        self.answers().collect()
     }
 }
 
@@ -143,7 +192,9 @@ impl Zone {
     /// The apex: its SOA; nothing else.
     pub(crate) fn apex(&self, qtype: RecordType) -> Answer {
         match qtype {
-            RecordType::SOA | RecordType::ANY => Answer::of(vec![self.soa()], Vec::new(), false),
+            RecordType::SOA | RecordType::ANY => {
+                Answer::whole(Built::of(vec![self.soa()], Vec::new(), Vec::new()))
+            }
             _ => Answer::empty(Outcome::NoData),
         }
     }
@@ -155,99 +206,206 @@ impl Zone {
             (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => RData::AAAA(AAAA(v6)),
             _ => return Answer::empty(Outcome::NoData),
         };
-        Answer::of(vec![self.record(qname.clone(), data)], Vec::new(), false)
+        Answer::whole(Built::of(
+            vec![self.record(qname.clone(), data)],
+            Vec::new(),
+            Vec::new(),
+        ))
     }
 
-    /// A service name: its healthy instances as A/AAAA (IP addresses only) or SRV records.
+    /// What the answers for one version of a service are made of, made once per version: the
+    /// address, SRV target and glue of each instance.
+    pub(crate) fn prepare(&self, instances: &[Arc<Instance>]) -> Prepared {
+        let targets = instances
+            .iter()
+            .map(|instance| {
+                let ip = instance.address.parse::<IpAddr>().ok();
+                let srv_target = match ip {
+                    Some(ip) => self.addr_name(ip),
+                    None => Name::from_ascii(format!("{}.", instance.address)).ok(),
+                };
+                let glue = ip
+                    .zip(srv_target.as_ref())
+                    .map(|(ip, target)| self.record(target.clone(), address_data(ip)));
+                Target {
+                    instance: instance.clone(),
+                    ip,
+                    srv_target,
+                    glue,
+                }
+            })
+            .collect();
+        Prepared {
+            targets,
+            built: Mutex::default(),
+        }
+    }
+
+    /// A service name: its healthy instances as A/AAAA (IP addresses only) or SRV records, as
+    /// many as `room` takes, in a new order.
     pub(crate) fn service(
         &self,
-        instances: &[Arc<Instance>],
+        prepared: &Prepared,
         asked: &ServiceName,
-        qname: &Name,
+        owner: &LowerName,
         qtype: RecordType,
         mut room: Room,
     ) -> Answer {
-        let mut chosen: Vec<(&Instance, u16)> = instances
-            .iter()
-            .filter(|i| {
-                asked
-                    .tag
-                    .as_ref()
-                    .is_none_or(|tag| i.tags.iter().any(|t| t.eq_ignore_ascii_case(tag)))
-            })
-            .filter_map(|i| match &asked.port_name {
-                None => Some((&**i, i.port)),
-                Some(name) => named_port(i, name).map(|port| (&**i, port)),
-            })
+        let built = prepared.built(owner, qtype, || {
+            self.build(prepared, asked, &Name::from(owner), qtype)
+        });
+        let mut order: Vec<u32> = (0..built.answers.len())
+            .filter_map(|i| u32::try_from(i).ok())
             .collect();
-        if chosen.is_empty() {
-            return Answer::empty(Outcome::NxDomain);
-        }
-        chosen.retain(|(i, _)| i.health.is_healthy());
-        fastrand::shuffle(&mut chosen);
-
-        let mut answers = Vec::new();
-        let mut additionals = Vec::new();
+        fastrand::shuffle(&mut order);
         let mut truncated = false;
-        let addresses = match qtype {
-            // Kubernetes' port names are SRV names only.
-            RecordType::A | RecordType::AAAA | RecordType::ANY if asked.port_name.is_some() => {
-                return Answer::empty(Outcome::NoData);
-            }
-            RecordType::A => Some((true, false)),
-            RecordType::AAAA => Some((false, true)),
-            RecordType::ANY => Some((true, true)),
-            RecordType::SRV => None,
-            _ => return Answer::empty(Outcome::NoData),
-        };
-        if let Some((v4, v6)) = addresses {
-            for (instance, _) in &chosen {
-                let data = match instance.address.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(ip)) if v4 => RData::A(A(ip)),
-                    Ok(IpAddr::V6(ip)) if v6 => RData::AAAA(AAAA(ip)),
-                    // Hostnames are answered in SRV records, whose targets are names.
-                    _ => continue,
-                };
-                let size =
-                    POINTER + RECORD_HEADER + if matches!(data, RData::A(_)) { 4 } else { 16 };
-                if !room.take(size) {
-                    truncated = true;
-                    break;
-                }
-                answers.push(self.record(qname.clone(), data));
-            }
-            return Answer::of(answers, additionals, truncated);
-        }
-        for (instance, port) in &chosen {
-            let ip = instance.address.parse::<IpAddr>().ok();
-            let target = match ip {
-                Some(ip) => self.addr_name(ip),
-                None => Name::from_ascii(format!("{}.", instance.address)).ok(),
-            };
-            let Some(target) = target else { continue };
-            let glue = ip.map(|ip| match ip {
-                IpAddr::V4(v4) => RData::A(A(v4)),
-                IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
-            });
-            // A target in SRV data is not compressed (RFC 2782), and the glue's owner may not
-            // point at it: both are counted whole.
-            let glue_size = match &glue {
-                Some(RData::AAAA(_)) => wire_len(&target) + RECORD_HEADER + 16,
-                Some(_) => wire_len(&target) + RECORD_HEADER + 4,
-                None => 0,
-            };
-            let size = POINTER + RECORD_HEADER + 6 + wire_len(&target) + glue_size;
-            if !room.take(size) {
+        let mut kept = Vec::with_capacity(order.len());
+        for i in order {
+            if !room.take(built.sizes[i as usize]) {
                 truncated = true;
                 break;
             }
-            let srv = SRV::new(1, srv_weight(instance.weight), *port, target.clone());
-            answers.push(self.record(qname.clone(), RData::SRV(srv)));
-            if let Some(glue) = glue {
-                additionals.push(self.record(target, glue));
-            }
+            kept.push(i);
         }
-        Answer::of(answers, additionals, truncated)
+        Answer {
+            outcome: built.outcome,
+            built,
+            kept,
+            truncated,
+        }
+    }
+
+    /// Every record `owner` has of `qtype`, for every healthy instance it stands for.
+    fn build(
+        &self,
+        prepared: &Prepared,
+        asked: &ServiceName,
+        owner: &Name,
+        qtype: RecordType,
+    ) -> Built {
+        let mut chosen: Vec<(&Target, u16)> = prepared
+            .targets
+            .iter()
+            .filter(|t| {
+                asked.tag.as_ref().is_none_or(|tag| {
+                    t.instance
+                        .tags
+                        .iter()
+                        .any(|have| have.eq_ignore_ascii_case(tag))
+                })
+            })
+            .filter_map(|t| match &asked.port_name {
+                None => Some((t, t.instance.port)),
+                Some(name) => named_port(&t.instance, name).map(|port| (t, port)),
+            })
+            .collect();
+        if chosen.is_empty() {
+            return Built::empty(Outcome::NxDomain);
+        }
+        chosen.retain(|(t, _)| t.instance.health.is_healthy());
+        let (v4, v6) = match qtype {
+            // Kubernetes' port names are SRV names only.
+            RecordType::A | RecordType::AAAA | RecordType::ANY if asked.port_name.is_some() => {
+                return Built::empty(Outcome::NoData);
+            }
+            RecordType::A => (true, false),
+            RecordType::AAAA => (false, true),
+            RecordType::ANY => (true, true),
+            RecordType::SRV => return self.srv(&chosen, owner),
+            _ => return Built::empty(Outcome::NoData),
+        };
+        let mut answers = Vec::with_capacity(chosen.len());
+        let mut sizes = Vec::with_capacity(chosen.len());
+        for (target, _) in &chosen {
+            // Hostnames are answered in SRV records, whose targets are names.
+            let (data, size) = match target.ip {
+                Some(IpAddr::V4(ip)) if v4 => (RData::A(A(ip)), 4),
+                Some(IpAddr::V6(ip)) if v6 => (RData::AAAA(AAAA(ip)), 16),
+                _ => continue,
+            };
+            answers.push(self.record(owner.clone(), data));
+            sizes.push(POINTER + RECORD_HEADER + size);
+        }
+        Built::of(answers, Vec::new(), sizes)
+    }
+
+    fn srv(&self, chosen: &[(&Target, u16)], owner: &Name) -> Built {
+        let mut answers = Vec::with_capacity(chosen.len());
+        let mut glue = Vec::with_capacity(chosen.len());
+        let mut sizes = Vec::with_capacity(chosen.len());
+        for (target, port) in chosen {
+            let Some(name) = &target.srv_target else {
+                continue;
+            };
+            // A target in SRV data is not compressed (RFC 2782), and the glue's owner may not
+            // point at it: both are counted whole.
+            let glue_size = match target.ip {
+                Some(IpAddr::V6(_)) => wire_len(name) + RECORD_HEADER + 16,
+                Some(IpAddr::V4(_)) => wire_len(name) + RECORD_HEADER + 4,
+                None => 0,
+            };
+            let srv = SRV::new(1, srv_weight(target.instance.weight), *port, name.clone());
+            answers.push(self.record(owner.clone(), RData::SRV(srv)));
+            glue.push(target.glue.clone());
+            sizes.push(POINTER + RECORD_HEADER + 6 + wire_len(name) + glue_size);
+        }
+        Built::of(answers, glue, sizes)
+    }
+}
+
+/// One version of a service, ready to answer from.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    targets: Vec<Target>,
+    /// The records of each name asked for in this version.
+    built: Mutex<HashMap<(LowerName, RecordType), Arc<Built>>>,
+}
+
+/// Names one version keeps records for; past it, the set starts over (a flood of names
+/// cannot grow it).
+const MAX_BUILT_NAMES: usize = 64;
+
+impl Prepared {
+    fn built(
+        &self,
+        owner: &LowerName,
+        qtype: RecordType,
+        build: impl FnOnce() -> Built,
+    ) -> Arc<Built> {
+        let key = (owner.clone(), qtype);
+        if let Some(built) = self.lock().get(&key) {
+            return built.clone();
+        }
+        // Built outside the lock; two queries racing both build, one is kept.
+        let built = Arc::new(build());
+        let mut kept = self.lock();
+        if kept.len() >= MAX_BUILT_NAMES {
+            kept.clear();
+        }
+        kept.insert(key, built.clone());
+        built
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(LowerName, RecordType), Arc<Built>>> {
+        // Inserts and clears only: a panic cannot leave the map half-changed.
+        self.built.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug)]
+struct Target {
+    instance: Arc<Instance>,
+    ip: Option<IpAddr>,
+    /// `<hex>.addr.<domain>` for an address, the hostname itself otherwise; `None` for a
+    /// hostname that is not a DNS name.
+    srv_target: Option<Name>,
+    glue: Option<Record>,
+}
+
+fn address_data(ip: IpAddr) -> RData {
+    match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
     }
 }
 
@@ -312,12 +470,12 @@ mod tests {
         }
     }
 
-    fn qname() -> Name {
-        Name::from_ascii("web.service.signpost.").unwrap()
+    fn qname() -> LowerName {
+        LowerName::from(Name::from_ascii("web.service.signpost.").unwrap())
     }
 
     fn room(payload: usize) -> Room {
-        Room::new(payload, &qname(), true, usize::MAX)
+        Room::new(payload, &Name::from(qname()), true, usize::MAX)
     }
 
     #[test]
@@ -330,49 +488,61 @@ mod tests {
             instance("d", "fd00::4", Health::Passing, &[]),
             instance("e", "db.example.com", Health::Passing, &[]),
         ];
-        let a = z.service(&all, &asked(None, None), &qname(), RecordType::A, room(512));
-        let mut ips: Vec<String> = a.answers.iter().map(|r| r.data.to_string()).collect();
+        let a = z.service(
+            &z.prepare(&all),
+            &asked(None, None),
+            &qname(),
+            RecordType::A,
+            room(512),
+        );
+        let mut ips: Vec<String> = a.answers().map(|r| r.data.to_string()).collect();
         ips.sort();
         assert_eq!(ips, ["10.0.0.1", "10.0.0.2"]);
         let aaaa = z.service(
-            &all,
+            &z.prepare(&all),
             &asked(None, None),
             &qname(),
             RecordType::AAAA,
             room(512),
         );
-        assert_eq!(aaaa.answers.len(), 1);
+        assert_eq!(aaaa.records().len(), 1);
         let srv = z.service(
-            &all,
+            &z.prepare(&all),
             &asked(None, None),
             &qname(),
             RecordType::SRV,
             room(512),
         );
-        assert_eq!(srv.answers.len(), 4, "hostnames are SRV targets");
-        assert_eq!(srv.additionals.len(), 3, "glue for the addresses only");
+        assert_eq!(srv.records().len(), 4, "hostnames are SRV targets");
+        assert_eq!(srv.additionals().count(), 3, "glue for the addresses only");
 
         let critical = [instance("c", "10.0.0.3", Health::Critical, &[])];
         let none = z.service(
-            &critical,
+            &z.prepare(&critical),
             &asked(None, None),
             &qname(),
             RecordType::A,
             room(512),
         );
         assert_eq!(none.outcome, Outcome::NoData);
-        let none = z.service(&[], &asked(None, None), &qname(), RecordType::A, room(512));
+        let none = z.service(
+            &z.prepare(&[]),
+            &asked(None, None),
+            &qname(),
+            RecordType::A,
+            room(512),
+        );
         assert_eq!(none.outcome, Outcome::NxDomain);
         let tag = z.service(
-            &all,
+            &z.prepare(&all),
             &asked(Some("primary"), None),
             &qname(),
             RecordType::A,
             room(512),
         );
-        assert_eq!(tag.answers.len(), 2, "tags match without case");
+        assert_eq!(tag.records().len(), 2, "tags match without case");
         let tag = z.service(
-            &all,
+            &z.prepare(&all),
             &asked(Some("other"), None),
             &qname(),
             RecordType::A,
@@ -395,7 +565,7 @@ mod tests {
             })
             .collect();
         let udp = z.service(
-            &many,
+            &z.prepare(&many),
             &asked(None, None),
             &qname(),
             RecordType::A,
@@ -403,27 +573,33 @@ mod tests {
         );
         assert!(udp.truncated);
         let mut encoded = Vec::new();
-        for r in &udp.answers {
+        for r in &udp.records() {
             assert!(!encoded.contains(&r.data.to_string()), "no instance twice");
             encoded.push(r.data.to_string());
         }
-        assert!(udp.answers.len() >= 20, "{}", udp.answers.len());
-        let few = Room::new(4096, &qname(), true, 5);
+        assert!(udp.records().len() >= 20, "{}", udp.records().len());
+        let few = Room::new(4096, &Name::from(qname()), true, 5);
         assert_eq!(
-            z.service(&many, &asked(None, None), &qname(), RecordType::A, few)
-                .answers
-                .len(),
+            z.service(
+                &z.prepare(&many),
+                &asked(None, None),
+                &qname(),
+                RecordType::A,
+                few
+            )
+            .records()
+            .len(),
             5
         );
         let tcp = z.service(
-            &many,
+            &z.prepare(&many),
             &asked(None, None),
             &qname(),
             RecordType::SRV,
             room(65535),
         );
         assert!(!tcp.truncated);
-        assert_eq!(tcp.answers.len(), 200);
+        assert_eq!(tcp.records().len(), 200);
     }
 
     #[test]
@@ -445,28 +621,28 @@ mod tests {
             ),
         ];
         let metrics = z.service(
-            &all,
+            &z.prepare(&all),
             &asked(None, Some("metrics")),
             &qname(),
             RecordType::SRV,
             room(512),
         );
-        assert_eq!(metrics.answers.len(), 1);
+        assert_eq!(metrics.records().len(), 1);
         assert!(
-            metrics.answers[0].data.to_string().contains(" 9090 "),
+            metrics.records()[0].data.to_string().contains(" 9090 "),
             "{}",
-            metrics.answers[0].data
+            metrics.records()[0].data
         );
         let grpc = z.service(
-            &all,
+            &z.prepare(&all),
             &asked(None, Some("grpc")),
             &qname(),
             RecordType::SRV,
             room(512),
         );
-        assert!(grpc.answers[0].data.to_string().contains(" 8080 "));
+        assert!(grpc.records()[0].data.to_string().contains(" 8080 "));
         let a = z.service(
-            &all,
+            &z.prepare(&all),
             &asked(None, Some("grpc")),
             &qname(),
             RecordType::A,
@@ -474,7 +650,7 @@ mod tests {
         );
         assert_eq!(a.outcome, Outcome::NoData);
         let none = z.service(
-            &all,
+            &z.prepare(&all),
             &asked(None, Some("http")),
             &qname(),
             RecordType::SRV,

@@ -19,7 +19,7 @@ mod names;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hickory_server::net::runtime::Time;
@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::view::{LiveView, ViewReceiver, ViewState, Views};
-use answer::{Answer, Outcome, Room, Zone};
+use answer::{Answer, Outcome, Prepared, Room, Zone};
 use names::Asked;
 
 /// How long a view nobody asks about is kept.
@@ -41,6 +41,10 @@ pub const IDLE: Duration = Duration::from_secs(300);
 
 /// How long a query waits for a service's first read before the answer is SERVFAIL.
 const FIRST_READ: Duration = Duration::from_secs(2);
+
+/// The largest UDP answer, whatever a client offers: larger ones are fragmented, and fragments
+/// are lost or dropped on the way (DNS Flag Day 2020's 1,232 bytes, as NSD and BIND default to).
+const MAX_UDP_PAYLOAD: u16 = 1232;
 
 /// A TCP connection that sends no query for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -187,11 +191,27 @@ pub(crate) async fn serve(
 
 type Key = (String, String);
 
-/// A view kept for DNS, and when it was last asked for.
+/// A view kept for DNS, when it was last asked for, and its last version prepared to answer.
 struct Entry {
     rx: ViewReceiver,
     /// Seconds since `Followed::started`.
     used: AtomicU64,
+    prepared: Mutex<Option<(Arc<LiveView>, Arc<Prepared>)>>,
+}
+
+impl Entry {
+    /// `view` prepared by `zone`, made once per version.
+    fn prepared(&self, view: Arc<LiveView>, zone: &Zone) -> Arc<Prepared> {
+        let mut kept = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, prepared)) = &*kept
+            && Arc::ptr_eq(seen, &view)
+        {
+            return prepared.clone();
+        }
+        let prepared = Arc::new(zone.prepare(&view.instances));
+        *kept = Some((view, prepared.clone()));
+        prepared
+    }
 }
 
 /// The views DNS keeps, so that a query does not start (and end) one each time.
@@ -236,6 +256,7 @@ impl Followed {
         let entry = Arc::new(Entry {
             rx: self.views.follow(&key.0, &key.1),
             used: AtomicU64::new(now),
+            prepared: Mutex::default(),
         });
         map.insert(key.clone(), entry.clone());
         entry
@@ -256,8 +277,8 @@ impl Followed {
             .retain(|_, e| e.used.load(Ordering::Relaxed) >= cutoff);
     }
 
-    /// The current view of a service; `None` if it cannot be read.
-    async fn view(&self, namespace: &str, service: &str) -> Option<Arc<LiveView>> {
+    /// The current version of a service, prepared to answer from; `None` if it cannot be read.
+    async fn prepared(&self, namespace: &str, service: &str, zone: &Zone) -> Option<Arc<Prepared>> {
         let key = (namespace.to_owned(), service.to_owned());
         // A view that ended (its store read failed, or it lagged past repair) is followed anew
         // once.
@@ -265,7 +286,7 @@ impl Followed {
             let entry = self.entry(&key);
             let state = entry.rx.borrow().clone();
             match state {
-                ViewState::Live(view) => return Some(view),
+                ViewState::Live(view) => return Some(entry.prepared(view, zone)),
                 ViewState::Ended => self.forget(&key, &entry),
                 ViewState::Reading => {
                     let mut rx = entry.rx.clone();
@@ -276,7 +297,9 @@ impl Followed {
                     .await;
                     match read {
                         Ok(Ok(state)) => match &*state {
-                            ViewState::Live(view) => return Some(view.clone()),
+                            ViewState::Live(view) => {
+                                return Some(entry.prepared(view.clone(), zone));
+                            }
                             _ => self.forget(&key, &entry),
                         },
                         Ok(Err(_)) => self.forget(&key, &entry),
@@ -361,13 +384,13 @@ impl Handler {
                 {
                     return Ok((nxdomain(), true));
                 }
-                let view = self
+                let prepared = self
                     .followed
-                    .view(&name.namespace, &name.service)
+                    .prepared(&name.namespace, &name.service, &self.zone)
                     .await
                     .ok_or(ResponseCode::ServFail)?;
                 self.zone
-                    .service(&view.instances, &name, &owner, qtype, room)
+                    .service(&prepared, &name, query.name(), qtype, room)
             }
         };
         let negative = answer.outcome != Outcome::Records;
@@ -382,12 +405,7 @@ impl Handler {
 }
 
 fn nxdomain() -> Answer {
-    Answer {
-        outcome: Outcome::NxDomain,
-        answers: Vec::new(),
-        additionals: Vec::new(),
-        truncated: false,
-    }
+    Answer::empty(Outcome::NxDomain)
 }
 
 #[async_trait::async_trait]
@@ -405,9 +423,9 @@ impl RequestHandler for Handler {
         let mut payload = 512;
         if let Some(asked) = request.edns.as_ref() {
             let mut ours = Edns::new();
-            ours.set_max_payload(asked.max_payload().max(512));
+            ours.set_max_payload(MAX_UDP_PAYLOAD);
             ours.set_version(0);
-            payload = usize::from(asked.max_payload().max(512));
+            payload = usize::from(asked.max_payload().clamp(512, MAX_UDP_PAYLOAD));
             if asked.version() > 0 {
                 metadata.response_code = ResponseCode::BADVERS;
                 edns = Some(ours);
@@ -510,16 +528,12 @@ impl Handler {
         result: Verdict,
     ) -> ResponseInfo {
         self.count(result);
-        let (answers, additionals) = match answer {
-            Some(a) => (a.answers.as_slice(), a.additionals.as_slice()),
-            None => (&[][..], &[][..]),
-        };
         let built = MessageResponseBuilder::new(&request.queries, edns).build(
             metadata,
-            answers.iter(),
+            answer.into_iter().flat_map(Answer::answers),
             std::iter::empty(),
             soa.into_iter(),
-            additionals.iter(),
+            answer.into_iter().flat_map(Answer::additionals),
         );
         match response.send_response(built).await {
             Ok(info) => info,
