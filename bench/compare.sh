@@ -5,9 +5,9 @@
 #   bench/compare.sh            # full run (about ten minutes on two cores)
 #   bench/compare.sh --quick    # a few seconds per workload, to check the harness works
 #
-# Needs etcd, and nginx, wrk and h2load for the gateway section (Debian: etcd-server nginx wrk
-# nghttp2-client), installed with apt-get when missing and run as root; and python3 with grpcio
-# and grpcio-tools for the xDS section (bench/xds.sh).
+# Needs etcd, nginx, wrk and h2load for the gateway section, dnsperf and nsd for the DNS section
+# (Debian: etcd-server nginx wrk nghttp2-client dnsperf nsd), installed with apt-get when missing
+# and run as root; and python3 with grpcio and grpcio-tools for the xDS section (bench/xds.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,9 @@ command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# The DNS section (bench/dns.sh).
+command -v dnsperf >/dev/null 2>&1 || need+=(dnsperf)
+[ -x /usr/sbin/nsd ] || command -v nsd >/dev/null 2>&1 || need+=(nsd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "bench/compare.sh needs ${need[*]} (apt-get install -y ${need[*]})" >&2
@@ -319,6 +322,8 @@ etcd_version=$(etcd --version 2>/dev/null | sed -n 1p)
   if $quick; then bench/gateway.sh "$bin" --quick; else bench/gateway.sh "$bin"; fi
   echo
   if $quick; then bench/xds.sh "$bin" --quick; else bench/xds.sh "$bin"; fi
+  echo
+  if $quick; then bench/dns.sh "$bin" --quick; else bench/dns.sh "$bin"; fi
   echo
   if [ -s "$work/retries" ]; then
     echo "Retried in this run:"

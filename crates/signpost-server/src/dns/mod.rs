@@ -408,16 +408,28 @@ fn nxdomain() -> Answer {
     Answer::empty(Outcome::NxDomain)
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response: R,
-    ) -> ResponseInfo {
+/// What to send back for one request.
+struct Reply {
+    metadata: Metadata,
+    edns: Option<Edns>,
+    answer: Option<Answer>,
+    /// The zone's SOA, with a negative answer.
+    soa: Option<Record>,
+    verdict: Verdict,
+}
+
+impl Handler {
+    async fn reply(&self, request: &Request) -> Reply {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
         metadata.recursion_available = false;
+        let reply = |metadata: Metadata, edns: Option<Edns>, verdict| Reply {
+            metadata,
+            edns,
+            answer: None,
+            soa: None,
+            verdict,
+        };
 
         let mut edns = None;
         let mut payload = 512;
@@ -428,18 +440,7 @@ impl RequestHandler for Handler {
             payload = usize::from(asked.max_payload().clamp(512, MAX_UDP_PAYLOAD));
             if asked.version() > 0 {
                 metadata.response_code = ResponseCode::BADVERS;
-                edns = Some(ours);
-                return self
-                    .send(
-                        request,
-                        metadata,
-                        edns.as_ref(),
-                        None,
-                        None,
-                        response,
-                        Verdict::BadVers,
-                    )
-                    .await;
+                return reply(metadata, Some(ours), Verdict::BadVers);
             }
             edns = Some(ours);
         }
@@ -447,17 +448,7 @@ impl RequestHandler for Handler {
             || request.metadata.op_code != OpCode::Query
         {
             metadata.response_code = ResponseCode::NotImp;
-            return self
-                .send(
-                    request,
-                    metadata,
-                    edns.as_ref(),
-                    None,
-                    None,
-                    response,
-                    Verdict::NotImp,
-                )
-                .await;
+            return reply(metadata, edns, Verdict::NotImp);
         }
         let qname = request
             .queries
@@ -473,24 +464,15 @@ impl RequestHandler for Handler {
             Err(code) => {
                 metadata.response_code = code;
                 metadata.authoritative = code != ResponseCode::Refused;
-                let result = match code {
+                let verdict = match code {
                     ResponseCode::Refused => Verdict::Refused,
                     ResponseCode::FormErr => Verdict::FormErr,
                     _ => Verdict::ServFail,
                 };
-                self.send(
-                    request,
-                    metadata,
-                    edns.as_ref(),
-                    None,
-                    None,
-                    response,
-                    result,
-                )
-                .await
+                reply(metadata, edns, verdict)
             }
             Ok((answer, negative)) => {
-                let result = match answer.outcome {
+                let verdict = match answer.outcome {
                     Outcome::NxDomain => Verdict::NxDomain,
                     Outcome::NoData => Verdict::NoData,
                     Outcome::Records if answer.truncated => Verdict::Truncated,
@@ -500,39 +482,33 @@ impl RequestHandler for Handler {
                     metadata.response_code = ResponseCode::NXDomain;
                 }
                 metadata.truncation = answer.truncated;
-                let soa = negative.then(|| self.zone.soa());
-                self.send(
-                    request,
+                Reply {
                     metadata,
-                    edns.as_ref(),
-                    Some(&answer),
-                    soa.as_ref(),
-                    response,
-                    result,
-                )
-                .await
+                    edns,
+                    soa: negative.then(|| self.zone.soa()),
+                    answer: Some(answer),
+                    verdict,
+                }
             }
         }
     }
 }
 
-impl Handler {
-    async fn send<R: ResponseHandler>(
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
-        metadata: Metadata,
-        edns: Option<&Edns>,
-        answer: Option<&Answer>,
-        soa: Option<&Record>,
         mut response: R,
-        result: Verdict,
     ) -> ResponseInfo {
-        self.count(result);
-        let built = MessageResponseBuilder::new(&request.queries, edns).build(
-            metadata,
+        let reply = self.reply(request).await;
+        self.count(reply.verdict);
+        let answer = reply.answer.as_ref();
+        let built = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
+            reply.metadata,
             answer.into_iter().flat_map(Answer::answers),
             std::iter::empty(),
-            soa.into_iter(),
+            reply.soa.as_ref(),
             answer.into_iter().flat_map(Answer::additionals),
         );
         match response.send_response(built).await {
