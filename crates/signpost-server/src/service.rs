@@ -325,10 +325,10 @@ impl Registry {
         req: pb::ListServicesRequest,
     ) -> Result<pb::ListServicesResponse> {
         let namespace = validate::namespace("namespace", req.namespace)?;
+        allow(principal.as_ref(), Verb::Read, &namespace)?;
         let selector = Selector::parse(&req.selector).map_err(|e| {
             Error::invalid("selector", format!("{:?} is invalid: {e}", req.selector))
         })?;
-        allow(principal.as_ref(), Verb::Read, &namespace)?;
         let mut list = self.store.list_services(&namespace)?;
         if !selector.is_empty() {
             // Each service is read on its own; one that emptied in between is left out.

@@ -91,6 +91,14 @@ impl Views {
         self.followed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether `namespace`/`service` has an instance now (a store read, no view); true when the
+    /// store cannot say, so that following it reports the failure.
+    pub(crate) fn has_instances(&self, namespace: &str, service: &str) -> bool {
+        self.store
+            .list(namespace, service)
+            .map_or(true, |snapshot| !snapshot.instances.is_empty())
+    }
+
     /// The live view of `namespace`/`service`, followed from now until the receiver (and every
     /// other one of the same service) is dropped.
     pub(crate) fn follow(self: &Arc<Self>, namespace: &str, service: &str) -> ViewReceiver {

@@ -1,25 +1,24 @@
 //! The records that answer one question, from the instances of a live view.
 //!
 //! Only instances that get traffic (passing or warning) are answered, in a new random order each
-//! time so that clients taking the first record spread out. An answer holds as many records as
-//! fit the size the client can take (and, over UDP, at most the configured number); when records
-//! are left out the answer says so (TC) and a client that wants them all asks again over TCP.
-//! The sizes are counted here, not left to the encoder, so that what is cut is whole records and
-//! the EDNS record always fits.
-//!
-//! The records for a name are built once per version of the service ([`Prepared`] keeps them)
-//! and every answer refers to them in its own order: an answer costs a shuffle of indices, not
-//! a hundred records made and dropped.
+//! time so that clients taking the first record spread out. The records for a name are built
+//! once per version of the service, as wire bytes ([`Prepared`] keeps them), and every answer is
+//! a shuffle of indices into them; `wire` writes as many as fit the room the client has.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
-use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_server::proto::rr::{LowerName, Name, RecordType};
 use signpost_store::Instance;
 
 use super::names::{ServiceName, addr_label};
+use super::wire::{self, Glue, QUESTION, WireRecord};
+
+const TYPE_A: u16 = 1;
+const TYPE_SOA: u16 = 6;
+const TYPE_AAAA: u16 = 28;
+const TYPE_SRV: u16 = 33;
 
 /// What the answers are made with.
 #[derive(Debug, Clone)]
@@ -29,6 +28,8 @@ pub(crate) struct Zone {
     pub(crate) ttl: u32,
     /// The most records in one UDP answer.
     pub(crate) udp_max_records: usize,
+    /// The zone's SOA record, owned by the domain.
+    soa: Vec<u8>,
 }
 
 /// How an answer ends.
@@ -40,146 +41,95 @@ pub(crate) enum Outcome {
     NxDomain,
 }
 
-/// The records of one name and type, in the order the view has them, with the size each
-/// takes in a message (its glue included).
+/// The records of one name and type, one per healthy instance it stands for.
 #[derive(Debug)]
 pub(crate) struct Built {
     outcome: Outcome,
-    answers: Vec<Record>,
-    glue: Vec<Option<Record>>,
-    sizes: Vec<usize>,
+    records: Vec<WireRecord>,
 }
 
 impl Built {
     fn empty(outcome: Outcome) -> Self {
         Built {
             outcome,
-            answers: Vec::new(),
-            glue: Vec::new(),
-            sizes: Vec::new(),
+            records: Vec::new(),
         }
     }
 
-    fn of(answers: Vec<Record>, glue: Vec<Option<Record>>, sizes: Vec<usize>) -> Self {
+    fn of(records: Vec<WireRecord>) -> Self {
         Built {
-            outcome: if answers.is_empty() {
+            outcome: if records.is_empty() {
                 Outcome::NoData
             } else {
                 Outcome::Records
             },
-            answers,
-            glue,
-            sizes,
+            records,
         }
     }
 }
 
-/// One answer: some of a [`Built`]'s records, in this answer's order.
+/// One answer: a [`Built`]'s records in this answer's order.
 #[derive(Debug)]
 pub(crate) struct Answer {
     pub(crate) outcome: Outcome,
     built: Arc<Built>,
-    kept: Vec<u32>,
-    /// Records were left out for size.
-    pub(crate) truncated: bool,
+    order: Vec<u32>,
 }
 
 impl Answer {
     pub(crate) fn empty(outcome: Outcome) -> Self {
-        Answer::whole(Built::empty(outcome))
+        Answer::of(Arc::new(Built::empty(outcome)), false)
     }
 
-    fn whole(built: Built) -> Self {
-        let kept = (0..built.answers.len())
+    fn of(built: Arc<Built>, shuffle: bool) -> Self {
+        let mut order: Vec<u32> = (0..built.records.len())
             .filter_map(|i| u32::try_from(i).ok())
             .collect();
+        if shuffle {
+            fastrand::shuffle(&mut order);
+        }
         Answer {
             outcome: built.outcome,
-            built: Arc::new(built),
-            kept,
-            truncated: false,
+            built,
+            order,
         }
     }
 
-    pub(crate) fn answers(&self) -> impl Iterator<Item = &Record> + Send {
-        self.kept.iter().map(|&i| &self.built.answers[i as usize])
-    }
-
-    pub(crate) fn additionals(&self) -> impl Iterator<Item = &Record> + Send {
-        self.kept
+    /// The records, in this answer's order.
+    pub(crate) fn records(&self) -> Vec<&WireRecord> {
+        self.order
             .iter()
-            .filter_map(|&i| self.built.glue.get(i as usize)?.as_ref())
-    }
-
-    #[cfg(test)]
-    fn records(&self) -> Vec<&Record> {
-        self.answers().collect()
+            .filter_map(|&i| self.built.records.get(i as usize))
+            .collect()
     }
 }
-
-/// Room for records in one message.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Room {
-    /// Bytes left after the header, the question and the EDNS record.
-    pub(crate) bytes: usize,
-    pub(crate) records: usize,
-}
-
-impl Room {
-    /// The room in a message to a client that takes `payload` bytes (512 without EDNS; 65,535 on
-    /// TCP), for question `name`.
-    pub(crate) fn new(payload: usize, name: &Name, edns: bool, records: usize) -> Self {
-        let used = 12 + wire_len(name) + 4 + if edns { 11 } else { 0 };
-        Room {
-            bytes: payload.saturating_sub(used),
-            records,
-        }
-    }
-
-    /// Takes room for one record (and its glue) of `bytes`; false when it does not fit.
-    fn take(&mut self, bytes: usize) -> bool {
-        if self.records == 0 || bytes > self.bytes {
-            return false;
-        }
-        self.records -= 1;
-        self.bytes -= bytes;
-        true
-    }
-}
-
-/// A name's length on the wire, uncompressed (so an upper bound).
-fn wire_len(name: &Name) -> usize {
-    name.len() + 1
-}
-
-/// The fixed part of a record after its owner name: type, class, TTL, data length.
-const RECORD_HEADER: usize = 10;
-/// An owner name that repeats an earlier one is a two-byte pointer.
-const POINTER: usize = 2;
 
 impl Zone {
-    fn record(&self, name: Name, data: RData) -> Record {
-        Record::from_rdata(name, self.ttl, data)
-    }
-
-    /// The SOA of the zone, also the authority of a negative answer (its minimum is how long
-    /// resolvers may remember that a name has no records: the TTL, as for the records).
-    pub(crate) fn soa(&self) -> Record {
+    pub(crate) fn new(domain: Name, ttl: u32, udp_max_records: usize) -> Self {
         let host = |label: &str| {
             Name::from_ascii(label)
-                .and_then(|n| n.append_domain(&self.domain))
-                .unwrap_or_else(|_| self.domain.clone())
+                .and_then(|n| n.append_domain(&domain))
+                .unwrap_or_else(|_| domain.clone())
         };
-        let soa = SOA::new(
-            host("ns"),
-            host("hostmaster"),
-            1,
-            3600,
-            600,
-            86400,
-            self.ttl,
-        );
-        self.record(self.domain.clone(), RData::SOA(soa))
+        // Its minimum is how long resolvers may remember that a name has no records: the TTL,
+        // as for the records.
+        let mut data = wire::name_bytes(&host("ns"));
+        data.extend(wire::name_bytes(&host("hostmaster")));
+        for value in [1u32, 3600, 600, 86400, ttl] {
+            data.extend_from_slice(&value.to_be_bytes());
+        }
+        let soa = wire::record(&wire::name_bytes(&domain), TYPE_SOA, ttl, &data);
+        Zone {
+            domain,
+            ttl,
+            udp_max_records,
+            soa,
+        }
+    }
+
+    /// The SOA record, for the authority section of a negative answer.
+    pub(crate) fn soa(&self) -> &[u8] {
+        &self.soa
     }
 
     /// The name of an SRV target for an address: `<hex>.addr.<domain>`.
@@ -189,32 +139,44 @@ impl Zone {
             .ok()
     }
 
+    fn address(&self, ip: IpAddr) -> WireRecord {
+        let bytes = match ip {
+            IpAddr::V4(v4) => wire::record(&QUESTION, TYPE_A, self.ttl, &v4.octets()),
+            IpAddr::V6(v6) => wire::record(&QUESTION, TYPE_AAAA, self.ttl, &v6.octets()),
+        };
+        WireRecord { bytes, glue: None }
+    }
+
     /// The apex: its SOA; nothing else.
     pub(crate) fn apex(&self, qtype: RecordType) -> Answer {
         match qtype {
             RecordType::SOA | RecordType::ANY => {
-                Answer::whole(Built::of(vec![self.soa()], Vec::new(), Vec::new()))
+                // Owned by the domain, which is the question here.
+                let at = wire::name_bytes(&self.domain).len();
+                let mut bytes = QUESTION.to_vec();
+                bytes.extend_from_slice(&self.soa[at..]);
+                Answer::of(
+                    Arc::new(Built::of(vec![WireRecord { bytes, glue: None }])),
+                    false,
+                )
             }
             _ => Answer::empty(Outcome::NoData),
         }
     }
 
     /// `<hex>.addr`: the address it spells.
-    pub(crate) fn addr(&self, qname: &Name, qtype: RecordType, ip: IpAddr) -> Answer {
-        let data = match (ip, qtype) {
-            (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => RData::A(A(v4)),
-            (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => RData::AAAA(AAAA(v6)),
-            _ => return Answer::empty(Outcome::NoData),
-        };
-        Answer::whole(Built::of(
-            vec![self.record(qname.clone(), data)],
-            Vec::new(),
-            Vec::new(),
-        ))
+    pub(crate) fn addr(&self, qtype: RecordType, ip: IpAddr) -> Answer {
+        match (ip, qtype) {
+            (IpAddr::V4(_), RecordType::A | RecordType::ANY)
+            | (IpAddr::V6(_), RecordType::AAAA | RecordType::ANY) => {
+                Answer::of(Arc::new(Built::of(vec![self.address(ip)])), false)
+            }
+            _ => Answer::empty(Outcome::NoData),
+        }
     }
 
     /// What the answers for one version of a service are made of, made once per version: the
-    /// address, SRV target and glue of each instance.
+    /// address and SRV target of each instance.
     pub(crate) fn prepare(&self, instances: &[Arc<Instance>]) -> Prepared {
         let targets = instances
             .iter()
@@ -224,14 +186,10 @@ impl Zone {
                     Some(ip) => self.addr_name(ip),
                     None => Name::from_ascii(format!("{}.", instance.address)).ok(),
                 };
-                let glue = ip
-                    .zip(srv_target.as_ref())
-                    .map(|(ip, target)| self.record(target.clone(), address_data(ip)));
                 Target {
                     instance: instance.clone(),
                     ip,
-                    srv_target,
-                    glue,
+                    srv_target: srv_target.as_ref().map(wire::name_bytes),
                 }
             })
             .collect();
@@ -241,48 +199,21 @@ impl Zone {
         }
     }
 
-    /// A service name: its healthy instances as A/AAAA (IP addresses only) or SRV records, as
-    /// many as `room` takes, in a new order.
+    /// A service name: its healthy instances as A/AAAA (IP addresses only) or SRV records, in a
+    /// new order.
     pub(crate) fn service(
         &self,
         prepared: &Prepared,
         asked: &ServiceName,
         owner: &LowerName,
         qtype: RecordType,
-        mut room: Room,
     ) -> Answer {
-        let built = prepared.built(owner, qtype, || {
-            self.build(prepared, asked, &Name::from(owner), qtype)
-        });
-        let mut order: Vec<u32> = (0..built.answers.len())
-            .filter_map(|i| u32::try_from(i).ok())
-            .collect();
-        fastrand::shuffle(&mut order);
-        let mut truncated = false;
-        let mut kept = Vec::with_capacity(order.len());
-        for i in order {
-            if !room.take(built.sizes[i as usize]) {
-                truncated = true;
-                break;
-            }
-            kept.push(i);
-        }
-        Answer {
-            outcome: built.outcome,
-            built,
-            kept,
-            truncated,
-        }
+        let built = prepared.built(owner, qtype, || self.build(prepared, asked, qtype));
+        Answer::of(built, true)
     }
 
-    /// Every record `owner` has of `qtype`, for every healthy instance it stands for.
-    fn build(
-        &self,
-        prepared: &Prepared,
-        asked: &ServiceName,
-        owner: &Name,
-        qtype: RecordType,
-    ) -> Built {
+    /// Every record of `qtype` for every healthy instance `asked` stands for.
+    fn build(&self, prepared: &Prepared, asked: &ServiceName, qtype: RecordType) -> Built {
         let mut chosen: Vec<(&Target, u16)> = prepared
             .targets
             .iter()
@@ -311,45 +242,44 @@ impl Zone {
             RecordType::A => (true, false),
             RecordType::AAAA => (false, true),
             RecordType::ANY => (true, true),
-            RecordType::SRV => return self.srv(&chosen, owner),
+            RecordType::SRV => return self.srv(&chosen),
             _ => return Built::empty(Outcome::NoData),
         };
-        let mut answers = Vec::with_capacity(chosen.len());
-        let mut sizes = Vec::with_capacity(chosen.len());
-        for (target, _) in &chosen {
-            // Hostnames are answered in SRV records, whose targets are names.
-            let (data, size) = match target.ip {
-                Some(IpAddr::V4(ip)) if v4 => (RData::A(A(ip)), 4),
-                Some(IpAddr::V6(ip)) if v6 => (RData::AAAA(AAAA(ip)), 16),
-                _ => continue,
-            };
-            answers.push(self.record(owner.clone(), data));
-            sizes.push(POINTER + RECORD_HEADER + size);
-        }
-        Built::of(answers, Vec::new(), sizes)
+        // Hostnames are answered in SRV records, whose targets are names.
+        let records = chosen
+            .iter()
+            .filter_map(|(target, _)| target.ip)
+            .filter(|ip| if ip.is_ipv4() { v4 } else { v6 })
+            .map(|ip| self.address(ip))
+            .collect();
+        Built::of(records)
     }
 
-    fn srv(&self, chosen: &[(&Target, u16)], owner: &Name) -> Built {
-        let mut answers = Vec::with_capacity(chosen.len());
-        let mut glue = Vec::with_capacity(chosen.len());
-        let mut sizes = Vec::with_capacity(chosen.len());
+    fn srv(&self, chosen: &[(&Target, u16)]) -> Built {
+        let mut records = Vec::with_capacity(chosen.len());
         for (target, port) in chosen {
             let Some(name) = &target.srv_target else {
                 continue;
             };
-            // A target in SRV data is not compressed (RFC 2782), and the glue's owner may not
-            // point at it: both are counted whole.
-            let glue_size = match target.ip {
-                Some(IpAddr::V6(_)) => wire_len(name) + RECORD_HEADER + 16,
-                Some(IpAddr::V4(_)) => wire_len(name) + RECORD_HEADER + 4,
-                None => 0,
-            };
-            let srv = SRV::new(1, srv_weight(target.instance.weight), *port, name.clone());
-            answers.push(self.record(owner.clone(), RData::SRV(srv)));
-            glue.push(target.glue.clone());
-            sizes.push(POINTER + RECORD_HEADER + 6 + wire_len(name) + glue_size);
+            let mut data = Vec::with_capacity(6 + name.len());
+            data.extend_from_slice(&1u16.to_be_bytes());
+            data.extend_from_slice(&srv_weight(target.instance.weight).to_be_bytes());
+            data.extend_from_slice(&port.to_be_bytes());
+            // Not compressed (RFC 2782).
+            data.extend_from_slice(name);
+            let bytes = wire::record(&QUESTION, TYPE_SRV, self.ttl, &data);
+            let glue = target.ip.map(|ip| {
+                let address = self.address(ip);
+                Glue {
+                    // Owner pointer, fixed part, then priority, weight and port.
+                    target_at: 2 + 10 + 6,
+                    target: name.clone(),
+                    tail: address.bytes[QUESTION.len()..].to_vec(),
+                }
+            });
+            records.push(WireRecord { bytes, glue });
         }
-        Built::of(answers, glue, sizes)
+        Built::of(records)
     }
 }
 
@@ -396,17 +326,9 @@ impl Prepared {
 struct Target {
     instance: Arc<Instance>,
     ip: Option<IpAddr>,
-    /// `<hex>.addr.<domain>` for an address, the hostname itself otherwise; `None` for a
-    /// hostname that is not a DNS name.
-    srv_target: Option<Name>,
-    glue: Option<Record>,
-}
-
-fn address_data(ip: IpAddr) -> RData {
-    match ip {
-        IpAddr::V4(v4) => RData::A(A(v4)),
-        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
-    }
+    /// `<hex>.addr.<domain>` for an address, the hostname itself otherwise, as wire bytes;
+    /// `None` for a hostname that is not a DNS name.
+    srv_target: Option<Vec<u8>>,
 }
 
 /// An SRV weight is 16 bits; a larger weight keeps the largest share that fits.
@@ -436,14 +358,11 @@ pub(crate) fn named_port(instance: &Instance, name: &str) -> Option<u16> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use hickory_server::proto::op::Message;
     use signpost_store::{Health, Metadata};
 
-    fn zone(max: usize) -> Zone {
-        Zone {
-            domain: Name::from_ascii("signpost.").unwrap(),
-            ttl: 5,
-            udp_max_records: max,
-        }
+    fn zone() -> Zone {
+        Zone::new(Name::from_ascii("signpost.").unwrap(), 5, 32)
     }
 
     fn instance(id: &str, address: &str, health: Health, meta: &[(&str, &str)]) -> Arc<Instance> {
@@ -470,17 +389,61 @@ mod tests {
         }
     }
 
-    fn qname() -> LowerName {
-        LowerName::from(Name::from_ascii("web.service.signpost.").unwrap())
+    /// The answer as a client reads it, through hickory's own parser: (answers, additionals,
+    /// truncated), each record as text.
+    fn read(
+        answer: &Answer,
+        qtype: RecordType,
+        limit: usize,
+        max: usize,
+    ) -> (Vec<String>, Vec<String>, bool) {
+        let name = Name::from_ascii("Web.Service.Signpost.").unwrap();
+        let records = answer.records();
+        let reply = wire::Reply {
+            head: wire::Head {
+                id: 7,
+                opcode: 0,
+                recursion_desired: true,
+                checking_disabled: false,
+            },
+            rcode: 0,
+            authoritative: true,
+            question: Some((&name, u16::from(qtype), 1)),
+            records: &records,
+            soa: None,
+            edns: Some(1232),
+            limit,
+            max_records: max,
+        };
+        let message = Message::from_vec(&reply.encode()).unwrap();
+        assert_eq!(message.id, 7);
+        assert_eq!(
+            message.queries[0].name(),
+            &name,
+            "the question as the client spelled it"
+        );
+        let text = |records: &[hickory_server::proto::rr::Record]| {
+            records
+                .iter()
+                .map(|r| format!("{} {}", r.name.to_lowercase(), r.data))
+                .collect::<Vec<_>>()
+        };
+        assert!(message.edns.is_some(), "the EDNS record always fits");
+        (
+            text(&message.answers),
+            text(&message.additionals),
+            message.metadata.truncation,
+        )
     }
 
-    fn room(payload: usize) -> Room {
-        Room::new(payload, &Name::from(qname()), true, usize::MAX)
+    fn answer(z: &Zone, all: &[Arc<Instance>], asked: &ServiceName, qtype: RecordType) -> Answer {
+        let owner = LowerName::from(Name::from_ascii("web.service.signpost.").unwrap());
+        z.service(&z.prepare(all), asked, &owner, qtype)
     }
 
     #[test]
     fn only_healthy_instances_and_nodata_when_none() {
-        let z = zone(32);
+        let z = zone();
         let all = [
             instance("a", "10.0.0.1", Health::Passing, &[]),
             instance("b", "10.0.0.2", Health::Warning, &[]),
@@ -488,72 +451,74 @@ mod tests {
             instance("d", "fd00::4", Health::Passing, &[]),
             instance("e", "db.example.com", Health::Passing, &[]),
         ];
-        let a = z.service(
-            &z.prepare(&all),
-            &asked(None, None),
-            &qname(),
+        let (mut a, _, tc) = read(
+            &answer(&z, &all, &asked(None, None), RecordType::A),
             RecordType::A,
-            room(512),
+            1232,
+            32,
         );
-        let mut ips: Vec<String> = a.answers().map(|r| r.data.to_string()).collect();
-        ips.sort();
-        assert_eq!(ips, ["10.0.0.1", "10.0.0.2"]);
-        let aaaa = z.service(
-            &z.prepare(&all),
-            &asked(None, None),
-            &qname(),
+        a.sort();
+        assert_eq!(
+            a,
+            [
+                "web.service.signpost. 10.0.0.1",
+                "web.service.signpost. 10.0.0.2"
+            ]
+        );
+        assert!(!tc);
+        let (aaaa, _, _) = read(
+            &answer(&z, &all, &asked(None, None), RecordType::AAAA),
             RecordType::AAAA,
-            room(512),
+            1232,
+            32,
         );
-        assert_eq!(aaaa.records().len(), 1);
-        let srv = z.service(
-            &z.prepare(&all),
-            &asked(None, None),
-            &qname(),
+        assert_eq!(aaaa, ["web.service.signpost. fd00::4"]);
+        let (mut srv, mut glue, _) = read(
+            &answer(&z, &all, &asked(None, None), RecordType::SRV),
             RecordType::SRV,
-            room(512),
+            1232,
+            32,
         );
-        assert_eq!(srv.records().len(), 4, "hostnames are SRV targets");
-        assert_eq!(srv.additionals().count(), 3, "glue for the addresses only");
+        srv.sort();
+        glue.sort();
+        assert_eq!(
+            srv,
+            [
+                "web.service.signpost. 1 100 8080 0a000001.addr.signpost.",
+                "web.service.signpost. 1 100 8080 0a000002.addr.signpost.",
+                "web.service.signpost. 1 100 8080 db.example.com.",
+                "web.service.signpost. 1 100 8080 fd000000000000000000000000000004.addr.signpost.",
+            ],
+            "hostnames are SRV targets"
+        );
+        assert_eq!(
+            glue,
+            [
+                "0a000001.addr.signpost. 10.0.0.1",
+                "0a000002.addr.signpost. 10.0.0.2",
+                "fd000000000000000000000000000004.addr.signpost. fd00::4",
+            ],
+            "glue for the addresses, pointing at the SRV targets"
+        );
 
         let critical = [instance("c", "10.0.0.3", Health::Critical, &[])];
-        let none = z.service(
-            &z.prepare(&critical),
-            &asked(None, None),
-            &qname(),
-            RecordType::A,
-            room(512),
+        assert_eq!(
+            answer(&z, &critical, &asked(None, None), RecordType::A).outcome,
+            Outcome::NoData
         );
-        assert_eq!(none.outcome, Outcome::NoData);
-        let none = z.service(
-            &z.prepare(&[]),
-            &asked(None, None),
-            &qname(),
-            RecordType::A,
-            room(512),
+        assert_eq!(
+            answer(&z, &[], &asked(None, None), RecordType::A).outcome,
+            Outcome::NxDomain
         );
-        assert_eq!(none.outcome, Outcome::NxDomain);
-        let tag = z.service(
-            &z.prepare(&all),
-            &asked(Some("primary"), None),
-            &qname(),
-            RecordType::A,
-            room(512),
-        );
+        let tag = answer(&z, &all, &asked(Some("primary"), None), RecordType::A);
         assert_eq!(tag.records().len(), 2, "tags match without case");
-        let tag = z.service(
-            &z.prepare(&all),
-            &asked(Some("other"), None),
-            &qname(),
-            RecordType::A,
-            room(512),
-        );
+        let tag = answer(&z, &all, &asked(Some("other"), None), RecordType::A);
         assert_eq!(tag.outcome, Outcome::NxDomain);
     }
 
     #[test]
     fn answers_stop_at_the_room_and_say_so() {
-        let z = zone(32);
+        let z = zone();
         let many: Vec<_> = (0..200)
             .map(|i| {
                 instance(
@@ -564,47 +529,52 @@ mod tests {
                 )
             })
             .collect();
-        let udp = z.service(
-            &z.prepare(&many),
-            &asked(None, None),
-            &qname(),
-            RecordType::A,
-            room(512),
+        let a = answer(&z, &many, &asked(None, None), RecordType::A);
+        let (udp, _, tc) = read(&a, RecordType::A, 512, 1000);
+        assert!(tc);
+        let distinct: std::collections::HashSet<&String> = udp.iter().collect();
+        assert_eq!(distinct.len(), udp.len(), "no instance twice");
+        assert!(udp.len() >= 25, "{}", udp.len());
+        let (few, _, tc) = read(&a, RecordType::A, 4096, 5);
+        assert_eq!((few.len(), tc), (5, true));
+        let srv = answer(&z, &many, &asked(None, None), RecordType::SRV);
+        let (cut, glue, tc) = read(&srv, RecordType::SRV, 512, 1000);
+        assert!(tc && !cut.is_empty());
+        assert_eq!(glue.len(), cut.len(), "a record is only kept with its glue");
+        let (all, glue, tc) = read(&srv, RecordType::SRV, 65535, usize::MAX);
+        assert_eq!((all.len(), glue.len(), tc), (200, 200, false));
+
+        // 600 fit one TCP message whole, glue and EDNS too: glue past the ~16 KiB a compression
+        // pointer reaches names its target in full. A thousand do not fit 65,535 bytes: cut,
+        // marked, and every record kept has its glue.
+        let many = |n: usize| -> Vec<_> {
+            (0..n)
+                .map(|i| {
+                    instance(
+                        &i.to_string(),
+                        &format!("10.1.{}.{}", i / 250, i % 250),
+                        Health::Passing,
+                        &[],
+                    )
+                })
+                .collect()
+        };
+        let srv = answer(&z, &many(600), &asked(None, None), RecordType::SRV);
+        let (all, glue, tc) = read(&srv, RecordType::SRV, 65535, usize::MAX);
+        assert_eq!((all.len(), glue.len(), tc), (600, 600, false));
+        let srv = answer(&z, &many(1000), &asked(None, None), RecordType::SRV);
+        let (cut, glue, tc) = read(&srv, RecordType::SRV, 65535, usize::MAX);
+        assert!(
+            tc && cut.len() > 900 && glue.len() == cut.len(),
+            "{} {}",
+            cut.len(),
+            glue.len()
         );
-        assert!(udp.truncated);
-        let mut encoded = Vec::new();
-        for r in &udp.records() {
-            assert!(!encoded.contains(&r.data.to_string()), "no instance twice");
-            encoded.push(r.data.to_string());
-        }
-        assert!(udp.records().len() >= 20, "{}", udp.records().len());
-        let few = Room::new(4096, &Name::from(qname()), true, 5);
-        assert_eq!(
-            z.service(
-                &z.prepare(&many),
-                &asked(None, None),
-                &qname(),
-                RecordType::A,
-                few
-            )
-            .records()
-            .len(),
-            5
-        );
-        let tcp = z.service(
-            &z.prepare(&many),
-            &asked(None, None),
-            &qname(),
-            RecordType::SRV,
-            room(65535),
-        );
-        assert!(!tcp.truncated);
-        assert_eq!(tcp.records().len(), 200);
     }
 
     #[test]
     fn port_names_come_from_metadata() {
-        let z = zone(32);
+        let z = zone();
         let all = [
             instance(
                 "a",
@@ -620,42 +590,45 @@ mod tests {
                 &[("port.metrics", "nope")],
             ),
         ];
-        let metrics = z.service(
-            &z.prepare(&all),
-            &asked(None, Some("metrics")),
-            &qname(),
+        let (metrics, _, _) = read(
+            &answer(&z, &all, &asked(None, Some("metrics")), RecordType::SRV),
             RecordType::SRV,
-            room(512),
+            1232,
+            32,
         );
-        assert_eq!(metrics.records().len(), 1);
-        assert!(
-            metrics.records()[0].data.to_string().contains(" 9090 "),
-            "{}",
-            metrics.records()[0].data
+        assert_eq!(
+            metrics,
+            ["web.service.signpost. 1 100 9090 0a000001.addr.signpost."]
         );
-        let grpc = z.service(
-            &z.prepare(&all),
-            &asked(None, Some("grpc")),
-            &qname(),
+        let (grpc, _, _) = read(
+            &answer(&z, &all, &asked(None, Some("grpc")), RecordType::SRV),
             RecordType::SRV,
-            room(512),
+            1232,
+            32,
         );
-        assert!(grpc.records()[0].data.to_string().contains(" 8080 "));
-        let a = z.service(
-            &z.prepare(&all),
-            &asked(None, Some("grpc")),
-            &qname(),
-            RecordType::A,
-            room(512),
+        assert_eq!(
+            grpc,
+            ["web.service.signpost. 1 100 8080 0a000002.addr.signpost."]
         );
+        let a = answer(&z, &all, &asked(None, Some("grpc")), RecordType::A);
         assert_eq!(a.outcome, Outcome::NoData);
-        let none = z.service(
-            &z.prepare(&all),
-            &asked(None, Some("http")),
-            &qname(),
-            RecordType::SRV,
-            room(512),
-        );
+        let none = answer(&z, &all, &asked(None, Some("http")), RecordType::SRV);
         assert_eq!(none.outcome, Outcome::NxDomain);
+    }
+
+    #[test]
+    fn the_apex_and_addresses() {
+        let z = zone();
+        let (soa, _, _) = read(&z.apex(RecordType::SOA), RecordType::SOA, 1232, 32);
+        assert_eq!(soa.len(), 1);
+        assert!(
+            soa[0].ends_with("ns.signpost. hostmaster.signpost. 1 3600 600 86400 5"),
+            "{soa:?}"
+        );
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let (a, _, _) = read(&z.addr(RecordType::A, ip), RecordType::A, 1232, 32);
+        assert_eq!(a.len(), 1);
+        assert!(a[0].ends_with(" 10.1.2.3"));
+        assert_eq!(z.addr(RecordType::AAAA, ip).outcome, Outcome::NoData);
     }
 }

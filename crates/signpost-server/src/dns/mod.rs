@@ -1,12 +1,13 @@
 //! An authoritative DNS server for the registry: any program that resolves a name can find the
 //! healthy instances of a service.
 //!
-//! [hickory-server](https://docs.rs/hickory-server) (the DNS server crate of the Rust ecosystem,
-//! formerly trust-dns) reads queries from UDP and TCP, drops packets that are not DNS and answers
-//! malformed ones with FORMERR; [async-trait](https://docs.rs/async-trait) is how its handler
-//! trait is implemented. Here, a query is read as a name (`names`), looked up in a live view of
-//! the service (`crate::view`, the same views the xDS server follows, so an answer lags the
-//! registry by no more than a watch does), and answered (`answer`).
+//! A query is read with [hickory-server](https://docs.rs/hickory-server)'s parser (the DNS
+//! crates of the Rust ecosystem, formerly trust-dns), read as a name (`names`), looked up in a
+//! live view of the service (`crate::view`, the views the xDS server follows, so an answer lags
+//! the registry by no more than a watch does), and answered from records encoded once per
+//! version of the service (`answer`, `wire`). The UDP and TCP loops are here rather than
+//! hickory's: its server encodes every answer record by record through its message encoder,
+//! which held a 100-instance answer to a third of a static server's rate (docs/benchmarks.md).
 //!
 //! The server is authoritative for one domain (`signpost.` unless configured, `consul.` for
 //! clients written for Consul) and refuses every other name: it is not a resolver. Views of the
@@ -15,6 +16,7 @@
 
 mod answer;
 mod names;
+mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,18 +24,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_server::proto::rr::{DNSClass, Name, Record};
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo, Server};
-use hickory_server::zone_handler::MessageResponseBuilder;
-use tokio::net::{TcpListener, UdpSocket};
+use hickory_server::proto::op::{LowerQuery, OpCode, ResponseCode};
+use hickory_server::proto::rr::{DNSClass, Name, RecordType};
+use hickory_server::server::Request;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::view::{LiveView, ViewReceiver, ViewState, Views};
-use answer::{Answer, Outcome, Prepared, Room, Zone};
+use answer::{Answer, Outcome, Prepared, Zone};
 use names::Asked;
 
 /// How long a view nobody asks about is kept.
@@ -153,20 +153,25 @@ pub(crate) async fn serve(
         started: Instant::now(),
         max: config.max_followed.max(1),
     });
-    let handler = Handler {
-        zone: Zone {
-            domain: zone,
-            ttl: u32::try_from(config.ttl.as_secs()).unwrap_or(u32::MAX),
-            udp_max_records: config.udp_max_records.max(1),
-        },
+    let handler = Arc::new(Handler {
+        zone: Zone::new(
+            zone,
+            // At most 2^31 - 1 (RFC 2181 8).
+            u32::try_from(config.ttl.as_secs()).map_or(i32::MAX as u32, |t| t.min(i32::MAX as u32)),
+            config.udp_max_records.max(1),
+        ),
         namespaces: config.namespaces,
         followed: followed.clone(),
         metrics,
-    };
-    let mut server = Server::new(handler);
-    server.register_socket(udp);
-    // 64 answers queued per connection before its reader waits.
-    server.register_listener(tcp, TCP_IDLE, 64);
+    });
+    let udp = Arc::new(udp);
+    let mut tasks = tokio::task::JoinSet::new();
+    // One reader per core: a UDP socket's queries are taken by whichever is free.
+    let readers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for _ in 0..readers {
+        tasks.spawn(serve_udp(udp.clone(), handler.clone(), shutdown.clone()));
+    }
+    tasks.spawn(serve_tcp(tcp, handler.clone(), shutdown.clone()));
     let sweeper = async {
         let mut tick = tokio::time::interval(IDLE / 10);
         loop {
@@ -177,16 +182,109 @@ pub(crate) async fn serve(
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = sweeper => {}
-        result = server.block_until_done() => {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "the DNS server stopped");
-            }
-            return;
+    }
+    tasks.shutdown().await;
+}
+
+/// The most bytes read of one UDP query (a query is one question and perhaps an EDNS record).
+const MAX_UDP_QUERY: usize = 4096;
+
+async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>, shutdown: CancellationToken) {
+    let mut buf = vec![0u8; MAX_UDP_QUERY];
+    loop {
+        let (len, from) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = socket.recv_from(&mut buf) => match received {
+                Ok(received) => received,
+                Err(e) => {
+                    // ICMP errors from earlier sends (a client that went away) surface here; the
+                    // socket itself goes on.
+                    tracing::debug!(error = %e, "DNS: cannot receive on UDP");
+                    continue;
+                }
+            },
+        };
+        let Some(answer) = handler.answer(&buf[..len], Transport::Udp).await else {
+            continue;
+        };
+        if let Err(e) = socket.send_to(&answer, from).await {
+            tracing::debug!(error = %e, %from, "DNS: cannot send a UDP answer");
         }
     }
-    if let Err(e) = server.shutdown_gracefully().await {
-        tracing::warn!(error = %e, "the DNS server did not stop cleanly");
+}
+
+/// TCP connections served at once; more wait to be accepted.
+const MAX_TCP_CONNECTIONS: usize = 1024;
+
+async fn serve_tcp(listener: TcpListener, handler: Arc<Handler>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+        };
+        let (stream, from) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: wait a little rather than spin.
+                    tracing::warn!(error = %e, "DNS: cannot accept a TCP connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                result = serve_connection(stream, &handler) => if let Err(e) = result {
+                    tracing::debug!(error = %e, %from, "DNS: TCP connection ended");
+                },
+            }
+        });
     }
+}
+
+/// Queries on one TCP connection, each a two-byte length and a message (RFC 1035 4.2.2),
+/// answered in order; the connection closes after [`TCP_IDLE`] without a query.
+async fn serve_connection(mut stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.set_nodelay(true)?;
+    let mut message = Vec::new();
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+            Ok(Ok(len)) => usize::from(len),
+            // Closed, or idle: either way, done.
+            Ok(Err(_)) | Err(_) => return Ok(()),
+        };
+        message.resize(len, 0);
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut message)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        }
+        let Some(answer) = handler.answer(&message, Transport::Tcp).await else {
+            return Ok(());
+        };
+        // Answers are at most 65,535 bytes: the room an answer is cut to.
+        let mut framed = Vec::with_capacity(2 + answer.len());
+        framed.extend_from_slice(&(answer.len() as u16).to_be_bytes());
+        framed.extend_from_slice(&answer);
+        stream.write_all(&framed).await?;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
 }
 
 type Key = (String, String);
@@ -262,6 +360,13 @@ impl Followed {
         entry
     }
 
+    fn is_followed(&self, key: &Key) -> bool {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
+    }
+
     fn forget(&self, key: &Key, entry: &Arc<Entry>) {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         if map.get(key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
@@ -283,6 +388,11 @@ impl Followed {
         // A view that ended (its store read failed, or it lagged past repair) is followed anew
         // once.
         for _ in 0..2 {
+            // A name no instance has is not followed: a flood of made-up names must not start a
+            // view for each.
+            if !self.is_followed(&key) && !self.views.has_instances(namespace, service) {
+                return Some(Arc::new(zone.prepare(&[])));
+            }
             let entry = self.entry(&key);
             let state = entry.rx.borrow().clone();
             match state {
@@ -350,10 +460,107 @@ impl Verdict {
 }
 
 impl Handler {
-    /// The answer to a well-formed query, or the error code to give instead.
-    async fn lookup(&self, request: &Request, room: Room) -> Result<(Answer, bool), ResponseCode> {
-        let info = request.request_info().map_err(|_| ResponseCode::FormErr)?;
+    /// The answer to `packet`, or `None` when nothing is to be sent (not DNS, or a response).
+    async fn answer(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let head = wire::query_head(packet)?;
+        let mut reply = wire::Reply {
+            head,
+            rcode: u16::from(ResponseCode::NoError),
+            authoritative: true,
+            question: None,
+            records: &[],
+            soa: None,
+            edns: None,
+            limit: usize::from(u16::MAX),
+            max_records: usize::MAX,
+        };
+        let from = SocketAddr::from(([0, 0, 0, 0], 0));
+        let protocol = match transport {
+            Transport::Udp => Protocol::Udp,
+            Transport::Tcp => Protocol::Tcp,
+        };
+        let request = match Request::from_bytes(packet.to_vec(), from, protocol) {
+            Ok(request) => request,
+            Err(_) => {
+                self.count(Verdict::FormErr);
+                reply.rcode = u16::from(ResponseCode::FormErr);
+                return Some(reply.encode());
+            }
+        };
+        if let Some(asked) = request.edns.as_ref() {
+            reply.edns = Some(MAX_UDP_PAYLOAD);
+            if transport == Transport::Udp {
+                reply.limit = usize::from(asked.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+            }
+            if asked.version() > 0 {
+                self.count(Verdict::BadVers);
+                reply.rcode = u16::from(ResponseCode::BADVERS);
+                return Some(reply.encode());
+            }
+        } else if transport == Transport::Udp {
+            reply.limit = 512;
+        }
+        if transport == Transport::Udp {
+            reply.max_records = self.zone.udp_max_records;
+        }
+        if request.metadata.op_code != OpCode::Query {
+            self.count(Verdict::NotImp);
+            reply.rcode = u16::from(ResponseCode::NotImp);
+            return Some(reply.encode());
+        }
+        let Ok(info) = request.request_info() else {
+            // Not exactly one question.
+            self.count(Verdict::FormErr);
+            reply.rcode = u16::from(ResponseCode::FormErr);
+            return Some(reply.encode());
+        };
         let query = info.query;
+        let original = query.original();
+        reply.question = Some((
+            original.name(),
+            u16::from(query.query_type()),
+            u16::from(query.query_class()),
+        ));
+        let (verdict, answer) = match self.lookup(query).await {
+            Err(code) => {
+                reply.rcode = u16::from(code);
+                reply.authoritative = code != ResponseCode::Refused;
+                let verdict = match code {
+                    ResponseCode::Refused => Verdict::Refused,
+                    _ => Verdict::ServFail,
+                };
+                (verdict, None)
+            }
+            Ok(answer) => {
+                let verdict = match answer.outcome {
+                    Outcome::NxDomain => Verdict::NxDomain,
+                    Outcome::NoData => Verdict::NoData,
+                    Outcome::Records => Verdict::Answer,
+                };
+                if answer.outcome == Outcome::NxDomain {
+                    reply.rcode = u16::from(ResponseCode::NXDomain);
+                }
+                if answer.outcome != Outcome::Records {
+                    reply.soa = Some(self.zone.soa());
+                }
+                (verdict, Some(answer))
+            }
+        };
+        let records = answer.as_ref().map(Answer::records).unwrap_or_default();
+        reply.records = &records;
+        let encoded = reply.encode();
+        // The TC bit: records were left out.
+        let truncated = encoded.get(2).is_some_and(|flags| flags & 0x02 != 0);
+        self.count(if truncated {
+            Verdict::Truncated
+        } else {
+            verdict
+        });
+        Some(encoded)
+    }
+
+    /// The answer to one question, or the error code to give instead.
+    async fn lookup(&self, query: &LowerQuery) -> Result<Answer, ResponseCode> {
         if query.query_class() != DNSClass::IN && query.query_class() != DNSClass::ANY {
             return Err(ResponseCode::Refused);
         }
@@ -362,39 +569,43 @@ impl Handler {
             // Not ours, and this is no resolver.
             return Err(ResponseCode::Refused);
         }
-        let below = usize::from(qname.num_labels() - self.zone.domain.num_labels());
+        // Counted, not `num_labels`, which leaves out a leading `*`.
+        let below = qname
+            .iter()
+            .count()
+            .saturating_sub(self.zone.domain.iter().count());
         let labels: Option<Vec<&str>> = qname
             .iter()
             .take(below)
             .map(|l| std::str::from_utf8(l).ok())
             .collect();
         let asked = labels.as_deref().map_or(Asked::Unknown, names::parse);
-        // Records are owned by the name as the client spelled it.
-        let owner = query.original().name().clone();
         let qtype = query.query_type();
-        let answer = match asked {
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            // The zone is the registry: there is nothing to transfer.
+            return Err(ResponseCode::Refused);
+        }
+        Ok(match asked {
             Asked::Apex => self.zone.apex(qtype),
-            Asked::Addr(ip) => self.zone.addr(&owner, qtype, ip),
-            Asked::Unknown => return Ok((nxdomain(), true)),
+            Asked::Between => Answer::empty(Outcome::NoData),
+            Asked::Addr(ip) => self.zone.addr(qtype, ip),
+            Asked::Unknown => Answer::empty(Outcome::NxDomain),
             Asked::Service(name) => {
                 if self
                     .namespaces
                     .as_ref()
                     .is_some_and(|allowed| !allowed.contains(&name.namespace))
                 {
-                    return Ok((nxdomain(), true));
+                    return Ok(Answer::empty(Outcome::NxDomain));
                 }
                 let prepared = self
                     .followed
                     .prepared(&name.namespace, &name.service, &self.zone)
                     .await
                     .ok_or(ResponseCode::ServFail)?;
-                self.zone
-                    .service(&prepared, &name, query.name(), qtype, room)
+                self.zone.service(&prepared, &name, query.name(), qtype)
             }
-        };
-        let negative = answer.outcome != Outcome::Records;
-        Ok((answer, negative))
+        })
     }
 
     fn count(&self, result: Verdict) {
@@ -402,131 +613,4 @@ impl Handler {
             m.dns_query(result.label());
         }
     }
-}
-
-fn nxdomain() -> Answer {
-    Answer::empty(Outcome::NxDomain)
-}
-
-/// What to send back for one request.
-struct Reply {
-    metadata: Metadata,
-    edns: Option<Edns>,
-    answer: Option<Answer>,
-    /// The zone's SOA, with a negative answer.
-    soa: Option<Record>,
-    verdict: Verdict,
-}
-
-impl Handler {
-    async fn reply(&self, request: &Request) -> Reply {
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.authoritative = true;
-        metadata.recursion_available = false;
-        let reply = |metadata: Metadata, edns: Option<Edns>, verdict| Reply {
-            metadata,
-            edns,
-            answer: None,
-            soa: None,
-            verdict,
-        };
-
-        let mut edns = None;
-        let mut payload = 512;
-        if let Some(asked) = request.edns.as_ref() {
-            let mut ours = Edns::new();
-            ours.set_max_payload(MAX_UDP_PAYLOAD);
-            ours.set_version(0);
-            payload = usize::from(asked.max_payload().clamp(512, MAX_UDP_PAYLOAD));
-            if asked.version() > 0 {
-                metadata.response_code = ResponseCode::BADVERS;
-                return reply(metadata, Some(ours), Verdict::BadVers);
-            }
-            edns = Some(ours);
-        }
-        if request.metadata.message_type != MessageType::Query
-            || request.metadata.op_code != OpCode::Query
-        {
-            metadata.response_code = ResponseCode::NotImp;
-            return reply(metadata, edns, Verdict::NotImp);
-        }
-        let qname = request
-            .queries
-            .queries()
-            .first()
-            .map(|q| Name::from(q.name()))
-            .unwrap_or_else(Name::root);
-        let room = match request.protocol() {
-            Protocol::Udp => Room::new(payload, &qname, edns.is_some(), self.zone.udp_max_records),
-            _ => Room::new(usize::from(u16::MAX), &qname, edns.is_some(), usize::MAX),
-        };
-        match self.lookup(request, room).await {
-            Err(code) => {
-                metadata.response_code = code;
-                metadata.authoritative = code != ResponseCode::Refused;
-                let verdict = match code {
-                    ResponseCode::Refused => Verdict::Refused,
-                    ResponseCode::FormErr => Verdict::FormErr,
-                    _ => Verdict::ServFail,
-                };
-                reply(metadata, edns, verdict)
-            }
-            Ok((answer, negative)) => {
-                let verdict = match answer.outcome {
-                    Outcome::NxDomain => Verdict::NxDomain,
-                    Outcome::NoData => Verdict::NoData,
-                    Outcome::Records if answer.truncated => Verdict::Truncated,
-                    Outcome::Records => Verdict::Answer,
-                };
-                if answer.outcome == Outcome::NxDomain {
-                    metadata.response_code = ResponseCode::NXDomain;
-                }
-                metadata.truncation = answer.truncated;
-                Reply {
-                    metadata,
-                    edns,
-                    soa: negative.then(|| self.zone.soa()),
-                    answer: Some(answer),
-                    verdict,
-                }
-            }
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response: R,
-    ) -> ResponseInfo {
-        let reply = self.reply(request).await;
-        self.count(reply.verdict);
-        let answer = reply.answer.as_ref();
-        let built = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
-            reply.metadata,
-            answer.into_iter().flat_map(Answer::answers),
-            std::iter::empty(),
-            reply.soa.as_ref(),
-            answer.into_iter().flat_map(Answer::additionals),
-        );
-        match response.send_response(built).await {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot send a DNS answer");
-                failed(request)
-            }
-        }
-    }
-}
-
-/// The info of an answer that could not be sent.
-fn failed(request: &Request) -> ResponseInfo {
-    let mut metadata = Metadata::response_from_request(&request.metadata);
-    metadata.response_code = ResponseCode::ServFail;
-    ResponseInfo::from(hickory_server::proto::op::Header {
-        metadata,
-        counts: Default::default(),
-    })
 }

@@ -19,8 +19,11 @@ use crate::validate::DEFAULT_NAMESPACE;
 /// What a query name asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Asked {
-    /// The domain itself (SOA, NS).
+    /// The domain itself (its SOA).
     Apex,
+    /// A name with names below it and no records of its own (`service`, `<namespace>.svc`,
+    /// `_tcp.service`...): it exists, so it is NODATA, never NXDOMAIN (RFC 8020).
+    Between,
     /// One address, from an SRV target.
     Addr(IpAddr),
     Service(ServiceName),
@@ -43,6 +46,9 @@ pub(crate) struct ServiceName {
 pub(crate) fn parse(labels: &[&str]) -> Asked {
     match labels {
         [] => Asked::Apex,
+        ["addr"] | ["svc"] | [_, "svc"] | ["service"] | ["service", _] => Asked::Between,
+        [proto, "service", ..] if proto.starts_with('_') && labels.len() <= 3 => Asked::Between,
+        [proto, .., _, "svc"] if *proto == "_tcp" => Asked::Between,
         [hex, "addr"] => addr(hex).map_or(Asked::Unknown, Asked::Addr),
         [rest @ .., namespace, "svc"] => kubernetes(rest, namespace),
         _ => consul(labels),
@@ -108,6 +114,9 @@ pub(crate) fn addr_label(ip: IpAddr) -> String {
 }
 
 fn addr(hex: &str) -> Option<IpAddr> {
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
     let bytes: Option<Vec<u8>> = (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
@@ -163,14 +172,7 @@ mod tests {
             read("_web._v2.service.payments"),
             service("payments", "web", Some("v2"), None)
         );
-        for unknown in [
-            "service",
-            "a.b.c.service",
-            "_web.service",
-            "web",
-            "web.node",
-            "x.y",
-        ] {
+        for unknown in ["a.b.c.service", "web", "web.node", "x.y"] {
             assert_eq!(read(unknown), Asked::Unknown, "{unknown}");
         }
     }
@@ -190,11 +192,7 @@ mod tests {
             read("_grpc._tcp.web.payments.svc"),
             service("payments", "web", None, Some("grpc"))
         );
-        for unknown in [
-            "default.svc",
-            "_grpc._tcp.default.svc",
-            "_grpc._udp.web.default.svc",
-        ] {
+        for unknown in ["_grpc._tcp.default.svc", "_grpc._udp.web.default.svc"] {
             assert_eq!(read(unknown), Asked::Unknown, "{unknown}");
         }
     }
@@ -205,9 +203,27 @@ mod tests {
             let ip: IpAddr = ip.parse().unwrap_or_else(|_| unreachable!());
             assert_eq!(read(&format!("{}.addr", addr_label(ip))), Asked::Addr(ip));
         }
-        for bad in ["0a01.addr", "zz010203.addr", "0a0102030.addr"] {
+        for bad in [
+            "0a01.addr",
+            "zz010203.addr",
+            "0a0102030.addr",
+            "+a+b+c+d.addr",
+        ] {
             assert_eq!(read(bad), Asked::Unknown, "{bad}");
         }
         assert_eq!(read(""), Asked::Apex);
+        for between in [
+            "addr",
+            "svc",
+            "default.svc",
+            "service",
+            "service.payments",
+            "_tcp.service",
+            "_web.service",
+            "_tcp.service.payments",
+            "_tcp.web.default.svc",
+        ] {
+            assert_eq!(read(between), Asked::Between, "{between}");
+        }
     }
 }

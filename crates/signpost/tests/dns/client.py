@@ -8,7 +8,10 @@ import random
 import socket
 import sys
 
+import time
+
 import dns.message
+import dns.query
 import dns.rdatatype
 import dns.resolver
 
@@ -57,10 +60,16 @@ def fuzz(host, port, count, seed):
         with socket.create_connection(target, timeout=5) as tcp:
             blob = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 300)))
             tcp.sendall(blob)
-    with socket.create_connection(target, timeout=5) as tcp:
-        # A length prefix promising 65535 bytes, then silence: the server must not wait forever
-        # for it on the others' account.
-        tcp.sendall(b"\xff\xff\x00")
+    # A length prefix promising 65535 bytes, then silence: the others are still answered, and the
+    # server closes this one after its idle time (10 s) instead of holding it forever.
+    silent = socket.create_connection(target, timeout=30)
+    silent.sendall(b"\xff\xff\x00")
+    answer = dns.query.tcp(dns.message.make_query("web.service.signpost.", "A"), host, port=int(port), timeout=5)
+    assert answer.answer, answer
+    started = time.monotonic()
+    closed = silent.recv(1) == b""
+    print(f"silent connection closed={closed} after {time.monotonic() - started:.1f}s")
+    silent.close()
     print("sent")
 
 
