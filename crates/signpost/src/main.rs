@@ -631,18 +631,6 @@ async fn run_server<S: Store>(
     let dns = match args.dns_listen {
         None => None,
         Some(addr) => {
-            for namespace in args.dns_namespaces.iter().flatten() {
-                let valid = !namespace.is_empty()
-                    && namespace.bytes().all(|b| {
-                        b.is_ascii_lowercase()
-                            || b.is_ascii_digit()
-                            || matches!(b, b'-' | b'.' | b'_')
-                    });
-                anyhow::ensure!(
-                    valid,
-                    "--dns-namespaces: {namespace:?} is not a namespace (a-z, 0-9, '-', '.', '_')"
-                );
-            }
             let dns = signpost_server::dns::DnsListener::bind(
                 addr,
                 signpost_server::dns::DnsConfig {

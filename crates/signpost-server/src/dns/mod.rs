@@ -91,6 +91,8 @@ pub struct DnsListener {
 pub enum DnsError {
     #[error("--dns-domain {0:?} is not a domain name: {1}")]
     Domain(String, String),
+    #[error("--dns-namespaces: {0}")]
+    Namespace(String),
     #[error("cannot listen for DNS on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
 }
@@ -104,6 +106,14 @@ impl DnsListener {
                 n.to_lowercase()
             })
             .map_err(|e| DnsError::Domain(config.domain.clone(), e.to_string()))?;
+        for namespace in config.namespaces.iter().flatten() {
+            // The registry's own rule: a namespace it would refuse can never be asked for.
+            if namespace.is_empty() {
+                return Err(DnsError::Namespace("an empty namespace".into()));
+            }
+            crate::validate::namespace("namespace", namespace.clone())
+                .map_err(|e| DnsError::Namespace(e.to_string()))?;
+        }
         // A port the OS picks for UDP may be taken for TCP: try a few.
         let mut last = None;
         for _ in 0..if addr.port() == 0 { 20 } else { 1 } {
@@ -325,7 +335,9 @@ impl Followed {
         self.started.elapsed().as_secs()
     }
 
-    fn entry(&self, key: &Key) -> Arc<Entry> {
+    /// The entry of `key`, made (and the service followed) when there is none and `follow`
+    /// says so.
+    fn entry(&self, key: &Key, follow: impl FnOnce() -> bool) -> Option<Arc<Entry>> {
         let now = self.now();
         let found = self
             .map
@@ -335,11 +347,14 @@ impl Followed {
             .cloned();
         if let Some(entry) = found {
             entry.used.store(now, Ordering::Relaxed);
-            return entry;
+            return Some(entry);
+        }
+        if !follow() {
+            return None;
         }
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = map.get(key) {
-            return entry.clone();
+            return Some(entry.clone());
         }
         if map.len() >= self.max {
             // The least recently asked for goes; a scan, at the limit only.
@@ -357,14 +372,7 @@ impl Followed {
             prepared: Mutex::default(),
         });
         map.insert(key.clone(), entry.clone());
-        entry
-    }
-
-    fn is_followed(&self, key: &Key) -> bool {
-        self.map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(key)
+        Some(entry)
     }
 
     fn forget(&self, key: &Key, entry: &Arc<Entry>) {
@@ -390,10 +398,10 @@ impl Followed {
         for _ in 0..2 {
             // A name no instance has is not followed: a flood of made-up names must not start a
             // view for each.
-            if !self.is_followed(&key) && !self.views.has_instances(namespace, service) {
+            let Some(entry) = self.entry(&key, || self.views.has_instances(namespace, service))
+            else {
                 return Some(Arc::new(zone.prepare(&[])));
-            }
-            let entry = self.entry(&key);
+            };
             let state = entry.rx.borrow().clone();
             match state {
                 ViewState::Live(view) => return Some(entry.prepared(view, zone)),
