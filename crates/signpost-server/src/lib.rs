@@ -17,6 +17,8 @@
 //! followed service on the hub. Envoy's message types come from
 //! [envoy-types](https://docs.rs/envoy-types) (pre-generated for prost/tonic 0.14, no protoc);
 //! [serde_json](https://docs.rs/serde_json) writes the clients' bootstrap file.
+//! With [`serve_with_dns`], [`dns`] answers DNS queries from the same live views, on a port of
+//! its own.
 //!
 //! Security sits in front of every handler: [`auth`] checks access tokens (the token file is
 //! TOML, read with [toml](https://docs.rs/toml); tokens are kept as SHA-256 hashes, computed with
