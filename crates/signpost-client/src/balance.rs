@@ -170,7 +170,7 @@ impl BalancedChannelBuilder {
             keep_alive_timeout: self.keep_alive_timeout,
             reconnect_base: base,
             reconnect_max: max,
-            ewma_decay: EWMA_DECAY,
+            ewma_decay: crate::load::DECAY,
             tls: self.tls,
         });
         let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
@@ -209,12 +209,6 @@ impl BalancedChannelBuilder {
         }
     }
 }
-
-/// How fast the latency estimate forgets. linkerd and Finagle use 10 s; with weights drawn
-/// first, a peak (one late answer) would then keep an endpoint out of its share for many seconds:
-/// the weights test missed its shares by up to 11 points at 10 s, and held within 2 at 2 s,
-/// while a 20 ms-slower instance still got 1 call in 600.
-const EWMA_DECAY: Duration = Duration::from_secs(2);
 
 /// Stops the feed when the last clone of the channel is gone.
 #[derive(Debug)]

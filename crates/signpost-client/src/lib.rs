@@ -92,7 +92,7 @@ pub use watcher::{WatchCounts, WatchStats};
 /// weighed are then the same as a [`BalancedChannel`]'s.
 pub mod rules {
     pub use crate::channel::grpc_timeout;
-    pub use crate::load::Load;
+    pub use crate::load::{DECAY, Load};
     pub use crate::outlier::{Outlier, may_eject, record};
     pub use crate::pick::{Candidate, Known, Picked, Policy, pick};
 }

@@ -174,8 +174,7 @@ impl Gateway {
             max_idle_per_endpoint: config.max_idle_per_instance,
             reconnect_base: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
-            // As the balanced channel's (see its EWMA_DECAY).
-            ewma_decay: Duration::from_secs(2),
+            ewma_decay: signpost_client::rules::DECAY,
             retry_budget: config.retry_budget,
         };
         let upstreams = upstream::Upstreams::new(client, settings, config.max_services);
