@@ -63,6 +63,18 @@ fn check_from_pb(field: &str, pb: pb::HealthCheck) -> Result<HealthCheck> {
             Probe::Http { path }
         }
         Some(pb::health_check::Probe::Tcp(_)) => Probe::Tcp,
+        Some(pb::health_check::Probe::Ttl(_)) => {
+            // Reported by the instance: nothing to time. Its lease is checked where the request
+            // is (a ttl check needs one).
+            return Ok(HealthCheck {
+                probe: Probe::Ttl,
+                interval: Duration::ZERO,
+                timeout: Duration::ZERO,
+                deregister_critical_after: None,
+                successes_before_passing: 1,
+                failures_before_critical: 1,
+            });
+        }
         Some(pb::health_check::Probe::Grpc(grpc)) => {
             if grpc.service.len() > 255 || grpc.service.chars().any(char::is_control) {
                 return Err(Error::invalid(
@@ -77,7 +89,7 @@ fn check_from_pb(field: &str, pb: pb::HealthCheck) -> Result<HealthCheck> {
         None => {
             return Err(Error::invalid(
                 format!("{field}.probe"),
-                "is required: set http, tcp or grpc",
+                "is required: set http, tcp, grpc or ttl",
             ));
         }
     };
@@ -207,13 +219,19 @@ pub(crate) fn instance_to_pb(i: &Instance) -> pb::Instance {
     }
 }
 
-fn check_to_pb(c: &HealthCheck) -> pb::HealthCheck {
+pub(crate) fn check_to_pb(c: &HealthCheck) -> pb::HealthCheck {
     let probe = match &c.probe {
         Probe::Http { path } => pb::health_check::Probe::Http(pb::HttpProbe { path: path.clone() }),
         Probe::Tcp => pb::health_check::Probe::Tcp(pb::TcpProbe {}),
         Probe::Grpc { service } => pb::health_check::Probe::Grpc(pb::GrpcProbe {
             service: service.clone(),
         }),
+        Probe::Ttl => {
+            return pb::HealthCheck {
+                probe: Some(pb::health_check::Probe::Ttl(pb::TtlProbe {})),
+                ..pb::HealthCheck::default()
+            };
+        }
     };
     pb::HealthCheck {
         probe: Some(probe),

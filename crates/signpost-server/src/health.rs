@@ -93,7 +93,7 @@ impl Checks {
     /// Follows an instance as the store has it: starts, replaces or stops its check.
     pub(crate) fn follow(&mut self, instance: &Instance, now: Instant) {
         let key = instance.key();
-        let Some(check) = &instance.check else {
+        let Some(check) = instance.check.as_ref().filter(|c| c.probe.is_probed()) else {
             self.tracked.remove(&key);
             return;
         };

@@ -17,8 +17,8 @@
 //! followed service on the hub. Envoy's message types come from
 //! [envoy-types](https://docs.rs/envoy-types) (pre-generated for prost/tonic 0.14, no protoc);
 //! [serde_json](https://docs.rs/serde_json) writes the clients' bootstrap file.
-//! With [`serve_with_dns`], [`dns`] answers DNS queries from the same live views, on a port of
-//! its own.
+//! With [`serve_with`], [`dns`] answers DNS queries from the same live views, and [`http`]
+//! serves Consul's HTTP API and Prometheus' HTTP service discovery, each on a port of its own.
 //!
 //! Security sits in front of every handler: [`auth`] checks access tokens (the token file is
 //! TOML, read with [toml](https://docs.rs/toml); tokens are kept as SHA-256 hashes, computed with
@@ -50,6 +50,7 @@ mod encode;
 mod error;
 mod filter;
 mod health;
+pub mod http;
 mod hub;
 mod limits;
 pub mod metrics;
@@ -173,17 +174,28 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    serve_with_dns(store, config, listener, None, shutdown).await
+    serve_with(store, config, listener, Listeners::default(), shutdown).await
 }
 
-/// [`serve`], and DNS on `dns` ([`dns`]) from the same live views, stopping with it.
-pub async fn serve_with_dns(
+/// The protocols served next to gRPC, each on a listener of its own; `None` serves it not.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// DNS ([`dns`]).
+    pub dns: Option<dns::DnsListener>,
+    /// Consul's HTTP API and Prometheus' HTTP service discovery ([`http`]).
+    pub http: Option<http::HttpListener>,
+}
+
+/// [`serve`], and the protocols of `more` from the same registry and live views, stopping
+/// with it.
+pub async fn serve_with(
     store: Arc<dyn Store>,
     config: Config,
     listener: TcpListener,
-    dns: Option<dns::DnsListener>,
+    more: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let Listeners { dns, http } = more;
     let max_request = config.max_request_size;
     let tls_updates = config.tls_updates.clone();
     let (tls, with_reflection, request_timeout) = (
@@ -238,6 +250,8 @@ pub async fn serve_with_dns(
             streams.clone(),
         ))
     });
+    let http =
+        http.map(|listener| tokio::spawn(http::serve(listener, registry.clone(), streams.clone())));
     let ads = xds::Ads::new(registry.clone()).server();
     let registry = RegistryServer::new(registry);
 
@@ -295,6 +309,9 @@ pub async fn serve_with_dns(
     }
     if let Some(dns) = dns {
         let _ = dns.await;
+    }
+    if let Some(http) = http {
+        let _ = http.await;
     }
     Ok(())
 }

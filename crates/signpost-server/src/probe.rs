@@ -30,6 +30,11 @@ pub(crate) async fn probe(check: &HealthCheck, address: &str, port: u16) -> (Hea
                 Err(e) => (Health::Critical, format!("TCP connect to {target}: {e}")),
             },
             Probe::Grpc { service } => grpc(&target, service, check.timeout).await,
+            // The checker never schedules these (see `Probe::is_probed`).
+            Probe::Ttl => (
+                Health::Critical,
+                "a ttl check is reported by the instance, not probed".to_owned(),
+            ),
         }
     };
     match tokio::time::timeout(check.timeout, run).await {

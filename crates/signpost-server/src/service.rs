@@ -91,14 +91,33 @@ impl Registry {
     /// The token a request carries, when the server checks tokens. Checked before anything
     /// else, so that a stranger learns nothing, not even whether the request was well formed.
     pub(crate) fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<Principal>> {
-        let Some(tokens) = &self.config.auth else {
-            return Ok(None);
-        };
         let header = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
+        self.authenticate_header(header)
+    }
+
+    /// [`authenticate`](Self::authenticate) for an `authorization` header however it came.
+    pub(crate) fn authenticate_header(&self, header: Option<&str>) -> Result<Option<Principal>> {
+        let Some(tokens) = &self.config.auth else {
+            return Ok(None);
+        };
         tokens.authenticate(header).map(Some)
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Whether `principal` (when the server checks tokens) may `verb` in `namespace`.
+    pub(crate) fn allow(
+        &self,
+        principal: Option<&Principal>,
+        verb: Verb,
+        namespace: &str,
+    ) -> Result<()> {
+        allow(principal, verb, namespace)
     }
 
     fn hub(&self) -> &Arc<Hub> {
@@ -149,7 +168,7 @@ impl Registry {
         }
     }
 
-    async fn do_register(
+    pub(crate) async fn do_register(
         &self,
         principal: Option<Principal>,
         req: pb::RegisterRequest,
@@ -160,6 +179,18 @@ impl Registry {
         let mut instance = instance_from_pb("instance", instance)?;
         allow(principal.as_ref(), Verb::Write, &instance.namespace)?;
         let ttl = req.ttl.map(|d| duration_from_pb("ttl", d)).transpose()?;
+        if instance
+            .check
+            .as_ref()
+            .is_some_and(|c| !c.probe.is_probed())
+            && ttl.is_none()
+            && req.lease_id == 0
+        {
+            return Err(Error::invalid(
+                "instance.check.ttl",
+                "needs a lease: register with a ttl (or lease_id), which each report refreshes",
+            ));
+        }
         instance.owner = principal.as_ref().map(|p| p.name.to_string());
         let condition = self.ownership(principal.as_ref());
         let quota = self.config.limits.quota();
@@ -228,6 +259,53 @@ impl Registry {
         })
     }
 
+    /// Records the status an instance with a ttl check reports of itself, and refreshes its
+    /// lease: the report is its sign of life. `Ok(None)` when there is no such instance or its
+    /// lease has run out; `Ok(Some)` with the instance as it stands after the report.
+    pub(crate) async fn report(
+        &self,
+        principal: Option<&Principal>,
+        instance: &signpost_store::Instance,
+        health: signpost_store::Health,
+        output: String,
+    ) -> Result<Option<Arc<signpost_store::Instance>>> {
+        allow(principal, Verb::Write, &instance.namespace)?;
+        let Some(check) = instance.check.clone().filter(|c| !c.probe.is_probed()) else {
+            return Err(Error::invalid(
+                "check",
+                format!(
+                    "{}/{} has no ttl check: its health is probed by the registry",
+                    instance.service, instance.id
+                ),
+            ));
+        };
+        let Some(lease) = instance.lease_id else {
+            return Ok(None);
+        };
+        if refresh(&*self.store, principal, lease).await?.is_none() {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let verdict = Write::Health(signpost_store::HealthUpdate {
+            key: instance.key(),
+            create_revision: instance.create_revision,
+            check,
+            health,
+            output,
+            checked_at: std::time::SystemTime::now(),
+        });
+        match self.store.write(verdict).await {
+            Ok(Written::Stored(stored)) => {
+                self.store_write("health", started);
+                Ok(Some(stored))
+            }
+            Ok(_) => Ok(Some(Arc::new(instance.clone()))),
+            // Registered anew or removed since it was read: the report was for what is gone.
+            Err(signpost_store::Error::Conflict(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Under strict ownership, only the token that registered an instance may change it: the
     /// store judges that atomically with the write.
     fn ownership(&self, principal: Option<&Principal>) -> Condition {
@@ -237,7 +315,7 @@ impl Registry {
         }
     }
 
-    async fn do_deregister(
+    pub(crate) async fn do_deregister(
         &self,
         principal: Option<Principal>,
         req: pb::DeregisterRequest,

@@ -54,7 +54,7 @@ struct StoredInstance {
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct StoredCheck {
-    /// 1 http, 2 tcp, 3 grpc.
+    /// 1 http, 2 tcp, 3 grpc, 4 ttl (reported, not probed).
     #[prost(uint32, tag = "1")]
     kind: u32,
     /// The HTTP path or the gRPC service name.
@@ -96,6 +96,7 @@ pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
             Probe::Http { path } => (1, path.clone()),
             Probe::Tcp => (2, String::new()),
             Probe::Grpc { service } => (3, service.clone()),
+            Probe::Ttl => (4, String::new()),
         };
         StoredCheck {
             kind,
@@ -148,6 +149,7 @@ pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
                 1 => Probe::Http { path: c.target },
                 2 => Probe::Tcp,
                 3 => Probe::Grpc { service: c.target },
+                4 => Probe::Ttl,
                 other => return Err(corrupt(&format!("unknown probe kind {other}"))),
             },
             interval: Duration::from_nanos(c.interval_nanos),

@@ -36,9 +36,23 @@ impl Health {
 /// What an active health check probes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
-    Http { path: String },
+    Http {
+        path: String,
+    },
     Tcp,
-    Grpc { service: String },
+    Grpc {
+        service: String,
+    },
+    /// Nothing: the instance reports its own status (Consul's TTL checks), and its lease
+    /// removes it when it stops. The interval and timeout of such a check are unused.
+    Ttl,
+}
+
+impl Probe {
+    /// Whether the server runs this check itself.
+    pub fn is_probed(&self) -> bool {
+        !matches!(self, Probe::Ttl)
+    }
 }
 
 /// An active health check, run by the server against the instance's address and port.

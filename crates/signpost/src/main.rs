@@ -166,6 +166,29 @@ struct ServeArgs {
     )]
     dns_namespaces: Option<Vec<String>>,
 
+    /// Serve Consul's HTTP API and Prometheus' HTTP service discovery on this address
+    /// (e.g. 127.0.0.1:8500, Consul's port); see docs/consul.md.
+    #[arg(long, env = "SIGNPOST_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+
+    /// The datacenter Consul clients are told they talk to.
+    #[arg(
+        long,
+        env = "SIGNPOST_CONSUL_DATACENTER",
+        default_value = "dc1",
+        requires = "http_listen"
+    )]
+    consul_datacenter: String,
+
+    /// The node name every instance is reported on through the Consul API.
+    #[arg(
+        long,
+        env = "SIGNPOST_CONSUL_NODE_NAME",
+        default_value = "signpost",
+        requires = "http_listen"
+    )]
+    consul_node_name: String,
+
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "SIGNPOST_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -653,7 +676,33 @@ async fn run_server<S: Store>(
             Some(dns)
         }
     };
-    let server = signpost_server::serve_with_dns(store, config, listener, dns, shutdown);
+    let http = match args.http_listen {
+        None => None,
+        Some(addr) => {
+            let http = signpost_server::http::HttpListener::bind(
+                addr,
+                signpost_server::http::HttpConfig {
+                    datacenter: args.consul_datacenter.clone(),
+                    node_name: args.consul_node_name.clone(),
+                },
+            )
+            .await
+            .with_context(|| format!("cannot listen for the HTTP API on {addr}"))?;
+            let bound = http
+                .local_addr()
+                .context("cannot read the HTTP API address")?;
+            tracing::info!("http api on http://{bound} (Consul's API, Prometheus' http_sd)");
+            if args.tls_cert.is_some() {
+                tracing::warn!(
+                    "the HTTP API on {bound} is plaintext: tokens sent to it cross the network in \
+                     the clear; keep it on a trusted network or loopback"
+                );
+            }
+            Some(http)
+        }
+    };
+    let more = signpost_server::Listeners { dns, http };
+    let server = signpost_server::serve_with(store, config, listener, more, shutdown);
     tokio::pin!(server);
     let grace = args.shutdown_grace;
     tokio::select! {
