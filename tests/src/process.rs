@@ -61,13 +61,37 @@ pub fn require_python_modules(modules: &[(&str, &str)]) -> bool {
     true
 }
 
+/// Where `.ci/run` installs a Python package that cannot share site-packages with another
+/// (py-consul and python-consul both install a module named `consul`):
+/// `target/test-python/PACKAGE` of the workspace, for `PYTHONPATH`. `None` (a skip, or a failure
+/// under `SIGNPOST_REQUIRE_ALL`) when it is not there.
+pub fn python_package_dir(package: &str) -> Option<PathBuf> {
+    require_program("python3")?;
+    let dir = target_dir().join("test-python").join(package);
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    let install = format!(
+        "python3 -m pip install --target {} {package}",
+        dir.display()
+    );
+    if std::env::var_os("SIGNPOST_REQUIRE_ALL").is_some() {
+        panic!("the Python package {package} is required (SIGNPOST_REQUIRE_ALL is set): {install}");
+    }
+    report_skip(&format!("Python package {package} ({install})"));
+    None
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
 /// `target/signpost-skips.txt` of the workspace (or of `CARGO_TARGET_DIR`): one line per test
 /// skipped for a missing program.
 pub fn skips_file() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("signpost-skips.txt")
+    target_dir().join("signpost-skips.txt")
 }
 
 fn report_skip(program: &str) {

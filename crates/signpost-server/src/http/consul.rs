@@ -495,7 +495,7 @@ impl Api {
             .do_register(principal, request)
             .await
             .map_err(Failure::registration)?;
-        Ok(json(&serde_json::Value::Null, None))
+        Ok(super::empty())
     }
 
     async fn deregister(&self, call: &Call, id: &str) -> Result<Response<Full<Bytes>>, Failure> {
@@ -512,7 +512,7 @@ impl Api {
             .do_deregister(principal, request)
             .await
             .map_err(Failure::from)?;
-        Ok(json(&serde_json::Value::Null, None))
+        Ok(super::empty())
     }
 
     /// `/v1/agent/check/pass|warn|fail/service:<id>?note=`, and `update` with a JSON
@@ -574,7 +574,7 @@ impl Api {
             .report(principal.as_ref(), &instance, health, output)
             .await
         {
-            Ok(Some(_)) => Ok(json(&serde_json::Value::Null, None)),
+            Ok(Some(_)) => Ok(super::empty()),
             Ok(None) => Err(unknown()),
             Err(crate::error::Error::Invalid { reason, .. }) => Err(Failure::bad_request(format!(
                 "CheckID {check:?} does not have associated TTL: {reason}"

@@ -70,6 +70,8 @@ impl HttpListener {
 
 /// How long a request's headers may take to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request's body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open requests (blocking queries among them) get to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -187,17 +189,35 @@ impl Call {
 
     /// The body as JSON, at most `limit` bytes.
     pub(crate) async fn json(self, limit: usize) -> Result<serde_json::Value, Failure> {
-        let bytes = Limited::new(self.body, limit)
-            .collect()
+        let too_large = || {
+            Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Request body too large: at most {limit} bytes"),
+            )
+        };
+        // Refused before a byte of it is read, when the client says its size up front.
+        if self
+            .header("content-length")
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_some_and(|l| l > limit as u64)
+        {
+            return Err(too_large());
+        }
+        let read = Limited::new(self.body, limit).collect();
+        // A client that announces a body and stalls does not hold the connection for ever.
+        let bytes = tokio::time::timeout(BODY_TIMEOUT, read)
             .await
+            .map_err(|_| {
+                Failure::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+                )
+            })?
             .map_err(|e| {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()
                 {
-                    Failure::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("Request body too large: at most {limit} bytes"),
-                    )
+                    too_large()
                 } else {
                     Failure::bad_request(format!("Cannot read the request body: {e}"))
                 }
@@ -336,6 +356,11 @@ pub(crate) fn json(value: &impl serde::Serialize, index: Option<u64>) -> Respons
     response
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+/// A success with nothing to say, as Consul answers a write.
+pub(crate) fn empty() -> Response<Full<Bytes>> {
+    Response::new(Full::new(Bytes::new()))
 }
 
 pub(crate) fn failure(failure: Failure) -> Response<Full<Bytes>> {
