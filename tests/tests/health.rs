@@ -496,3 +496,48 @@ async fn two_thousand_checks_each_run_about_once_a_second() {
     .await;
     assert_eq!(all.instances.len(), N, "every instance passing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_check_needs_a_lease_and_is_never_probed() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    // The port answers nothing: a probe of it would say "refused" within a second.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let ttl = pb::health_check::Probe::Ttl(pb::TtlProbe {});
+    let mut reported = instance("job", "j1", u32::from(closed));
+    reported.check = Some(pb::HealthCheck {
+        probe: Some(ttl),
+        ..Default::default()
+    });
+    let status = client
+        .register(register_request(reported.clone(), None))
+        .await
+        .expect_err("a ttl check without a lease");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("instance.check.ttl needs a lease"),
+        "{status:?}"
+    );
+
+    let registered = client
+        .register(register_request(reported, Some(Duration::from_secs(30))))
+        .await
+        .unwrap()
+        .into_inner();
+    let stored = registered.instance.unwrap();
+    assert_eq!(stored.health(), pb::HealthStatus::Critical);
+    assert!(matches!(
+        stored.check.and_then(|c| c.probe),
+        Some(pb::health_check::Probe::Ttl(_))
+    ));
+    // Past two intervals of the shortest check: a probed one would have written its verdict.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let now = health_of(&mut client, "job", "j1").await.unwrap();
+    assert_eq!(now.health_output, "not checked yet");
+    assert_eq!(now.mod_revision, stored.mod_revision);
+}

@@ -106,6 +106,7 @@ fn check() -> impl Strategy<Value = Option<pb::HealthCheck>> {
         text().prop_map(|path| Some(pb::health_check::Probe::Http(pb::HttpProbe { path }))),
         Just(Some(pb::health_check::Probe::Tcp(pb::TcpProbe {}))),
         text().prop_map(|service| Some(pb::health_check::Probe::Grpc(pb::GrpcProbe { service }))),
+        Just(Some(pb::health_check::Probe::Ttl(pb::TtlProbe {}))),
     ];
     prop::option::of(
         (

@@ -222,7 +222,23 @@ mod tests {
             mod_revision: 9,
             memo: Default::default(),
         };
-        assert_eq!(decode_instance(&encode_instance(&instance)), Ok(instance));
+        assert_eq!(
+            decode_instance(&encode_instance(&instance)),
+            Ok(instance.clone())
+        );
         assert!(decode_instance(b"\xff\xff\xff").is_err());
+        for probe in [
+            Probe::Tcp,
+            Probe::Grpc {
+                service: "g".into(),
+            },
+            Probe::Ttl,
+        ] {
+            let mut other = instance.clone();
+            if let Some(check) = other.check.as_mut() {
+                check.probe = probe;
+            }
+            assert_eq!(decode_instance(&encode_instance(&other)), Ok(other));
+        }
     }
 }

@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use signpost_tests::process::{ServerProcess, python_package_dir, require_program, run};
+use signpost_tests::process::{
+    ServerProcess, python_package_dir, readme_block, require_program, run,
+};
 
 const EXE: &str = env!("CARGO_BIN_EXE_signpost");
 
@@ -324,13 +326,17 @@ fn prometheus_scrapes_what_signpost_lists_and_drops_it_when_deregistered() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
+    // The README's configuration, pointed at this server and polled faster.
+    let scrape = readme_block("consul-prometheus")
+        .replace("127.0.0.1:8500", &http.to_string())
+        .replace("refresh_interval: 15s", "refresh_interval: 1s");
+    assert!(
+        scrape.contains(&format!("http://{http}/prometheus/targets")),
+        "{scrape}"
+    );
     std::fs::write(
         &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-             scrape_configs:\n  - job_name: signpost\n    http_sd_configs:\n\
-             \x20     - url: http://{http}/prometheus/targets\n        refresh_interval: 1s\n"
-        ),
+        format!("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n{scrape}\n"),
     )
     .unwrap();
     let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -550,4 +556,20 @@ fn sigterm_answers_blocking_queries_instead_of_leaving_them_hanging() {
         "{response}"
     );
     assert!(response.contains("10.0.0.1"), "{response}");
+}
+
+#[test]
+fn the_readme_consul_snippet_runs_as_written() {
+    let Some(dir) = python_package_dir("py-consul") else {
+        return;
+    };
+    let (_server, http) = start(&[]);
+    let snippet =
+        readme_block("consul-python").replace("port=8500", &format!("port={}", http.port()));
+    let (ok, out, err) = run(Command::new("python3")
+        .env("PYTHONPATH", &dir)
+        .args(["-c", &snippet]));
+    assert!(ok, "{out}{err}");
+    // Nothing listens on 8080 here: the check has not passed yet, and the instance says so.
+    assert_eq!(out.trim(), "[('web-1', 'critical')]");
 }
