@@ -123,6 +123,25 @@ fn report_skip(program: &str) {
     }
 }
 
+/// The address `server` logs right after `prefix` (such as `"dns on "`), once it has.
+pub fn logged_addr(server: &mut ServerProcess, prefix: &str) -> SocketAddr {
+    let line = server.wait_for_log(prefix);
+    line.split(prefix)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address after {prefix:?} in {line:?}"))
+}
+
+/// `EXE ARGS --registry URL` against `server`, which must succeed; what it printed.
+pub fn cli(exe: &Path, server: &ServerProcess, args: &[&str]) -> String {
+    let (ok, out, err) = run(Command::new(exe)
+        .args(args)
+        .args(["--registry", &server.url()]));
+    assert!(ok, "signpost {args:?} failed: {out}{err}");
+    out
+}
+
 /// A running `signpost serve`, killed when dropped.
 #[derive(Debug)]
 pub struct ServerProcess {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use signpost_tests::process::{
-    ServerProcess, python_package_dir, readme_block, require_program, run,
+    ServerProcess, cli, logged_addr, python_package_dir, readme_block, require_program, run,
 };
 
 const EXE: &str = env!("CARGO_BIN_EXE_signpost");
@@ -24,23 +24,13 @@ fn start(args: &[&str]) -> (ServerProcess, SocketAddr) {
     let mut all = vec!["--store", "memory", "--http-listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
     let mut server = ServerProcess::start(Path::new(EXE), &all);
-    let line = server.wait_for_log("http api on http://");
-    let addr = line
-        .split("http api on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP address in {line:?}"));
+    let addr = logged_addr(&mut server, "http api on http://");
     (server, addr)
 }
 
 /// `signpost ARGS --registry URL`, which must succeed.
 fn signpost(server: &ServerProcess, args: &[&str]) -> String {
-    let (ok, out, err) = run(Command::new(EXE)
-        .args(args)
-        .args(["--registry", &server.url()]));
-    assert!(ok, "signpost {args:?} failed: {out}{err}");
-    out
+    cli(Path::new(EXE), server, args)
 }
 
 /// One HTTP/1.0 request (so that no server answers chunked): its status and body.

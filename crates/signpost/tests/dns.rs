@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use signpost_tests::DEADLINE;
-use signpost_tests::process::{ServerProcess, require_program, require_python_modules, run};
+use signpost_tests::process::{
+    ServerProcess, cli, logged_addr, require_program, require_python_modules, run,
+};
 
 const EXE: &str = env!("CARGO_BIN_EXE_signpost");
 
@@ -28,23 +30,13 @@ fn start(args: &[&str]) -> (ServerProcess, SocketAddr) {
     let mut all = vec!["--store", "memory", "--dns-listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
     let mut server = ServerProcess::start(Path::new(EXE), &all);
-    let line = server.wait_for_log("dns on ");
-    let addr = line
-        .split("dns on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no DNS address in {line:?}"));
+    let addr = logged_addr(&mut server, "dns on ");
     (server, addr)
 }
 
 /// `signpost ARGS --registry URL`, which must succeed.
 fn signpost(server: &ServerProcess, args: &[&str]) -> String {
-    let (ok, out, err) = run(Command::new(EXE)
-        .args(args)
-        .args(["--registry", &server.url()]));
-    assert!(ok, "signpost {args:?} failed: {out}{err}");
-    out
+    cli(Path::new(EXE), server, args)
 }
 
 fn register(server: &ServerProcess, service: &str, address: &str, port: u16, extra: &[&str]) {
