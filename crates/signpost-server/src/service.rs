@@ -279,6 +279,16 @@ impl Registry {
                 ),
             ));
         };
+        // Under strict ownership a report is an update like any other: the owner's alone.
+        if self.config.strict_ownership
+            && let Some(p) = principal
+            && !Condition::OwnedBy(p.name.to_string()).holds(Some(instance))
+        {
+            return Err(Error::PermissionDenied(format!(
+                "instance {}/{}/{} was registered with another token (strict ownership)",
+                instance.namespace, instance.service, instance.id
+            )));
+        }
         let Some(lease) = instance.lease_id else {
             return Ok(None);
         };

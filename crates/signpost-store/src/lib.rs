@@ -139,7 +139,7 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a
 ///   overwritten by another owner, and no limit is passed by even one instance or lease. A
 ///   refused write changes nothing ([`Error::Conflict`], [`Error::Limit`]).
 /// - **Health.** A [`Write::Health`] verdict takes a revision only when it changes the status (or
-///   is the check's first); one for an instance that is gone, registered anew, or whose check
+///   is the check's first, or, for a check the instance reports itself, changes its output); one for an instance that is gone, registered anew, or whose check
 ///   changed is refused as stale. An eviction is a [`Write::Delete`] on
 ///   [`Condition::Registration`].
 /// - **Leases.** A lease lives for its ttl after its grant or last refresh; then, within about a

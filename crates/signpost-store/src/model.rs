@@ -616,9 +616,9 @@ pub(crate) mod rules {
 
     /// What a health verdict makes of `prev`: `Err` (a conflict) when the verdict is stale — the
     /// instance is gone, was registered anew, or its check changed — and `None` when it changes
-    /// nothing. Only a change of status is a change, and the first verdict on a check, even when
-    /// the status stays the same, so that `health_output` says what the probe saw rather than
-    /// "not checked yet" for ever.
+    /// nothing. Only a change of status is a change (or, for a reported check, of output), and
+    /// the first verdict on a check, even when the status stays the same, so that
+    /// `health_output` says what the probe saw rather than "not checked yet" for ever.
     pub(crate) fn health(
         prev: Option<&Instance>,
         update: &crate::HealthUpdate,
@@ -635,7 +635,10 @@ pub(crate) mod rules {
         {
             return Err(stale());
         }
-        if prev.health == update.health && prev.health_checked_at.is_some() {
+        // A reported check's output is what its instance says of itself, so a new one is news;
+        // a probe's output only matters with the status it explains.
+        let same_output = update.check.probe.is_probed() || prev.health_output == update.output;
+        if prev.health == update.health && prev.health_checked_at.is_some() && same_output {
             return Ok(None);
         }
         let mut next = prev.clone();

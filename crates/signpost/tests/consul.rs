@@ -519,18 +519,41 @@ fn sigterm_answers_blocking_queries_instead_of_leaving_them_hanging() {
     )
     .unwrap();
     assert_eq!(status, 200);
+    let mut first = TcpStream::connect(http).unwrap();
+    write!(
+        first,
+        "GET /v1/health/service/web HTTP/1.0\r\nHost: x\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    first.read_to_string(&mut answer).unwrap();
+    let index: u64 = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-consul-index: "))
+        .and_then(|i| i.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no index in {answer}"));
     let mut stream = TcpStream::connect(http).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    // An index the service has not reached: this query would wait its whole five minutes.
+    // The index the service is at: this query would wait its whole five minutes.
     write!(
         stream,
-        "GET /v1/health/service/web?index=1&wait=5m HTTP/1.0\r\nHost: x\r\n\r\n"
+        "GET /v1/health/service/web?index={index}&wait=5m HTTP/1.0\r\nHost: x\r\n\r\n"
     )
     .unwrap();
-    let (status, _) = call(http, "GET", "/v1/health/service/web", "x", "").unwrap();
-    assert_eq!(status, 200);
+    // Still waiting a moment later: it did not answer at once.
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        stream.read(&mut byte).is_err(),
+        "the blocking query answered before any change"
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let started = Instant::now();
     let _ = server.terminate();
     let mut response = String::new();

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::expr::Filter;
 use super::register;
-use super::{Call, Failure, HttpConfig, failure, json};
+use super::request::{Call, Failure, decode, empty, failure, json};
 use crate::Registry;
 use crate::auth::{Principal, Verb};
 use crate::convert::{check_to_pb, duration_to_pb};
@@ -49,6 +49,24 @@ const MAX_KEPT: usize = 10_000;
 const MAX_CATALOGS: usize = 256;
 /// How long a first read of a service may take before the query answers 503.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of the HTTP API.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// The datacenter Consul clients are told they talk to (`dc1`, Consul's default).
+    pub datacenter: String,
+    /// The node every instance is reported on: Signpost has no nodes of its own.
+    pub node_name: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            datacenter: "dc1".into(),
+            node_name: "signpost".into(),
+        }
+    }
+}
 
 pub(crate) struct Api {
     registry: Registry,
@@ -99,7 +117,7 @@ impl Api {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
-        let call = Call::from(request, peer);
+        let call = Call::new(request, peer);
         let (method, path) = (call.method.clone(), call.path.clone());
         match self.route(call).await {
             Ok(response) => response,
@@ -115,7 +133,7 @@ impl Api {
         let segments: Vec<String> = path
             .trim_start_matches('/')
             .split('/')
-            .map(super::decode)
+            .map(decode)
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         let read = || expect(&call.method, &[Method::GET, Method::HEAD], &path);
@@ -143,6 +161,7 @@ impl Api {
             }
             ["v1", "catalog", "datacenters"] => {
                 read()?;
+                self.caller(&call, Verb::Read)?;
                 Ok(json(&[&self.config.datacenter], None))
             }
             ["v1", "agent", "services"] => {
@@ -178,10 +197,12 @@ impl Api {
             }
             ["v1", "status", "leader"] => {
                 read()?;
+                self.caller(&call, Verb::Read)?;
                 Ok(json(&self.leader(), None))
             }
             ["v1", "status", "peers"] => {
                 read()?;
+                self.caller(&call, Verb::Read)?;
                 Ok(json(&[self.leader()], None))
             }
             ["prometheus", "targets"] => {
@@ -239,7 +260,9 @@ impl Api {
         Ok(Some((index, wait + jitter)))
     }
 
-    /// The service's view, once its index differs from a blocking query's (or its wait ends).
+    /// The service's view: for a blocking query, once its index differs from the query's (or
+    /// the wait ends); otherwise once it has caught up with the store, so that a read right
+    /// after a write sees it.
     async fn view(
         &self,
         namespace: &str,
@@ -247,25 +270,37 @@ impl Api {
         block: Option<(u64, Duration)>,
     ) -> Result<Arc<LiveView>, Failure> {
         let unavailable = |why: &str| Failure::new(StatusCode::SERVICE_UNAVAILABLE, why.to_owned());
-        let mut rx = self.kept.follow(namespace, service);
-        let deadline = Instant::now() + block.map_or(READ_TIMEOUT, |(_, wait)| wait);
+        // Only a query that blocks is followed by another from the same loop: only those keep
+        // their view, so that plain reads cannot fill the room blocking queries need.
+        let mut rx = self.kept.follow(namespace, service, block.is_some());
+        let started = Instant::now();
+        // A first read may take longer than a short wait; the wait counts from the first version.
+        let mut deadline = started + READ_TIMEOUT;
         let mut last: Option<Arc<LiveView>> = None;
         let mut restarted = false;
         loop {
             let state = rx.borrow_and_update().clone();
             match state {
-                ViewState::Live(view) => match block {
-                    Some((index, _)) if view.revision.max(1) == index => last = Some(view),
-                    _ => return Ok(view),
-                },
+                ViewState::Live(view) => {
+                    if last.is_none() {
+                        deadline = started + block.map_or(READ_TIMEOUT, |(_, wait)| wait);
+                    }
+                    match block {
+                        Some((index, _)) if view.revision.max(1) == index => last = Some(view),
+                        Some(_) => return Ok(view),
+                        None if self.caught_up(namespace, service, &view) => return Ok(view),
+                        None => last = Some(view),
+                    }
+                }
                 ViewState::Reading => {}
                 ViewState::Ended if restarted || self.shutdown.is_cancelled() => {
-                    return Err(unavailable("the registry cannot read this service now"));
+                    return last
+                        .ok_or_else(|| unavailable("the registry cannot read this service now"));
                 }
                 ViewState::Ended => {
                     restarted = true;
                     self.kept.forget(namespace, service);
-                    rx = self.kept.follow(namespace, service);
+                    rx = self.kept.follow(namespace, service, block.is_some());
                     continue;
                 }
             }
@@ -280,6 +315,23 @@ impl Api {
                     return last.ok_or_else(|| unavailable("the registry is shutting down"));
                 }
             }
+        }
+    }
+
+    /// Whether `view` holds what the store holds now: the same instances at the same
+    /// revisions. The view follows the store's feed a moment behind it.
+    fn caught_up(&self, namespace: &str, service: &str, view: &LiveView) -> bool {
+        match self.registry.store().list(namespace, service) {
+            Ok(snapshot) => {
+                snapshot.instances.len() == view.instances.len()
+                    && snapshot
+                        .instances
+                        .iter()
+                        .zip(&view.instances)
+                        .all(|(a, b)| a.id == b.id && a.mod_revision == b.mod_revision)
+            }
+            // The view is what there is to answer from.
+            Err(_) => true,
         }
     }
 
@@ -434,7 +486,7 @@ impl Api {
     }
 
     fn agent_self(&self, call: &Call) -> Result<Response<Full<Bytes>>, Failure> {
-        call.principal(&self.registry)?;
+        self.caller(call, Verb::Read)?;
         let address = self.local.map(|a| a.ip().to_string()).unwrap_or_default();
         Ok(json(
             &serde_json::json!({
@@ -466,7 +518,7 @@ impl Api {
         let peer = call.peer.ip();
         let (limit, _) = self.registry.message_limits();
         let body = call.json(limit).await?;
-        let registration = register::parse(&body, peer).map_err(Failure::registration)?;
+        let registration = register::parse(&body, peer).map_err(register::failure)?;
         let mut instance = registration.instance;
         instance.namespace = namespace.clone();
         let mut lease_id = 0;
@@ -494,8 +546,8 @@ impl Api {
         self.registry
             .do_register(principal, request)
             .await
-            .map_err(Failure::registration)?;
-        Ok(super::empty())
+            .map_err(register::failure)?;
+        Ok(empty())
     }
 
     async fn deregister(&self, call: &Call, id: &str) -> Result<Response<Full<Bytes>>, Failure> {
@@ -512,7 +564,7 @@ impl Api {
             .do_deregister(principal, request)
             .await
             .map_err(Failure::from)?;
-        Ok(super::empty())
+        Ok(empty())
     }
 
     /// `/v1/agent/check/pass|warn|fail/service:<id>?note=`, and `update` with a JSON
@@ -574,7 +626,7 @@ impl Api {
             .report(principal.as_ref(), &instance, health, output)
             .await
         {
-            Ok(Some(_)) => Ok(super::empty()),
+            Ok(Some(_)) => Ok(empty()),
             Ok(None) => Err(unknown()),
             Err(crate::error::Error::Invalid { reason, .. }) => Err(Failure::bad_request(format!(
                 "CheckID {check:?} does not have associated TTL: {reason}"
@@ -632,9 +684,16 @@ fn expect(method: &Method, allowed: &[Method], path: &str) -> Result<(), Failure
     ))
 }
 
+/// The longest `filter` taken: each entry of an answer is matched against it.
+const MAX_FILTER: usize = 4096;
+
 fn parse_filter(call: &Call) -> Result<Option<Filter>, Failure> {
     match call.param("filter").filter(|f| !f.trim().is_empty()) {
         None => Ok(None),
+        Some(text) if text.len() > MAX_FILTER => Err(Failure::bad_request(format!(
+            "filter is {} bytes: at most {MAX_FILTER} are taken",
+            text.len()
+        ))),
         Some(text) => Filter::parse(text)
             .map(Some)
             .map_err(|e| Failure::bad_request(format!("Failed to create boolean expression evaluator: filter {text:?}: {e} (see docs/consul.md for what is supported)"))),
@@ -853,7 +912,8 @@ impl Kept {
         map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn follow(&self, namespace: &str, service: &str) -> ViewReceiver {
+    /// The view of a service; kept past this query when `keep` (a blocking query).
+    fn follow(&self, namespace: &str, service: &str, keep: bool) -> ViewReceiver {
         let key = (namespace.to_owned(), service.to_owned());
         let mut map = Self::lock(&self.map);
         if let Some((rx, used)) = map.get_mut(&key)
@@ -863,7 +923,7 @@ impl Kept {
             return rx.clone();
         }
         let rx = self.views.follow(namespace, service);
-        if map.len() < MAX_KEPT || map.contains_key(&key) {
+        if keep && (map.len() < MAX_KEPT || map.contains_key(&key)) {
             map.insert(key, (rx.clone(), Instant::now()));
         }
         rx
@@ -927,13 +987,22 @@ impl Catalogs {
             // Too many namespaces followed: answer from a read, without blocking.
             return read_catalog(&*self.store, namespace).map(Arc::new);
         };
-        let deadline = Instant::now() + block.map_or(READ_TIMEOUT, |(_, wait)| wait);
-        let mut last = None;
+        let started = Instant::now();
+        let mut deadline = started + READ_TIMEOUT;
+        let mut last: Option<Arc<Catalog>> = None;
         loop {
             if let Some(catalog) = rx.borrow_and_update().clone() {
+                if last.is_none() {
+                    deadline = started + block.map_or(READ_TIMEOUT, |(_, wait)| wait);
+                }
                 match block {
                     Some((index, _)) if catalog.revision.max(1) == index => last = Some(catalog),
-                    _ => return Ok(catalog),
+                    Some(_) => return Ok(catalog),
+                    // A read right after a write sees it: the follower is a moment behind.
+                    None => match read_catalog(&*self.store, namespace) {
+                        Ok(now) if now.services != catalog.services => last = Some(catalog),
+                        _ => return Ok(catalog),
+                    },
                 }
             }
             let unavailable = || {
@@ -1027,6 +1096,9 @@ async fn follow_catalog(
                 .filter(|i| i.namespace == namespace)
                 .map(|i| i.service.as_str())
                 .collect();
+            if touched.is_empty() {
+                continue;
+            }
             let mut services = current.services.clone();
             for service in touched {
                 match store.list(&namespace, service) {

@@ -15,7 +15,7 @@ use hyper::Response;
 use hyper::body::Bytes;
 use serde::Serialize;
 
-use super::{Call, Failure, json};
+use super::request::{Call, Failure, json};
 use crate::Registry;
 use crate::auth::Verb;
 use crate::probe::authority;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use signpost_proto::v1 as pb;
 
+use super::request::Failure;
 use crate::convert::duration_to_pb;
 use crate::error::{Error, Result};
 
@@ -467,9 +468,22 @@ fn check(
     ))
 }
 
+/// The registry's answer to a registration, with its field named as Consul names it.
+pub(crate) fn failure(error: Error) -> Failure {
+    match error {
+        Error::Invalid { field, reason } => {
+            Failure::bad_request(format!("Invalid {}: {reason}", consul_field(&field)))
+        }
+        other => Failure::from(other),
+    }
+}
+
 /// The Consul name of a field of a Signpost registration, for errors the registry finds after
 /// the body was read (`instance.service` is `Name` to a Consul client).
 pub(crate) fn consul_field(field: &str) -> String {
+    if field == "ttl" {
+        return "Check.TTL".to_owned();
+    }
     let Some(rest) = field.strip_prefix("instance.") else {
         return field.to_owned();
     };

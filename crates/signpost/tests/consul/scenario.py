@@ -185,8 +185,11 @@ def main(host, port):
     c.agent.check.ttl_fail("service:job-1", "down")
     _, nodes = c.health.service("job")
     assert nodes[0]["Checks"][0]["Status"] == "critical", nodes
-    c.agent.check.ttl_pass("service:job-1")
+    c.agent.check.ttl_pass("service:job-1", "back")
     assert passing_ids(c, "job") == ["job-1"]
+    c.agent.check.ttl_pass("service:job-1", "still fine")
+    _, nodes = c.health.service("job")
+    assert nodes[0]["Checks"][0]["Output"] == "still fine", nodes
     step("a TTL check follows pass, warn and fail")
 
     services = c.agent.services()
