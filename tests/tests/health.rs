@@ -40,7 +40,10 @@ fn checked(
 }
 
 fn http(path: &str) -> pb::health_check::Probe {
-    pb::health_check::Probe::Http(pb::HttpProbe { path: path.into() })
+    pb::health_check::Probe::Http(pb::HttpProbe {
+        path: path.into(),
+        ..Default::default()
+    })
 }
 
 async fn health_of(client: &mut Client, service: &str, id: &str) -> Option<pb::Instance> {
@@ -394,6 +397,26 @@ async fn bad_checks_are_invalid_argument_naming_the_field() {
         (
             with(&|c| c.probe = Some(http("health"))),
             "instance.check.http.path",
+        ),
+        (
+            with(&|c| {
+                c.probe = Some(pb::health_check::Probe::Http(pb::HttpProbe {
+                    path: "/".into(),
+                    method: "BREW".into(),
+                    ..Default::default()
+                }))
+            }),
+            "instance.check.http.method",
+        ),
+        (
+            with(&|c| {
+                c.probe = Some(pb::health_check::Probe::Http(pb::HttpProbe {
+                    path: "/".into(),
+                    headers: [("Host".to_string(), "elsewhere".to_string())].into(),
+                    ..Default::default()
+                }))
+            }),
+            "instance.check.http.headers[\"Host\"]",
         ),
         (
             with(&|c| c.successes_before_passing = 101),

@@ -208,7 +208,10 @@ pub(crate) fn duration_to_pb(d: Duration) -> prost_types::Duration {
 
 pub(crate) fn check_to_pb(c: &HealthCheck) -> pb::HealthCheck {
     let probe = match &c.probe {
-        Probe::Http { path } => pb::health_check::Probe::Http(pb::HttpProbe { path: path.clone() }),
+        Probe::Http { path } => pb::health_check::Probe::Http(pb::HttpProbe {
+            path: path.clone(),
+            ..Default::default()
+        }),
         Probe::Tcp => pb::health_check::Probe::Tcp(pb::TcpProbe {}),
         Probe::Grpc { service } => pb::health_check::Probe::Grpc(pb::GrpcProbe {
             service: service.clone(),

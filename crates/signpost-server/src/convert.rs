@@ -60,7 +60,13 @@ fn check_from_pb(field: &str, pb: pb::HealthCheck) -> Result<HealthCheck> {
                     ),
                 ));
             }
-            Probe::Http { path }
+            let method = http_method(&format!("{field}.http.method"), http.method)?;
+            let headers = http_headers(&format!("{field}.http.headers"), http.headers)?;
+            Probe::Http {
+                path,
+                method,
+                headers,
+            }
         }
         Some(pb::health_check::Probe::Tcp(_)) => Probe::Tcp,
         Some(pb::health_check::Probe::Ttl(_)) => {
@@ -148,6 +154,66 @@ fn check_from_pb(field: &str, pb: pb::HealthCheck) -> Result<HealthCheck> {
     })
 }
 
+/// The methods an HTTP check may send (bodiless: the probe has nothing to send).
+const HTTP_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+const MAX_CHECK_HEADERS: usize = 16;
+const MAX_CHECK_HEADER_BYTES: usize = 4096;
+
+/// An HTTP check's method, upper case; empty (GET) stays empty.
+fn http_method(field: &str, method: String) -> Result<String> {
+    let upper = method.to_ascii_uppercase();
+    if upper.is_empty() || upper == "GET" {
+        return Ok(String::new());
+    }
+    if HTTP_METHODS.contains(&upper.as_str()) {
+        Ok(upper)
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("{method:?} is not one of {}", HTTP_METHODS.join(", ")),
+        ))
+    }
+}
+
+/// An HTTP check's headers, sorted by name (lower case), as they can be sent.
+fn http_headers(
+    field: &str,
+    headers: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (name, value) in headers {
+        let parsed = hyper::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            Error::invalid(format!("{field}[{name:?}]"), "is not a valid header name")
+        })?;
+        if hyper::header::HeaderValue::from_str(&value).is_err() {
+            return Err(Error::invalid(
+                format!("{field}[{name:?}]"),
+                "has a value that cannot be sent (control characters)",
+            ));
+        }
+        use hyper::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+        if [HOST, CONTENT_LENGTH, CONNECTION, TRANSFER_ENCODING].contains(&parsed) {
+            return Err(Error::invalid(
+                format!("{field}[{name:?}]"),
+                "is set by the probe itself",
+            ));
+        }
+        out.push((parsed.as_str().to_owned(), value));
+    }
+    let bytes: usize = out.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if out.len() > MAX_CHECK_HEADERS || bytes > MAX_CHECK_HEADER_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "has {} headers in {bytes} bytes: at most {MAX_CHECK_HEADERS} in {MAX_CHECK_HEADER_BYTES}",
+                out.len()
+            ),
+        ));
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The shortest and longest health check intervals.
 pub const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
@@ -221,7 +287,15 @@ pub(crate) fn instance_to_pb(i: &Instance) -> pb::Instance {
 
 pub(crate) fn check_to_pb(c: &HealthCheck) -> pb::HealthCheck {
     let probe = match &c.probe {
-        Probe::Http { path } => pb::health_check::Probe::Http(pb::HttpProbe { path: path.clone() }),
+        Probe::Http {
+            path,
+            method,
+            headers,
+        } => pb::health_check::Probe::Http(pb::HttpProbe {
+            path: path.clone(),
+            method: method.clone(),
+            headers: headers.iter().cloned().collect(),
+        }),
         Probe::Tcp => pb::health_check::Probe::Tcp(pb::TcpProbe {}),
         Probe::Grpc { service } => pb::health_check::Probe::Grpc(pb::GrpcProbe {
             service: service.clone(),

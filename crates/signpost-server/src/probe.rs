@@ -24,7 +24,11 @@ pub(crate) async fn probe(check: &HealthCheck, address: &str, port: u16) -> (Hea
     let target = authority(address, port);
     let run = async {
         match &check.probe {
-            Probe::Http { path } => http(&target, path).await,
+            Probe::Http {
+                path,
+                method,
+                headers,
+            } => http(&target, path, method, headers).await,
             Probe::Tcp => match TcpStream::connect(&target).await {
                 Ok(_) => (Health::Passing, format!("TCP connect to {target}: ok")),
                 Err(e) => (Health::Critical, format!("TCP connect to {target}: {e}")),
@@ -46,7 +50,13 @@ pub(crate) async fn probe(check: &HealthCheck, address: &str, port: u16) -> (Hea
     }
 }
 
-async fn http(target: &str, path: &str) -> (Health, String) {
+async fn http(
+    target: &str,
+    path: &str,
+    method: &str,
+    headers: &[(String, String)],
+) -> (Health, String) {
+    let method = if method.is_empty() { "GET" } else { method };
     let stream = match TcpStream::connect(target).await {
         Ok(stream) => stream,
         Err(e) => return (Health::Critical, format!("HTTP connect to {target}: {e}")),
@@ -64,7 +74,11 @@ async fn http(target: &str, path: &str) -> (Health, String) {
         };
     // The connection future drives the socket; it ends with this probe.
     let driver = tokio::spawn(connection);
-    let request = hyper::Request::get(path)
+    let mut request = hyper::Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let request = request
         .header(hyper::header::HOST, target)
         .header(hyper::header::USER_AGENT, "signpost-health-check")
         .body(Empty::<Bytes>::new());
@@ -74,7 +88,7 @@ async fn http(target: &str, path: &str) -> (Health, String) {
             Ok(response) => {
                 let status = response.status();
                 let line = format!(
-                    "HTTP GET {path}: {} {}",
+                    "HTTP {method} {path}: {} {}",
                     status.as_u16(),
                     status.canonical_reason().unwrap_or("")
                 );
@@ -87,7 +101,7 @@ async fn http(target: &str, path: &str) -> (Health, String) {
                 };
                 (health, line.trim_end().to_owned())
             }
-            Err(e) => (Health::Critical, format!("HTTP GET {path}: {e}")),
+            Err(e) => (Health::Critical, format!("HTTP {method} {path}: {e}")),
         },
     };
     driver.abort();

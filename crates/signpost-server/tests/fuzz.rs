@@ -103,7 +103,13 @@ fn duration() -> impl Strategy<Value = Option<prost_types::Duration>> {
 fn check() -> impl Strategy<Value = Option<pb::HealthCheck>> {
     let probe = prop_oneof![
         Just(None),
-        text().prop_map(|path| Some(pb::health_check::Probe::Http(pb::HttpProbe { path }))),
+        (text(), text(), text(), text()).prop_map(|(path, method, name, value)| {
+            Some(pb::health_check::Probe::Http(pb::HttpProbe {
+                path,
+                method,
+                headers: [(name, value)].into(),
+            }))
+        }),
         Just(Some(pb::health_check::Probe::Tcp(pb::TcpProbe {}))),
         text().prop_map(|service| Some(pb::health_check::Probe::Grpc(pb::GrpcProbe { service }))),
         Just(Some(pb::health_check::Probe::Ttl(pb::TtlProbe {}))),

@@ -70,6 +70,20 @@ struct StoredCheck {
     successes_before_passing: u32,
     #[prost(uint32, tag = "7")]
     failures_before_critical: u32,
+    /// An HTTP probe's method; empty is GET.
+    #[prost(string, tag = "8")]
+    method: String,
+    /// An HTTP probe's headers, in order.
+    #[prost(message, repeated, tag = "9")]
+    headers: Vec<StoredHeader>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredHeader {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    value: String,
 }
 
 /// The key of an instance: its three names joined by NUL, which no name may contain.
@@ -92,8 +106,23 @@ fn from_unix_nanos(n: u64) -> Option<std::time::SystemTime> {
 
 pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
     let check = i.check.as_ref().map(|c| {
+        let (mut method, mut headers) = (String::new(), Vec::new());
         let (kind, target) = match &c.probe {
-            Probe::Http { path } => (1, path.clone()),
+            Probe::Http {
+                path,
+                method: m,
+                headers: h,
+            } => {
+                method.clone_from(m);
+                headers = h
+                    .iter()
+                    .map(|(name, value)| StoredHeader {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect();
+                (1, path.clone())
+            }
             Probe::Tcp => (2, String::new()),
             Probe::Grpc { service } => (3, service.clone()),
             Probe::Ttl => (4, String::new()),
@@ -106,6 +135,8 @@ pub(crate) fn encode_instance(i: &Instance) -> Vec<u8> {
             deregister_critical_after_nanos: c.deregister_critical_after.map(nanos),
             successes_before_passing: c.successes_before_passing,
             failures_before_critical: c.failures_before_critical,
+            method,
+            headers,
         }
     });
     StoredInstance {
@@ -146,7 +177,11 @@ pub(crate) fn decode_instance(bytes: &[u8]) -> Result<Instance> {
         None => None,
         Some(c) => Some(HealthCheck {
             probe: match c.kind {
-                1 => Probe::Http { path: c.target },
+                1 => Probe::Http {
+                    path: c.target,
+                    method: c.method,
+                    headers: c.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+                },
                 2 => Probe::Tcp,
                 3 => Probe::Grpc { service: c.target },
                 4 => Probe::Ttl,
@@ -205,6 +240,8 @@ mod tests {
             check: Some(HealthCheck {
                 probe: Probe::Http {
                     path: "/health".into(),
+                    method: "HEAD".into(),
+                    headers: vec![("x-probe".into(), "signpost".into())],
                 },
                 interval: Duration::from_secs(10),
                 timeout: Duration::from_millis(1500),

@@ -500,7 +500,11 @@ where
 fn checked(service: &str, id: &str, path: &str) -> Instance {
     let mut instance = instance(service, id);
     instance.check = Some(HealthCheck {
-        probe: Probe::Http { path: path.into() },
+        probe: Probe::Http {
+            path: path.into(),
+            method: String::new(),
+            headers: Vec::new(),
+        },
         interval: Duration::from_secs(10),
         timeout: Duration::from_secs(1),
         deregister_critical_after: None,

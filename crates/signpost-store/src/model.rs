@@ -38,6 +38,10 @@ impl Health {
 pub enum Probe {
     Http {
         path: String,
+        /// The request's method; empty is GET.
+        method: String,
+        /// Sent with every probe, in order.
+        headers: Vec<(String, String)>,
     },
     Tcp,
     Grpc {

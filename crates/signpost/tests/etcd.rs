@@ -501,6 +501,7 @@ async fn health_checks_move_to_another_server_when_the_checker_dies_and_eviction
     checked.check = Some(pb::HealthCheck {
         probe: Some(pb::health_check::Probe::Http(pb::HttpProbe {
             path: "/health".into(),
+            ..Default::default()
         })),
         interval: Some(prost_types::Duration {
             seconds: 1,

@@ -270,9 +270,11 @@ impl Api {
         block: Option<(u64, Duration)>,
     ) -> Result<Arc<LiveView>, Failure> {
         let unavailable = |why: &str| Failure::new(StatusCode::SERVICE_UNAVAILABLE, why.to_owned());
-        // Only a query that blocks is followed by another from the same loop: only those keep
-        // their view, so that plain reads cannot fill the room blocking queries need.
-        let mut rx = self.kept.follow(namespace, service, block.is_some());
+        // A client's loop starts with a plain read whose index its first blocking query sends
+        // back, so plain reads keep their view too; but only of a service that has instances,
+        // so that reads of made-up names cannot fill the room blocking queries need.
+        let keep = block.is_some() || self.kept.views.has_instances(namespace, service);
+        let mut rx = self.kept.follow(namespace, service, keep);
         let started = Instant::now();
         // A first read may take longer than a short wait; the wait counts from the first version.
         let mut deadline = started + READ_TIMEOUT;
@@ -300,7 +302,7 @@ impl Api {
                 ViewState::Ended => {
                     restarted = true;
                     self.kept.forget(namespace, service);
-                    rx = self.kept.follow(namespace, service, block.is_some());
+                    rx = self.kept.follow(namespace, service, keep);
                     continue;
                 }
             }

@@ -383,29 +383,61 @@ fn check(
             address,
             port,
         )?;
-        if let Some(method) = c.string("Method", &sub("Method"))?
-            && !method.is_empty()
-            && !method.eq_ignore_ascii_case("GET")
-        {
+        let method = c
+            .string("Method", &sub("Method"))?
+            .unwrap_or_default()
+            .to_owned();
+        if c.present("Body") {
             return Err(Error::invalid(
-                sub("Method"),
-                format!("{method:?} is not supported: Signpost's HTTP checks send GET"),
+                sub("Body"),
+                "is not supported: Signpost's HTTP checks send no body",
             ));
         }
-        if c.present("Header") || c.present("Body") {
-            return Err(Error::invalid(
-                sub(if c.present("Header") {
-                    "Header"
-                } else {
-                    "Body"
-                }),
-                "is not supported: Signpost's HTTP checks send a plain GET",
-            ));
+        // Consul's Header is a map of names to lists of values; one line per name here, the
+        // values joined as HTTP joins repeated fields.
+        let mut headers = std::collections::HashMap::new();
+        match c.get("Header") {
+            None => {}
+            Some(Value::Object(map)) => {
+                for (name, values) in map {
+                    let joined = match values {
+                        Value::String(v) => v.clone(),
+                        Value::Array(items) => items
+                            .iter()
+                            .map(|v| v.as_str().map(str::to_owned))
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| {
+                                Error::invalid(
+                                    format!("{}[{name:?}]", sub("Header")),
+                                    "must be a list of strings",
+                                )
+                            })?
+                            .join(", "),
+                        _ => {
+                            return Err(Error::invalid(
+                                format!("{}[{name:?}]", sub("Header")),
+                                "must be a list of strings",
+                            ));
+                        }
+                    };
+                    headers.insert(name.clone(), joined);
+                }
+            }
+            Some(_) => {
+                return Err(Error::invalid(
+                    sub("Header"),
+                    "must be an object of header lists",
+                ));
+            }
         }
         let path = uri
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-        pb::health_check::Probe::Http(pb::HttpProbe { path })
+        pb::health_check::Probe::Http(pb::HttpProbe {
+            path,
+            method,
+            headers,
+        })
     } else if let Some(target) = c.string("TCP", &sub("TCP"))? {
         let (host, target_port) = host_port(&sub("TCP"), target, None)?;
         same_target(&sub("TCP"), &host, target_port, address, port)?;
@@ -545,7 +577,8 @@ mod tests {
             assert_eq!(
                 check.probe,
                 Some(pb::health_check::Probe::Http(pb::HttpProbe {
-                    path: "/health".into()
+                    path: "/health".into(),
+                    ..Default::default()
                 }))
             );
             assert_eq!(
@@ -555,6 +588,23 @@ mod tests {
             assert_eq!(check.timeout, Some(duration_to_pb(Duration::from_secs(5))));
             assert!(r.ttl.is_none());
         }
+    }
+
+    #[test]
+    fn an_http_checks_method_and_headers_are_sent_as_given() {
+        let body = json!({"Name": "a", "Address": "10.0.0.5", "Port": 80, "Check": {
+            "HTTP": "http://10.0.0.5/ready?full=1", "Interval": "5s", "Method": "HEAD",
+            "Header": {"X-Probe": ["signpost"], "Accept": ["text/plain", "application/json"]}}});
+        let check = parse(&body, peer()).unwrap().instance.check.unwrap();
+        let Some(pb::health_check::Probe::Http(http)) = check.probe else {
+            panic!("{check:?}")
+        };
+        assert_eq!(
+            (http.path.as_str(), http.method.as_str()),
+            ("/ready?full=1", "HEAD")
+        );
+        assert_eq!(http.headers["X-Probe"], "signpost");
+        assert_eq!(http.headers["Accept"], "text/plain, application/json");
     }
 
     #[test]
@@ -601,13 +651,13 @@ mod tests {
             ),
             (
                 json!({"Name": "a", "Address": "10.0.0.5", "Port": 80,
-                "Check": {"HTTP": "http://10.0.0.5/", "Interval": "5s", "Method": "POST"}}),
-                "Check.Method",
+                "Check": {"HTTP": "http://10.0.0.5/", "Interval": "5s", "Body": "{}"}}),
+                "Check.Body",
             ),
             (
                 json!({"Name": "a", "Address": "10.0.0.5", "Port": 80,
-                "Check": {"HTTP": "http://10.0.0.5/", "Interval": "5s", "Header": {"X": ["y"]}}}),
-                "Check.Header",
+                "Check": {"HTTP": "http://10.0.0.5/", "Interval": "5s", "Header": {"X": [1]}}}),
+                "Check.Header[\"X\"]",
             ),
             (
                 json!({"Name": "a", "Port": 80, "Checks": [{"TTL": "5s"}, {"TTL": "6s"}]}),

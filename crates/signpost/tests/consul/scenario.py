@@ -25,9 +25,16 @@ class Backend:
 
     def __init__(self, name):
         self.healthy = True
+        self.seen = []
         backend = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                backend.seen.append((self.command, self.headers.get("X-Probe")))
+                self.send_response(200 if backend.healthy else 500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_GET(self):
                 if self.path == "/health":
                     code = 200 if backend.healthy else 500
@@ -191,6 +198,17 @@ def main(host, port):
     _, nodes = c.health.service("job")
     assert nodes[0]["Checks"][0]["Output"] == "still fine", nodes
     step("a TTL check follows pass, warn and fail")
+
+    # An HTTP check with its own method and headers, as Consul's checks may have.
+    probed = Backend("probed")
+    status, _, text = raw(host, port, "PUT", "/v1/agent/service/register", {
+        "Name": "probed", "ID": "probed-1", "Address": "127.0.0.1", "Port": probed.port,
+        "Check": {"HTTP": f"http://127.0.0.1:{probed.port}/ready", "Interval": "1s",
+                  "Method": "HEAD", "Header": {"X-Probe": ["signpost"]}}})
+    assert status == 200, (status, text)
+    until("the HEAD check passes", lambda: passing_ids(c, "probed") == ["probed-1"])
+    assert ("HEAD", "signpost") in probed.seen, probed.seen
+    step("an HTTP check sends its method and headers")
 
     services = c.agent.services()
     assert services["web-1"]["Service"] == "web" and services["web-1"]["Port"] == one.port, services
