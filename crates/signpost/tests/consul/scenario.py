@@ -232,6 +232,19 @@ def main(host, port):
     assert status == 405
     step("filters and errors")
 
+    # Registered again without a check, an instance keeps the one it has, as on a Consul
+    # agent; with replace-existing-checks it has none.
+    again = {"Name": "web", "ID": "web-1", "Address": "127.0.0.1", "Port": one.port, "Tags": ["v1", "web-1"]}
+    status, _, text = raw(host, port, "PUT", "/v1/agent/service/register", again)
+    assert status == 200, (status, text)
+    _, nodes = c.health.service("web")
+    assert {n["Service"]["ID"]: n["Checks"][0]["Type"] for n in nodes}["web-1"] == "http", nodes
+    status, _, text = raw(host, port, "PUT", "/v1/agent/service/register?replace-existing-checks=true", again)
+    assert status == 200, (status, text)
+    _, nodes = c.health.service("web")
+    assert {n["Service"]["ID"]: n["Checks"][0]["Type"] for n in nodes}["web-1"] == "", nodes
+    step("replace-existing-checks")
+
     c.agent.service.deregister("web-2")
     _, nodes = c.health.service("web")
     assert [n["Service"]["ID"] for n in nodes] == ["web-1"], nodes
