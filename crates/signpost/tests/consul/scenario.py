@@ -212,7 +212,10 @@ def main(host, port):
 
     services = c.agent.services()
     assert services["web-1"]["Service"] == "web" and services["web-1"]["Port"] == one.port, services
-    step("agent services")
+    # What Prometheus' consul_sd_configs reads before it watches the catalog.
+    me = c.agent.self()
+    assert me["Config"]["Datacenter"] == "dc1" and me["Config"]["NodeName"] == "signpost", me
+    step("agent services and agent self")
 
     # What the libraries do not reach: filters, blocking with raw indexes, errors.
     status, headers, text = raw(host, port, "GET", "/v1/health/service/web?filter=" + urllib.parse.quote('"web-2" in Service.Tags'))
