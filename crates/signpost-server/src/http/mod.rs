@@ -5,8 +5,8 @@
 //! Every request goes through the same [`Registry`] as the gRPC API: the same tokens and grants,
 //! validation, limits and store writes; reads come from the live views (`view`) that xDS and DNS
 //! use, so that a blocking query wakes when its service changes and only then. This module owns
-//! the listener, the routing, and what every answer has in common: the status codes and plain
-//! text errors Consul gives, and the `X-Consul-*` headers its clients read.
+//! the listener; `request` what every handler shares (the request as read, and the answers in
+//! Consul's status codes, plain-text errors and `X-Consul-*` headers); `consul` routes.
 
 mod consul;
 mod expr;
