@@ -49,6 +49,9 @@ const MAX_KEPT: usize = 10_000;
 const MAX_CATALOGS: usize = 256;
 /// How long a first read of a service may take before the query answers 503.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a plain read waits for its view to catch up with the store (it follows the store's
+/// feed a moment behind) before answering with the view as it is.
+const CATCH_UP: Duration = Duration::from_secs(1);
 
 /// Settings of the HTTP API.
 #[derive(Debug, Clone)]
@@ -285,7 +288,12 @@ impl Api {
             match state {
                 ViewState::Live(view) => {
                     if last.is_none() {
-                        deadline = started + block.map_or(READ_TIMEOUT, |(_, wait)| wait);
+                        deadline = match block {
+                            Some((_, wait)) => started + wait,
+                            // A service changing without pause may never match a read of the
+                            // store: a plain read waits for that only so long.
+                            None => Instant::now() + CATCH_UP,
+                        };
                     }
                     match block {
                         Some((index, _)) if view.revision.max(1) == index => last = Some(view),
@@ -995,7 +1003,10 @@ impl Catalogs {
         loop {
             if let Some(catalog) = rx.borrow_and_update().clone() {
                 if last.is_none() {
-                    deadline = started + block.map_or(READ_TIMEOUT, |(_, wait)| wait);
+                    deadline = match block {
+                        Some((_, wait)) => started + wait,
+                        None => Instant::now() + CATCH_UP,
+                    };
                 }
                 match block {
                     Some((index, _)) if catalog.revision.max(1) == index => last = Some(catalog),
