@@ -146,24 +146,19 @@ fn same_host(a: &str, b: &str) -> bool {
 }
 
 /// Splits `host:port` (`[v6]:port` too).
-fn host_port(field: &str, text: &str, default_port: Option<u16>) -> Result<(String, u16)> {
+fn host_port(field: &str, text: &str) -> Result<(String, u16)> {
     let bad = || Error::invalid(field, format!("{text:?} is not host:port"));
-    if let Some(rest) = text.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| bad())?,
-            None if after.is_empty() => default_port.ok_or_else(bad)?,
-            None => return Err(bad()),
-        };
-        return Ok((host.to_owned(), port));
-    }
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => {
-            Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            (host, after.strip_prefix(':').ok_or_else(bad)?)
         }
-        None => Ok((text.to_owned(), default_port.ok_or_else(bad)?)),
-        Some(_) => Err(bad()),
-    }
+        None => match text.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') => (host, port),
+            _ => return Err(bad()),
+        },
+    };
+    Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
 }
 
 /// The check's target must be the instance itself: Signpost probes an instance at its
@@ -439,7 +434,7 @@ fn check(
             headers,
         })
     } else if let Some(target) = c.string("TCP", &sub("TCP"))? {
-        let (host, target_port) = host_port(&sub("TCP"), target, None)?;
+        let (host, target_port) = host_port(&sub("TCP"), target)?;
         same_target(&sub("TCP"), &host, target_port, address, port)?;
         pb::health_check::Probe::Tcp(pb::TcpProbe {})
     } else if let Some(target) = c.string("GRPC", &sub("GRPC"))? {
@@ -450,7 +445,7 @@ fn check(
             ));
         }
         let (authority, service) = target.split_once('/').unwrap_or((target, ""));
-        let (host, target_port) = host_port(&sub("GRPC"), authority, None)?;
+        let (host, target_port) = host_port(&sub("GRPC"), authority)?;
         same_target(&sub("GRPC"), &host, target_port, address, port)?;
         pb::health_check::Probe::Grpc(pb::GrpcProbe {
             service: service.to_owned(),
