@@ -175,6 +175,33 @@ impl Etcd {
         .await
     }
 
+    /// The lease renewals etcd has applied, over every member (etcd's own
+    /// `etcd_debugging_lease_renewed_total`, counted by the leader): what refreshes cost etcd.
+    pub async fn leases_renewed(&self) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut total = 0;
+        for member in self.members.iter().filter(|m| m.child.is_some()) {
+            let mut conn = must(
+                tokio::net::TcpStream::connect(("127.0.0.1", member.client_port)).await,
+                "connect to etcd's metrics",
+            );
+            must(
+                conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    .await,
+                "ask etcd for its metrics",
+            );
+            let mut page = String::new();
+            must(conn.read_to_string(&mut page).await, "read etcd's metrics");
+            total += page
+                .lines()
+                .find_map(|l| l.strip_prefix("etcd_debugging_lease_renewed_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("etcd's metrics have no lease renewal count:\n{page}"))
+                as u64;
+        }
+        total
+    }
+
     /// A client of the whole cluster.
     pub async fn client(&self) -> etcd_client::Client {
         must(

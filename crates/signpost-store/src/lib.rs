@@ -166,7 +166,9 @@ pub trait Store: Send + Sync + 'static {
     /// Grants a lease that lives for `ttl` unless refreshed, if one more fits the quota.
     fn grant_lease(&self, ttl: Duration, quota: Quota) -> BoxFuture<'_, Result<Lease>>;
 
-    /// Gives a live lease its full ttl again. `None` when the lease is unknown or expired.
+    /// Keeps a live lease alive, answering how long it now lives at least: its full ttl, or
+    /// (etcd, which answers a refresh that closely follows another from that one) what is left
+    /// of it, never less than nine tenths of it. `None` when the lease is unknown or expired.
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<Option<Lease>>>;
 
     /// Ends a lease now, removing its instances as an expiry would. `false` when it did not exist.

@@ -125,6 +125,8 @@ struct Inner {
     follower: JoinHandle<()>,
     /// The lease keep-alive streams, one per member, that every refresh shares.
     refresher: Arc<refresh::Refresher>,
+    /// Refreshes etcd answered moments ago, which answer the ones that follow them.
+    recent: refresh::Recent,
     /// While this server holds the checker key: true until it loses it.
     checker: tokio::sync::Mutex<Option<watch::Receiver<bool>>>,
     /// Taken by writes near a quota on this server, so that they queue here rather than refuse
@@ -216,6 +218,7 @@ impl EtcdStore {
                 replica,
                 follower,
                 refresher: Arc::default(),
+                recent: refresh::Recent::default(),
                 checker: tokio::sync::Mutex::new(None),
                 near_limit: tokio::sync::Mutex::new(()),
                 tasks: Tasks::default(),
@@ -367,7 +370,11 @@ impl EtcdStore {
         let Ok(id) = i64::try_from(lease) else {
             return Ok(None);
         };
+        if let Some(ttl) = self.inner.recent.answer(id) {
+            return Ok(Some(Lease { id: lease, ttl }));
+        }
         let refresher = &self.inner.refresher;
+        let sent = tokio::time::Instant::now();
         // Safe to repeat: two refreshes in a row are one refresh. Each goes on the member's one
         // shared keep-alive stream, and its answer carries the lease's granted ttl.
         let refreshed = self
@@ -378,12 +385,13 @@ impl EtcdStore {
             })
             .await
             .map_err(unavailable)?;
-        Ok(refreshed
-            .and_then(|ttl| u64::try_from(ttl).ok())
-            .map(|secs| Lease {
-                id: lease,
-                ttl: Duration::from_secs(secs),
-            }))
+        let Some(secs) = refreshed.and_then(|ttl| u64::try_from(ttl).ok()) else {
+            self.inner.recent.forget(id);
+            return Ok(None);
+        };
+        let ttl = Duration::from_secs(secs);
+        self.inner.recent.renewed(id, sent, ttl);
+        Ok(Some(Lease { id: lease, ttl }))
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<bool> {
@@ -391,6 +399,8 @@ impl EtcdStore {
         let Ok(id) = i64::try_from(lease) else {
             return Ok(false);
         };
+        // From now on a refresh must ask etcd, which says whether the revoke took.
+        self.inner.recent.forget(id);
         let deadline = self.deadline();
         let revoke = || {
             self.inner

@@ -10,6 +10,12 @@
 //! safe to repeat); the next refresh for that member opens a new stream. So does the next refresh
 //! for a stream that has kept refreshes waiting for [`STUCK_AFTER`]. The tasks belong to the
 //! [`Refresher`] and end with it.
+//!
+//! A lease refreshed moments ago by this server is not refreshed in etcd again: [`Recent`]
+//! answers it with what is left of the ttl etcd gave the last refresh, measured from when that
+//! refresh was sent (etcd counts from when it got it, later). A client that refreshes every few
+//! milliseconds then costs etcd one renew per [`COALESCE`] window instead of one each time, and the
+//! answer never promises more than etcd holds.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -30,6 +36,76 @@ const STREAMS: u64 = 8;
 /// go on a new one. (etcd holds a refresh of a lease that ran out until it has revoked it, and
 /// everything behind it on the stream waits too; after a mass expiry that can take seconds.)
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest a refresh is answered from the last one etcd answered. Per lease it is a tenth of
+/// the lease's ttl when that is shorter, so a lease always has at least nine tenths of its ttl left
+/// when a refresh is answered.
+pub(super) const COALESCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The refreshes etcd answered in the last [`COALESCE`] windows, by lease id.
+///
+/// Two generations: each [`COALESCE`] the newer becomes the older and the older is dropped, so
+/// the table holds only leases refreshed in the last two windows however many come and go, and
+/// every entry still young enough to answer from is in one of them.
+#[derive(Debug)]
+pub(super) struct Recent {
+    table: Mutex<Generations>,
+}
+
+#[derive(Debug)]
+struct Generations {
+    started: Instant,
+    newer: HashMap<i64, Renewed>,
+    older: HashMap<i64, Renewed>,
+}
+
+/// A refresh etcd answered: when it was sent, and the ttl etcd gave the lease.
+#[derive(Debug, Clone, Copy)]
+struct Renewed {
+    sent: Instant,
+    ttl: std::time::Duration,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Recent {
+            table: Mutex::new(Generations {
+                started: Instant::now(),
+                newer: HashMap::new(),
+                older: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl Recent {
+    /// What is left of lease `id`'s ttl, when etcd refreshed it recently enough to answer
+    /// from that.
+    pub(super) fn answer(&self, id: i64) -> Option<std::time::Duration> {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let renewed = table.newer.get(&id).or_else(|| table.older.get(&id))?;
+        let age = renewed.sent.elapsed();
+        (age < (renewed.ttl / 10).min(COALESCE)).then(|| renewed.ttl.saturating_sub(age))
+    }
+
+    /// Notes that a refresh of lease `id` sent at `sent` was answered with `ttl`.
+    pub(super) fn renewed(&self, id: i64, sent: Instant, ttl: std::time::Duration) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if table.started.elapsed() >= COALESCE {
+            table.older = std::mem::take(&mut table.newer);
+            table.started = Instant::now();
+        }
+        table.older.remove(&id);
+        table.newer.insert(id, Renewed { sent, ttl });
+    }
+
+    /// Lease `id` is gone (revoked, or etcd knows it no more): nothing is answered for it here.
+    pub(super) fn forget(&self, id: i64) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table.newer.remove(&id);
+        table.older.remove(&id);
+    }
+}
 
 /// A refresh's answer: the lease's ttl in seconds (`None`: etcd knows no such lease), or why the
 /// stream it went on failed.
