@@ -1,6 +1,7 @@
 //! The ADS protocol as a client other than gRPC's sees it: ACKs and NACKs answered per the
 //! protocol (a rejected response is not sent again, and the server says why), stale requests
-//! ignored, unsubscribing honoured; and a thousand streams following one service.
+//! ignored, unsubscribing honoured; pushes that share a revision told apart; a set too large to
+//! send refused by name; and a thousand streams following one service.
 
 // Test code: a failed expectation is the test failing.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -15,7 +16,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
-use signpost_tests::{TestServer, instance, register, within};
+use signpost_tests::{TestServer, instance, must, register, register_request, within};
 use tokio::sync::mpsc;
 use tonic::Streaming;
 use tonic::transport::Channel;
@@ -400,4 +401,126 @@ async fn more_names_than_the_limit_end_the_stream_saying_so() {
         ended.message().contains("limit xds names per kind"),
         "{ended:?}"
     );
+}
+
+/// The services named in an endpoints response, each with its endpoint count.
+fn assignments(response: &DiscoveryResponse) -> Vec<(String, usize)> {
+    assert_eq!(response.type_url, ENDPOINTS);
+    let mut all: Vec<(String, usize)> = response
+        .resources
+        .iter()
+        .map(|resource| {
+            let cla = ClusterLoadAssignment::decode(resource.value.as_slice()).unwrap();
+            let count = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+            (cla.cluster_name, count)
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_that_change_at_one_revision_are_pushed_with_nonces_of_their_own() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let first = must(
+        client
+            .register(register_request(
+                instance("greeter", "g1", 5001),
+                Some(std::time::Duration::from_secs(60)),
+            ))
+            .await,
+        "register on a lease",
+    )
+    .into_inner();
+    let mut second = register_request(instance("billing", "b1", 5002), None);
+    second.lease_id = first.lease_id;
+    must(client.register(second).await, "register on the same lease");
+
+    let mut ads = Ads::open(channel(&server).await).await;
+    let names = ["default/billing", "default/greeter"];
+    ads.ask(ENDPOINTS, &names, "", "");
+    // Views are read as they come: the first answers may hold one service each.
+    let mut live = std::collections::BTreeMap::new();
+    while live.len() < 2 || live.values().any(|&n| n == 0) {
+        let response = ads.next().await;
+        ads.ask(ENDPOINTS, &names, &response.version_info, &response.nonce);
+        live.extend(assignments(&response));
+    }
+
+    // Revoking the lease removes both instances at one revision: two pushes, one per
+    // service, each with a nonce the client can ACK without it meaning the other.
+    assert!(
+        server.store.revoke_lease(first.lease_id).await.unwrap(),
+        "the lease existed"
+    );
+    let a = ads.next().await;
+    let b = ads.next().await;
+    let mut pushed = assignments(&a);
+    pushed.extend(assignments(&b));
+    pushed.sort();
+    assert_eq!(
+        pushed,
+        [
+            ("default/billing".to_owned(), 0),
+            ("default/greeter".to_owned(), 0)
+        ]
+    );
+    assert_eq!(a.version_info, b.version_info, "one revision, one version");
+    assert_ne!(
+        a.nonce, b.nonce,
+        "two responses on one stream share a nonce"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_over_max_response_size_end_the_stream_saying_so() {
+    let server = TestServer::start_with(
+        signpost_server::Config {
+            max_response_size: 2048,
+            ..signpost_server::Config::default()
+        },
+        signpost_store::MemoryConfig::default(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut ads = Ads::open(channel(&server).await).await;
+    ads.ask(ENDPOINTS, &["default/greeter"], "", "");
+    let empty = ads.next().await;
+    assert_eq!(endpoints(&empty), Vec::<String>::new());
+    ads.ask(
+        ENDPOINTS,
+        &["default/greeter"],
+        &empty.version_info,
+        &empty.nonce,
+    );
+
+    // Each change is pushed while it fits; the first that does not ends the stream, naming
+    // the limit, rather than leaving the client on an old set without a word.
+    let mut registered = 0;
+    let ended = loop {
+        registered += 1;
+        assert!(registered <= 200, "no push ever went over 2048 bytes");
+        register(
+            &mut client,
+            instance("greeter", &format!("g{registered}"), 5000 + registered),
+        )
+        .await;
+        match within("a push", ads.responses.message()).await {
+            Ok(Some(push)) => {
+                assert_eq!(endpoints(&push).len(), registered as usize);
+                ads.ask(
+                    ENDPOINTS,
+                    &["default/greeter"],
+                    &push.version_info,
+                    &push.nonce,
+                );
+            }
+            Ok(None) => panic!("the stream ended with OK"),
+            Err(status) => break status,
+        }
+    };
+    assert!(registered > 1, "the first push was already too large");
+    assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
+    assert!(ended.message().contains("max_response_size"), "{ended:?}");
 }

@@ -34,7 +34,7 @@ impl WatchFrames {
         WatchFrames(Arc::new(Mutex::new(Some(frames))))
     }
 
-    fn body(&self) -> Option<tonic::body::Body> {
+    pub(crate) fn body(&self) -> Option<tonic::body::Body> {
         let frames = self.0.lock().ok()?.take()?;
         let frames = ReceiverStream::new(frames).map(|sent| {
             Ok::<_, Infallible>(match sent {

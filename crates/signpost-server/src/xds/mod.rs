@@ -20,9 +20,13 @@
 //! last nonce is an ACK, and with an `error_detail` a NACK, which is logged and not answered (an
 //! answer would be the same rejected resources again). Delta xDS is not served.
 //!
-//! [`AdsServer`] routes StreamAggregatedResources to the stream task itself, with a response
-//! type wire-identical to `DiscoveryResponse` whose resources are those shared encodings, so a
-//! response copies them once instead of cloning and re-encoding the service's endpoint set.
+//! [`AdsServer`] routes StreamAggregatedResources to the stream task itself, and the stream's
+//! body is made of frames the task framed (as a Watch stream's are, see [`crate::route`]), in a
+//! response type wire-identical to `DiscoveryResponse` whose resources are those shared encodings.
+//! A change of one service is one response, framed once for its version, whose bytes go down
+//! every stream that follows the service: its version is the view's revision and its nonce names
+//! the revision and the service, the same on every stream and unique on each. Answers to a
+//! client's own requests are framed for that stream, with nonces of the stream's own.
 //! Request types come from [envoy-types](https://docs.rs/envoy-types): Envoy's API compiled for
 //! prost/tonic 0.14, the versions the rest of Signpost uses, with no protoc at build time.
 
@@ -36,7 +40,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
 use prost::bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
@@ -44,8 +48,10 @@ use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Status, Streaming};
 
 use crate::auth::{Principal, Verb};
+use crate::route::WatchFrames;
 use crate::service::Registry;
-use crate::view::{ViewReceiver, ViewState, Views};
+use crate::view::{LiveView, ViewReceiver, ViewState, Views};
+use crate::watch::Sent;
 use resources::{Endpoints, Kind, Target};
 
 /// The node metadata key a client's bootstrap sets to name the namespace its plain listener
@@ -97,11 +103,11 @@ impl Ads {
         }
     }
 
-    /// Starts a stream's task; its responses come on the returned stream.
+    /// Starts a stream's task; its frames travel in the answer's extensions, to become the body.
     fn open(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<tonic::Response<ReceiverStream<Result<Response, Status>>>, Status> {
+    ) -> Result<tonic::Response<NoResponses>, Status> {
         let principal = self.registry.authenticate(&request).map_err(Status::from)?;
         if let Some(p) = &principal {
             p.check_any(Verb::Read).map_err(Status::from)?;
@@ -114,6 +120,7 @@ impl Ads {
         let (tx, rx) = mpsc::channel(2);
         let stream = AdsStream {
             views: self.registry.views(),
+            max_response: self.registry.message_limits().1,
             metrics: self.registry.metrics(),
             principal,
             shutdown: self.registry.shutdown_token(),
@@ -131,9 +138,14 @@ impl Ads {
             let node = stream.run(request.into_inner()).await;
             tracing::debug!(node = %node, remote = ?remote, "xDS stream ended");
         });
-        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        let mut response = tonic::Response::new(tokio_stream::empty());
+        response.extensions_mut().insert(WatchFrames::new(rx));
+        Ok(response)
     }
 }
+
+/// Empty: a stream's frames travel in the answer's extensions (see [`WatchFrames`]).
+type NoResponses = tokio_stream::Empty<Result<Response, Status>>;
 
 /// The ADS service as mounted: StreamAggregatedResources served here, with responses made of
 /// shared encodings; Delta xDS (and any other method) answered `UNIMPLEMENTED`.
@@ -152,7 +164,7 @@ struct Sar(Ads);
 
 impl StreamingService<DiscoveryRequest> for Sar {
     type Response = Response;
-    type ResponseStream = ReceiverStream<Result<Response, Status>>;
+    type ResponseStream = NoResponses;
     type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
@@ -189,25 +201,80 @@ where
             let codec = tonic_prost::ProstCodec::<Response, DiscoveryRequest>::default();
             let mut grpc =
                 Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
-            Ok(grpc.streaming(sar, request).await)
+            let mut response = grpc.streaming(sar, request).await;
+            if let Some(body) = response
+                .extensions_mut()
+                .remove::<WatchFrames>()
+                .and_then(|frames| frames.body())
+            {
+                *response.body_mut() = body;
+            }
+            Ok(response)
         })
     }
 }
 
-type Responses = mpsc::Sender<Result<Response, Status>>;
+type Responses = mpsc::Sender<Sent>;
 
 /// Per resource kind: what the client subscribed to, and what it was last sent.
 #[derive(Debug, Default)]
 struct Subscription {
     names: BTreeSet<String>,
-    /// The version of the last response of this kind: a count, per stream.
-    version: u64,
+    /// The names as the client last listed them: a request that lists them again in the same
+    /// order (every ACK does) is known to ask for the same without building a set.
+    listed: Vec<String>,
+    /// The version of the last response of this kind.
+    version: Arc<str>,
     /// The nonce of the last response of this kind, which a request must carry to be current.
-    nonce: String,
+    nonce: Arc<str>,
+}
+
+/// What the server keeps on a view version for xDS: the service's ClusterLoadAssignment, and
+/// the response that pushes this version, framed once for every stream that follows it.
+struct Pushed {
+    endpoints: Endpoints,
+    version: Arc<str>,
+    nonce: Arc<str>,
+    /// `None` when the response is over the server's `max_response_size`: each stream then
+    /// frames it and ends with that error.
+    frame: Option<Bytes>,
+}
+
+impl Pushed {
+    fn new(target: &Target, view: &LiveView, max_response: usize) -> Pushed {
+        let endpoints = resources::endpoints(target, view.instances.iter().map(|i| &**i));
+        if endpoints.hostnames > 0 {
+            tracing::warn!(
+                namespace = %target.namespace,
+                service = %target.service,
+                left_out = endpoints.hostnames,
+                "instances registered by hostname are left out of xDS endpoints: gRPC needs IP addresses"
+            );
+        }
+        let version: Arc<str> = view.revision.to_string().into();
+        // Unique on a stream: one service has one version at a revision, and several services
+        // that change at one revision (a lease's expiry) have different names.
+        let nonce: Arc<str> = format!("{}@{}", view.revision, target.canonical()).into();
+        let response = Response {
+            version_info: version.to_string(),
+            resources: vec![endpoints.resource.clone()],
+            type_url: Kind::Endpoints.type_url().to_owned(),
+            nonce: nonce.to_string(),
+        };
+        let frame = crate::encode::frame(&response, max_response).ok();
+        Pushed {
+            endpoints,
+            version,
+            nonce,
+            frame,
+        }
+    }
 }
 
 struct AdsStream {
     views: Arc<Views>,
+    /// The server's `max_response_size`, which every framed response must fit.
+    max_response: usize,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     principal: Option<Principal>,
     shutdown: CancellationToken,
@@ -224,6 +291,7 @@ struct AdsStream {
     followed: StreamMap<String, WatchStream<ViewState>>,
     /// The newest version of each followed view, and the service it is of.
     known: HashMap<String, (Target, Option<Arc<crate::view::LiveView>>)>,
+    /// Responses framed for this stream alone so far: their nonces count them.
     nonces: u64,
     tx: Responses,
     /// The stream's places under the watch limits, given back when it ends.
@@ -278,9 +346,11 @@ impl AdsStream {
             }
             // Waited for a moment: a full channel would otherwise lose the reason, and the
             // client would see its stream end as if all were well.
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(1), self.tx.send(Err(status)))
-                    .await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                self.tx.send(Sent::End(Box::new(status))),
+            )
+            .await;
         }
         if let Some(m) = &self.metrics {
             m.xds_closed();
@@ -320,7 +390,7 @@ impl AdsStream {
         // reconnecting with one from an earlier stream (or server): answered as a first request.
         if !state.nonce.is_empty()
             && !request.response_nonce.is_empty()
-            && request.response_nonce != state.nonce
+            && *request.response_nonce != *state.nonce
         {
             return Ok(());
         }
@@ -331,9 +401,14 @@ impl AdsStream {
                 kind.short()
             ))));
         }
-        let names: BTreeSet<String> = request.resource_names.into_iter().collect();
         let first = state.nonce.is_empty();
-        if !first && names == state.names {
+        let same = !first
+            && (request.resource_names == state.listed || {
+                let names: BTreeSet<&str> =
+                    request.resource_names.iter().map(String::as_str).collect();
+                names.len() == state.names.len() && names.iter().all(|n| state.names.contains(*n))
+            });
+        if same {
             if let Some(error) = &request.error_detail {
                 if let Some(m) = &self.metrics {
                     m.xds_nack(kind.short());
@@ -341,7 +416,7 @@ impl AdsStream {
                 tracing::warn!(
                     node = %self.node,
                     kind = kind.short(),
-                    rejected_version = state.version,
+                    rejected_version = %state.version,
                     kept_version = %request.version_info,
                     error = %error.message,
                     "an xDS client rejected resources (NACK); not sending them again until they change"
@@ -349,7 +424,8 @@ impl AdsStream {
             }
             return Ok(());
         }
-        state.names = names;
+        state.names = request.resource_names.iter().cloned().collect();
+        state.listed = request.resource_names;
         match kind {
             Kind::Endpoints => {
                 self.follow_endpoints();
@@ -442,7 +518,7 @@ impl AdsStream {
             ViewState::Live(view) => {
                 *known = Some(view);
                 // Endpoints resources may be sent one at a time: only the changed one goes.
-                self.send_endpoints(std::slice::from_ref(&name)).await
+                self.push_endpoints(&name).await
             }
             ViewState::Reading => Ok(()),
             // The client reconnects and its services are followed anew.
@@ -452,47 +528,70 @@ impl AdsStream {
         }
     }
 
-    /// Sends the endpoints of the followed services `names` that have been read.
+    /// Sends the endpoints of the followed services `names` that have been read, framed for
+    /// this stream.
     async fn send_endpoints(&mut self, names: &[String]) -> Result<(), End> {
+        let max_response = self.max_response;
         let resources: Vec<Bytes> = names
             .iter()
             .filter_map(|name| {
                 let (target, view) = self.known.get(name)?;
                 let view = view.as_ref()?;
-                let made = view.memo.get_or_init(|| {
-                    let made = resources::endpoints(target, view.instances.iter().map(|i| &**i));
-                    if made.hostnames > 0 {
-                        tracing::warn!(
-                            namespace = %target.namespace,
-                            service = %target.service,
-                            left_out = made.hostnames,
-                            "instances registered by hostname are left out of xDS endpoints: gRPC needs IP addresses"
-                        );
-                    }
-                    made
-                });
-                let made: &Endpoints = &made;
-                Some(made.resource.clone())
+                let pushed = view
+                    .memo
+                    .get_or_init(|| Pushed::new(target, view, max_response));
+                Some(pushed.endpoints.resource.clone())
             })
             .collect();
         self.send(Kind::Endpoints, resources).await
     }
 
+    /// Sends the new version of followed service `name`: the response framed once for every
+    /// stream that follows it.
+    async fn push_endpoints(&mut self, name: &str) -> Result<(), End> {
+        let Some((target, Some(view))) = self.known.get(name) else {
+            return Ok(());
+        };
+        let pushed = view
+            .memo
+            .get_or_init(|| Pushed::new(target, view, self.max_response));
+        let Some(frame) = pushed.frame.clone() else {
+            let resource = pushed.endpoints.resource.clone();
+            return self.send(Kind::Endpoints, vec![resource]).await;
+        };
+        let (version, nonce) = (pushed.version.clone(), pushed.nonce.clone());
+        if let Some(m) = &self.metrics {
+            m.xds_response(Kind::Endpoints.short());
+        }
+        let state = self.kinds.entry(Kind::Endpoints).or_default();
+        state.version = version;
+        state.nonce = nonce;
+        self.deliver(frame).await
+    }
+
+    /// Frames a response for this stream alone, with a nonce of its own.
     async fn send(&mut self, kind: Kind, resources: Vec<Bytes>) -> Result<(), End> {
         if let Some(m) = &self.metrics {
             m.xds_response(kind.short());
         }
         self.nonces += 1;
         let state = self.kinds.entry(kind).or_default();
-        state.version += 1;
-        state.nonce = self.nonces.to_string();
+        // Never a view revision's form (`7`, `7@ns/svc`): a stream's own nonces and versions
+        // cannot meet the shared ones.
+        state.version = format!("s{}", self.nonces).into();
+        state.nonce = format!("s{}", self.nonces).into();
         let response = Response {
             version_info: state.version.to_string(),
             resources,
             type_url: kind.type_url().to_owned(),
-            nonce: state.nonce.clone(),
+            nonce: state.nonce.to_string(),
         };
-        let response = match self.tx.try_send(Ok(response)) {
+        let frame = crate::encode::frame(&response, self.max_response).map_err(End::Status)?;
+        self.deliver(frame).await
+    }
+
+    async fn deliver(&mut self, frame: Bytes) -> Result<(), End> {
+        let response = match self.tx.try_send(Sent::Message(frame)) {
             Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::ClientGone),
             Err(mpsc::error::TrySendError::Full(response)) => response,
