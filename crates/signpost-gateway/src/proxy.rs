@@ -553,7 +553,7 @@ impl Proxy {
                 sm.retries.inc();
             }
             record.instance = Some(endpoint.id.clone());
-            let conn = match endpoint.checkout(grpc).await {
+            let mut conn = match endpoint.checkout(grpc).await {
                 Ok(conn) => conn,
                 Err(error) => {
                     sm.connect_errors.inc();
@@ -573,12 +573,15 @@ impl Proxy {
                     continue;
                 }
             };
-            if upgrade.is_some() && !matches!(conn, Conn::H1(_)) {
-                let message = format!(
-                    "instance {} of {service} speaks HTTP/2 only (protocol=h2c), and an upgrade needs HTTP/1.1",
-                    endpoint.id
-                );
-                return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
+            if upgrade.is_some() {
+                let Conn::H1(h1) = &mut conn else {
+                    let message = format!(
+                        "instance {} of {service} speaks HTTP/2 only (protocol=h2c), and an upgrade needs HTTP/1.1",
+                        endpoint.id
+                    );
+                    return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
+                };
+                h1.detach();
             }
             let Some(body) = held.take() else {
                 let message = "the request's body was already sent to an instance that failed; it is not sent twice";
@@ -618,12 +621,12 @@ impl Proxy {
             }
             endpoint.load.start();
             let sent_at = Instant::now();
-            let (answer, h1) = match conn {
-                Conn::H1(mut sender) => {
-                    let sending = sender.try_send_request(outgoing);
+            let (answer, mut h1) = match conn {
+                Conn::H1(mut h1) => {
+                    let sending = h1.sender.try_send_request(outgoing);
                     (
-                        tokio::time::timeout_at(deadline, sending).await,
-                        Some(sender),
+                        tokio::time::timeout_at(deadline, h1.drive(sending)).await,
+                        Some(h1),
                     )
                 }
                 Conn::H2(mut sender) => {
@@ -747,7 +750,11 @@ impl Proxy {
             if small {
                 let (mut head, body) = response.into_parts();
                 let limit = self.settings.retry_buffer;
-                let read = tokio::time::timeout(idle, Limited::new(body, limit).collect()).await;
+                let collect = Limited::new(body, limit).collect();
+                let read = match h1.as_mut() {
+                    Some(h1) => tokio::time::timeout(idle, h1.drive(collect)).await,
+                    None => tokio::time::timeout(idle, collect).await,
+                };
                 endpoint.load.end();
                 let bytes = match read {
                     Ok(Ok(collected)) => collected.to_bytes(),
@@ -763,8 +770,8 @@ impl Proxy {
                         return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
                     }
                 };
-                if let Some(sender) = h1 {
-                    endpoint.checkin(sender);
+                if let Some(h1) = h1 {
+                    endpoint.checkin(h1);
                 }
                 remove_hop_by_hop(&mut head.headers, false);
                 head.headers.insert("x-request-id", id);
@@ -776,11 +783,9 @@ impl Proxy {
                 let body = Full::new(bytes).map_err(|never| match never {}).boxed();
                 return Response::from_parts(head, body);
             }
-            if let Some(sender) = h1 {
-                endpoint.checkin(sender);
-            }
             remove_hop_by_hop(response.headers_mut(), false);
             response.headers_mut().insert("x-request-id", id);
+            let body_endpoint = endpoint.clone();
             let finish = Finish {
                 record,
                 status: status.as_u16(),
@@ -789,7 +794,16 @@ impl Proxy {
                 bytes: 0,
             };
             return response.map(|body| {
-                let body = Idle::wrap(body.map_err(BoxError::from).boxed(), idle);
+                let body = match h1 {
+                    Some(h1) => Driven {
+                        inner: body,
+                        h1: Some(h1),
+                        endpoint: body_endpoint,
+                    }
+                    .boxed(),
+                    None => body.map_err(BoxError::from).boxed(),
+                };
+                let body = Idle::wrap(body, idle);
                 Tracked {
                     inner: body,
                     finish: Some(finish),
@@ -884,6 +898,56 @@ impl http_body::Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// An answer's body from an HTTP/1.1 connection it drives as it is read (see
+/// [`crate::upstream::H1`]); read to its end, the connection goes back to the endpoint's pool.
+struct Driven {
+    inner: Incoming,
+    h1: Option<crate::upstream::H1>,
+    endpoint: Arc<Endpoint>,
+}
+
+impl http_body::Body for Driven {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(h1) = &mut this.h1 {
+            h1.poll_io(cx);
+        }
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = poll
+            && let Some(h1) = this.h1.take()
+        {
+            this.endpoint.checkin(h1);
+        }
+        poll.map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Driven {
+    /// The client stops polling at the end it knows of (a body of known length) without a last
+    /// poll: read to its end, the connection is still good. Dropped before, it closes.
+    fn drop(&mut self) {
+        if let Some(h1) = self.h1.take()
+            && self.inner.is_end_stream()
+        {
+            self.endpoint.checkin(h1);
+        }
     }
 }
 

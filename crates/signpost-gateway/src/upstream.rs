@@ -14,8 +14,10 @@
 //! notices that the instance is gone.
 
 use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,8 +80,71 @@ pub(crate) struct Settings {
 
 /// A connection taken from an endpoint's pool for one attempt.
 pub(crate) enum Conn {
-    H1(http1::SendRequest<ProxyBody>),
+    H1(H1),
     H2(http2::SendRequest<ProxyBody>),
+}
+
+/// An HTTP/1.1 connection to an instance with no task of its own: whoever holds it polls its
+/// I/O (the request, then the answer's body as the client reads it), so a request and its
+/// answer are written and read on the request's own task. A connection task would cost two
+/// hand-overs between tasks a request, and as many wake-ups; hyper's client works that way.
+pub(crate) struct H1 {
+    pub(crate) sender: http1::SendRequest<ProxyBody>,
+    /// `None` once it ended, or once an upgrade gave it a task of its own. Boxed: it is large,
+    /// and the pool moves connections in and out.
+    io: Option<Box<http1::Connection<TokioIo<TcpStream>, ProxyBody>>>,
+}
+
+impl std::fmt::Debug for H1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1")
+            .field("driven_here", &self.io.is_some())
+            .field("closed", &self.sender.is_closed())
+            .finish()
+    }
+}
+
+impl H1 {
+    /// Reads and writes what the connection can now.
+    pub(crate) fn poll_io(&mut self, cx: &mut Context<'_>) {
+        if let Some(io) = &mut self.io
+            && Pin::new(&mut **io).poll(cx).is_ready()
+        {
+            self.io = None;
+        }
+    }
+
+    /// `future` (an answer on this connection, or the read of its body), with the connection
+    /// driven until it is done.
+    pub(crate) async fn drive<F: Future>(&mut self, future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        std::future::poll_fn(|cx| {
+            self.poll_io(cx);
+            future.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// An upgrade (a WebSocket) takes the connection over after its answer, which only a
+    /// connection with a task of its own can give.
+    pub(crate) fn detach(&mut self) {
+        if let Some(io) = self.io.take() {
+            tokio::spawn(async move {
+                let _ = io.with_upgrades().await;
+            });
+        }
+    }
+
+    /// Open and waiting for a request, as far as one poll can tell: an idle connection the
+    /// instance closed is seen closed here, before a request is trusted to it.
+    async fn ready(&mut self) -> bool {
+        std::future::poll_fn(|cx| {
+            self.poll_io(cx);
+            Poll::Ready(())
+        })
+        .await;
+        self.io.is_some() && self.sender.is_ready()
+    }
 }
 
 /// One instance of an upstream.
@@ -98,7 +163,7 @@ pub(crate) struct Endpoint {
     last_error: Mutex<Option<String>>,
     pub(crate) load: Load,
     pub(crate) outlier: Mutex<Outlier>,
-    idle: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
+    idle: Mutex<Vec<H1>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<ProxyBody>>>,
     settings: Arc<Settings>,
     stop: CancellationToken,
@@ -174,26 +239,30 @@ impl Endpoint {
             *shared = Some(sender.clone());
             return Ok(Conn::H2(sender));
         }
-        {
-            // The most recently used connection that is ready again; those still finishing an
-            // answer stay, those closed go.
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|s| !s.is_closed());
-            if let Some(at) = idle.iter().rposition(|s| s.is_ready()) {
-                return Ok(Conn::H1(idle.swap_remove(at)));
+        // The most recently used idle connection that is still open; one the instance closed
+        // while it idled is dropped here.
+        loop {
+            let last = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some(mut h1) = last else {
+                break;
+            };
+            if h1.ready().await {
+                return Ok(Conn::H1(h1));
             }
         }
-        let sender = self.connect_h1().await.inspect_err(|e| self.failed(e))?;
-        Ok(Conn::H1(sender))
+        let h1 = self.connect_h1().await.inspect_err(|e| self.failed(e))?;
+        Ok(Conn::H1(h1))
     }
 
-    /// An HTTP/1.1 connection goes back to the pool as soon as its answer's head is in: it is
-    /// taken again once hyper says it is ready, which is when that answer was read to its end.
-    /// No task waits for that moment.
-    pub(crate) fn checkin(&self, sender: http1::SendRequest<ProxyBody>) {
+    /// An HTTP/1.1 connection whose answer was read to its end goes back to the pool, unless
+    /// it closed or the pool is full.
+    pub(crate) fn checkin(&self, h1: H1) {
+        if h1.io.is_none() || h1.sender.is_closed() {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.settings.max_idle_per_endpoint {
-            idle.push(sender);
+            idle.push(h1);
         }
     }
 
@@ -215,18 +284,16 @@ impl Endpoint {
         Ok(tcp)
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<ProxyBody>, String> {
+    async fn connect_h1(&self) -> Result<H1, String> {
         let tcp = self.tcp().await?;
-        let (sender, connection) = http1::Builder::new()
+        let (sender, io) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| format!("HTTP/1.1 with {}: {e}", self.authority))?;
-        // Ends when the instance closes it or the last sender is gone; with upgrades, so that
-        // a WebSocket can take the connection over.
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
-        Ok(sender)
+        Ok(H1 {
+            sender,
+            io: Some(Box::new(io)),
+        })
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<ProxyBody>, String> {

@@ -491,6 +491,52 @@ fn a_backend_killed_under_steady_gets_fails_no_get_and_an_in_flight_post_is_not_
 }
 
 #[test]
+fn connections_to_an_instance_are_reused_and_one_it_closed_is_not_trusted_with_a_post() {
+    if !python_ready("json") {
+        return;
+    }
+    let registry = registry();
+    let url = registry.url();
+    let mut web = backend_with("http", "web", "k", &url, &[], &["--idle-close", "2"]);
+    let gw = gateway(&url, &[]);
+    wait_until_served_by(gw.addr, "/web/whoami", &["k"]);
+
+    // One request at a time: each goes on the same connection to the instance, after a small
+    // answer read whole and after a large one streamed through alike.
+    let (status, first) = get(gw.addr, "/web/conn");
+    assert_eq!(status, 200);
+    for path in [
+        "/web/big",
+        "/web/conn",
+        "/web/big",
+        "/web/whoami",
+        "/web/conn",
+    ] {
+        let (status, body) = get(gw.addr, path);
+        assert_eq!(status, 200, "{path}: {body}");
+        match path {
+            "/web/big" => assert_eq!(body.len(), 256 * 1024),
+            "/web/conn" => assert_eq!(body, first, "a new connection after the one before"),
+            _ => {}
+        }
+    }
+
+    // The instance closes the idle connection. A POST is never retried once sent, so the
+    // gateway must see the connection closed before it sends one on it.
+    web.process.wait_for("closed an idle connection");
+    let (ok, out, err) = python(&[
+        "post",
+        &format!("http://{}/web/echo", gw.addr),
+        "after-close",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "200 k:after-close");
+    let (status, second) = get(gw.addr, "/web/conn");
+    assert_eq!(status, 200);
+    assert_ne!(second, first, "the closed connection was used again");
+}
+
+#[test]
 fn a_websocket_echo_goes_through_the_gateway() {
     if !python_ready("websockets") {
         return;

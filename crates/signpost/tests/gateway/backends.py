@@ -2,6 +2,8 @@
 """Backends for the gateway's tests, as a user would write them, and the clients that call them.
 
     backends.py http --id a            HTTP/1.1 server (http.server); prints "serving on PORT"
+                                       (--idle-close S: closes a connection idle S seconds, and
+                                       prints "closed an idle connection")
     backends.py ws --id a              WebSocket echo server (websockets)
     backends.py grpc --id a --stubs D  gRPC greeter (stubs in D) with a streaming method
     backends.py get URL N              N GETs; prints "ID COUNT" per answering instance
@@ -34,8 +36,16 @@ def http_backend(args):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        # With --idle-close, a keep-alive connection that idles that long is closed, as
+        # servers with a keep-alive timeout do.
+        timeout = args.idle_close or None
+
         def log_message(self, *a):
             pass
+
+        def log_error(self, format, *a):
+            if "timed out" in format % a:
+                print("closed an idle connection", flush=True)
 
         def answer(self, status, body, ctype="text/plain"):
             data = body.encode() if isinstance(body, str) else body
@@ -51,6 +61,11 @@ def http_backend(args):
             elif self.path.startswith("/headers"):
                 seen = {k.lower(): v for k, v in self.headers.items()}
                 self.answer(200, json.dumps({"path": self.path, "headers": seen}), "application/json")
+            elif self.path.startswith("/conn"):
+                # Which connection of the caller's this is: its port on the caller's side.
+                self.answer(200, str(self.client_address[1]))
+            elif self.path.startswith("/big"):
+                self.answer(200, b"x" * (256 * 1024), "application/octet-stream")
             elif self.path.startswith("/hang"):
                 time.sleep(3600)
             elif self.path.startswith("/unavailable"):
@@ -246,6 +261,7 @@ def main():
         s.add_argument("--marks", default="")
         s.add_argument("--stubs", default="")
         s.add_argument("--status", type=int, default=200, help="what /whoami answers")
+        s.add_argument("--idle-close", type=float, default=0)
     s = sub.add_parser("get")
     s.add_argument("url")
     s.add_argument("n", type=int)
