@@ -34,7 +34,18 @@ impl WatchFrames {
         WatchFrames(Arc::new(Mutex::new(Some(frames))))
     }
 
-    pub(crate) fn body(&self) -> Option<tonic::body::Body> {
+    /// Makes the frames a stream's task put in `response`'s extensions its body.
+    pub(crate) fn install(response: &mut http::Response<tonic::body::Body>) {
+        if let Some(body) = response
+            .extensions_mut()
+            .remove::<WatchFrames>()
+            .and_then(|frames| frames.body())
+        {
+            *response.body_mut() = body;
+        }
+    }
+
+    fn body(&self) -> Option<tonic::body::Body> {
         let frames = self.0.lock().ok()?.take()?;
         let frames = ReceiverStream::new(frames).map(|sent| {
             Ok::<_, Infallible>(match sent {
@@ -143,13 +154,7 @@ where
                     let mut grpc =
                         Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
                     let mut response = grpc.server_streaming(method, request).await;
-                    if let Some(body) = response
-                        .extensions_mut()
-                        .remove::<WatchFrames>()
-                        .and_then(|frames| frames.body())
-                    {
-                        *response.body_mut() = body;
-                    }
+                    WatchFrames::install(&mut response);
                     Ok(response)
                 })
             }

@@ -202,13 +202,7 @@ where
             let mut grpc =
                 Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
             let mut response = grpc.streaming(sar, request).await;
-            if let Some(body) = response
-                .extensions_mut()
-                .remove::<WatchFrames>()
-                .and_then(|frames| frames.body())
-            {
-                *response.body_mut() = body;
-            }
+            WatchFrames::install(&mut response);
             Ok(response)
         })
     }
