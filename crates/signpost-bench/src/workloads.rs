@@ -358,12 +358,21 @@ impl Arrivals {
 
     /// A watcher saw instance id `id`; ids of changes look like `PREFIX<n>`.
     pub(crate) async fn saw(&self, id: &str, prefix: &str) {
-        let Some(n) = id
+        if let Some(n) = id
             .strip_prefix(prefix)
             .and_then(|n| n.parse::<usize>().ok())
-        else {
-            return;
-        };
+        {
+            self.saw_change(n).await;
+        }
+    }
+
+    /// How many changes are counted.
+    pub(crate) fn changes(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// A watcher saw change `n`.
+    pub(crate) async fn saw_change(&self, n: usize) {
         let Some(count) = self.counts.get(n) else {
             return;
         };

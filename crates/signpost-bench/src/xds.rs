@@ -2,7 +2,6 @@
 //! in the same run, and the time from a registration to the first call a real gRPC xDS client
 //! (Python grpcio) routes to the new instance.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -11,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use prost::Message;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -20,31 +18,45 @@ use tonic::transport::{Channel, Endpoint};
 use crate::workloads::{Arrivals, connect, open_watchers, report};
 use crate::{Common, Latencies, Target, cpu_time};
 
-/// The fields of a ClusterLoadAssignment the load generator reads: each endpoint's hostname
-/// (the instance id). Decoding the whole message for each of a thousand streams would make the
-/// generator, not the server, what is measured; prost skips the fields not declared here.
-#[derive(Clone, PartialEq, prost::Message)]
-struct Assignment {
-    #[prost(message, repeated, tag = "2")]
-    localities: Vec<Locality>,
+/// Each endpoint hostname (the instance id) in an encoded ClusterLoadAssignment, as bytes.
+/// The generator reads nothing else and copies nothing: a thousand streams each decoding a whole
+/// endpoint set per change would make the generator, not the server, what is measured.
+fn hostnames(cla: &[u8], mut each: impl FnMut(&[u8])) {
+    // ClusterLoadAssignment.endpoints (2) → LocalityLbEndpoints.lb_endpoints (2) →
+    // LbEndpoint.endpoint (1) → Endpoint.hostname (3).
+    for locality in fields(cla, 2) {
+        for lb in fields(locality, 2) {
+            for endpoint in fields(lb, 1) {
+                fields(endpoint, 3).for_each(&mut each);
+            }
+        }
+    }
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct Locality {
-    #[prost(message, repeated, tag = "2")]
-    endpoints: Vec<LbEndpoint>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct LbEndpoint {
-    #[prost(message, optional, tag = "1")]
-    endpoint: Option<EndpointName>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct EndpointName {
-    #[prost(string, tag = "3")]
-    hostname: String,
+/// The length-delimited fields numbered `tag` of an encoded message; stops at bytes it cannot
+/// read.
+fn fields(mut message: &[u8], tag: u64) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        while !message.is_empty() {
+            let key = prost::encoding::decode_varint(&mut message).ok()?;
+            let len = match key & 7 {
+                0 => {
+                    prost::encoding::decode_varint(&mut message).ok()?;
+                    continue;
+                }
+                1 => 8,
+                5 => 4,
+                2 => usize::try_from(prost::encoding::decode_varint(&mut message).ok()?).ok()?,
+                _ => return None,
+            };
+            let (field, rest) = message.split_at_checked(len)?;
+            message = rest;
+            if key >> 3 == tag && key & 7 == 2 {
+                return Some(field);
+            }
+        }
+        None
+    })
 }
 
 const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -83,26 +95,32 @@ async fn open_subscribers(
                 Ok(s) => s.into_inner(),
                 Err(e) => return drop(ready.send(Err(e.into())).await),
             };
-            let mut seen = HashSet::new();
+            // Which changes (instance ids `PREFIX<n>`) this stream has seen.
+            let mut seen = vec![false; arrivals.changes()];
             let mut first = true;
             while let Ok(Some(response)) = stream.message().await {
-                let _ = requests.send(ask(response.version_info.clone(), response.nonce.clone()));
                 if std::mem::take(&mut first) {
                     let _ = ready.send(Ok(())).await;
                 }
+                let mut new = Vec::new();
                 for resource in &response.resources {
-                    let Ok(cla) = Assignment::decode(resource.value.as_slice()) else {
-                        continue;
-                    };
-                    for e in cla.localities.into_iter().flat_map(|l| l.endpoints) {
-                        if let Some(name) = e.endpoint.map(|e| e.hostname)
-                            && !seen.contains(&name)
+                    hostnames(&resource.value, |id| {
+                        if let Some(n) = std::str::from_utf8(id)
+                            .ok()
+                            .and_then(|id| id.strip_prefix(prefix))
+                            .and_then(|n| n.parse::<usize>().ok())
+                            && let Some(seen) = seen.get_mut(n)
+                            && !std::mem::replace(seen, true)
                         {
-                            arrivals.saw(&name, prefix).await;
-                            seen.insert(name);
+                            new.push(n);
                         }
-                    }
+                    });
                 }
+                for n in new {
+                    arrivals.saw_change(n).await;
+                }
+                // The endpoints are the client's once decoded: the ACK follows.
+                let _ = requests.send(ask(response.version_info, response.nonce));
             }
         });
     }
@@ -152,11 +170,14 @@ pub(crate) async fn fanout(
     open_subscribers(&channels, &pushed, subscribers, xds_arrivals.clone(), "x").await?;
     let mut writer = conns[0].clone();
     let (mut watch, mut xds) = (Vec::with_capacity(changes), Vec::with_capacity(changes));
-    // Server CPU time spent on each kind of change, summed over the interleaved stretches.
+    // CPU time spent on each kind of change, summed over the interleaved stretches: the
+    // server's, and this generator's own (which should not be what limits the push).
     let (mut watch_cpu, mut xds_cpu) = (Duration::ZERO, Duration::ZERO);
+    let (mut watch_own, mut xds_own) = (Duration::ZERO, Duration::ZERO);
     let cpu = || cpu_time(common.server_pid).unwrap_or_default();
+    let own = || cpu_time(Some(std::process::id())).unwrap_or_default();
     for n in 0..changes {
-        let (sent, before) = (Instant::now(), cpu());
+        let (sent, before, own_before) = (Instant::now(), cpu(), own());
         writer.register(&watched, &format!("w{n}"), 0).await?;
         watch.push(
             watch_arrivals
@@ -165,11 +186,13 @@ pub(crate) async fn fanout(
                 .duration_since(sent)
                 .as_micros() as u64,
         );
-        let (sent, between) = (Instant::now(), cpu());
+        let (sent, between, own_between) = (Instant::now(), cpu(), own());
         writer.register(&pushed, &format!("x{n}"), 0).await?;
         xds.push(xds_arrivals.wait(n).await?.duration_since(sent).as_micros() as u64);
         watch_cpu += between.saturating_sub(before);
         xds_cpu += cpu().saturating_sub(between);
+        watch_own += own_between.saturating_sub(own_before);
+        xds_own += own().saturating_sub(own_between);
     }
     let per_change = |d: Duration| d.as_secs_f64() * 1e6 / changes.max(1) as f64;
     let (watch, xds) = (Latencies::new(watch), Latencies::new(xds));
@@ -189,6 +212,8 @@ pub(crate) async fn fanout(
             ),
             ("server_cpu_us_per_watch_change", per_change(watch_cpu)),
             ("server_cpu_us_per_xds_change", per_change(xds_cpu)),
+            ("client_cpu_us_per_watch_change", per_change(watch_own)),
+            ("client_cpu_us_per_xds_change", per_change(xds_own)),
         ],
     );
     Ok(())

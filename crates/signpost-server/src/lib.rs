@@ -44,6 +44,7 @@
 //! ```
 
 pub mod auth;
+mod coalesce;
 mod convert;
 pub mod dns;
 mod encode;
@@ -70,6 +71,7 @@ use std::time::Duration;
 
 use signpost_store::Store;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -287,7 +289,9 @@ pub async fn serve_with(
             // Settings on the builder such as tcp_nodelay only apply to listeners it binds
             // itself, so the incoming connections are configured here. Without TCP_NODELAY,
             // answers to requests larger than a segment wait ~40 ms on delayed ACKs.
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(|tcp| tcp.map(coalesce::Coalesced::new));
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?;
@@ -299,7 +303,10 @@ pub async fn serve_with(
                 tokio::spawn(tls::follow(updates, current, streams.clone()));
             }
             router
-                .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown)
+                .serve_with_incoming_shutdown(
+                    tls::incoming(listener, config).map(|tls| tls.map(coalesce::Coalesced::new)),
+                    shutdown,
+                )
                 .await?;
         }
     }
