@@ -25,7 +25,8 @@
 //! RustCrypto's [sha2](https://docs.rs/sha2)), [`Limits`] are checked where the request is
 //! understood, TLS is rustls through tokio-rustls (`tls`, so that certificates can be replaced
 //! while serving), and `limits` turns tonic's answer to an oversized
-//! request into the `RESOURCE_EXHAUSTED` every other limit answers.
+//! request into the `RESOURCE_EXHAUSTED` every other limit answers. Each connection's writes
+//! pass through `coalesce`, which sends the large frames of one turn of its task together.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
