@@ -26,6 +26,9 @@ use tonic::transport::server::Connected;
 /// Kept bytes beyond this are written at once.
 const HOLD: usize = 64 * 1024;
 
+/// Room kept between bursts; more is given back once written.
+const RETAIN: usize = 16 * 1024;
+
 /// Less than this kept at a flush goes out at once: it is the end of an answer (its trailers),
 /// which a caller waits for, not one of a run of large frames. h2 writes frames of this size
 /// and more from their own buffers, one write each.
@@ -83,6 +86,10 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         self.deferrals = 0;
         self.kept.clear();
         self.written = 0;
+        if self.kept.capacity() > RETAIN {
+            // A burst's room is not kept for the connection's whole life.
+            self.kept = Vec::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -307,15 +314,21 @@ mod tests {
         assert_eq!(t.wakes(), 0);
     }
 
-    #[test]
-    fn a_woken_turn_with_nothing_new_writes_what_was_kept() {
+    /// A turn that wrote `a` at its first flush and kept a large frame at its second.
+    fn kept_a_frame() -> Turns {
         let mut t = Turns::new();
         t.turn();
         t.write(b"a");
         assert!(t.flush().is_ready());
         t.write(&frame(2));
         assert!(t.flush().is_ready());
-        assert_eq!(t.writes().len(), 1);
+        assert_eq!(t.writes(), vec![b"a".to_vec()]);
+        t
+    }
+
+    #[test]
+    fn a_woken_turn_with_nothing_new_writes_what_was_kept() {
+        let mut t = kept_a_frame();
         t.turn();
         assert!(t.flush().is_ready());
         assert_eq!(t.writes(), vec![b"a".to_vec(), frame(2)]);
@@ -358,12 +371,7 @@ mod tests {
 
     #[test]
     fn shutdown_writes_what_was_kept() {
-        let mut t = Turns::new();
-        t.turn();
-        t.write(b"a");
-        assert!(t.flush().is_ready());
-        t.write(&frame(2));
-        assert!(t.flush().is_ready());
+        let mut t = kept_a_frame();
         let mut cx = Context::from_waker(&t.waker);
         assert!(Pin::new(&mut t.io).poll_shutdown(&mut cx).is_ready());
         assert_eq!(t.writes(), vec![b"a".to_vec(), frame(2)]);
@@ -371,11 +379,8 @@ mod tests {
 
     #[test]
     fn deferrals_are_bounded_without_a_read() {
-        let mut t = Turns::new();
-        t.turn();
-        t.write(b"a");
-        assert!(t.flush().is_ready());
-        for _ in 0..=MAX_DEFERRALS {
+        let mut t = kept_a_frame();
+        for _ in 0..MAX_DEFERRALS {
             t.write(&frame(2));
             assert!(t.flush().is_ready());
         }
