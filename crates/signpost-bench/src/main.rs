@@ -19,6 +19,7 @@
 mod backend;
 mod balance;
 mod failover;
+mod grpc_h2;
 mod process;
 mod workloads;
 mod xds;
@@ -276,12 +277,25 @@ pub(crate) fn rss_mib(pid: Option<u32>) -> Option<f64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    without_huge_pages();
     let workload = Cli::parse().workload;
     // On SIGINT or SIGTERM the workload is dropped, and with it every child process it started
     // (they are killed on drop); dying of the signal would leave them running.
     tokio::select! {
         result = run(workload) => result,
         signal = interrupted() => bail!("stopped by {}", signal?),
+    }
+}
+
+/// Turns transparent huge pages off for this process. mimalloc asks for them on the regions it
+/// maps, and a heap that grows by a huge page has the kernel zero 2 MiB at the fault: when a
+/// thousand streams' buffers grew at once (the fan-out's endpoint sets crossing a size), the
+/// generator stood still for 50–80 ms while the server waited on it, and those were the slowest
+/// changes measured. Small pages are zeroed as they are touched.
+fn without_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!("signpost-bench: transparent huge pages stay on: {e}");
     }
 }
 

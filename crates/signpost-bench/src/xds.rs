@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use prost::Message;
+use prost::bytes::Bytes;
+use signpost_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::workloads::{Arrivals, connect, open_watchers, report};
+use crate::grpc_h2;
+use crate::workloads::{Arrivals, connect, report};
 use crate::{Common, Latencies, Target, cpu_time};
 
 /// Each endpoint hostname (the instance id) in an encoded ClusterLoadAssignment, as bytes.
@@ -61,11 +62,29 @@ fn fields(mut message: &[u8], tag: u64) -> impl Iterator<Item = &[u8]> {
 
 const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
-/// Opens `subscribers` ADS streams over `channels`, each subscribed to the endpoints of
+const STREAM_AGGREGATED_RESOURCES: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+
+const WATCH: &str = "/signpost.v1.RegistryService/Watch";
+
+/// The fields of a `DiscoveryResponse` a subscriber reads, each resource left as the bytes of
+/// its encoded `Any` (cut from the received buffer, not copied): a thousand streams each decoding
+/// every endpoint set into its own `Any` values would measure the generator.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Pushed {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    resources: Vec<Bytes>,
+    #[prost(string, tag = "5")]
+    nonce: String,
+}
+
+/// Opens `subscribers` ADS streams over `conns`, each subscribed to the endpoints of
 /// `service`; each instance id new to a stream counts as an arrival there. Returns once every
 /// stream has had its first answer.
 async fn open_subscribers(
-    channels: &[Channel],
+    conns: &[grpc_h2::Connection],
     service: &str,
     subscribers: usize,
     arrivals: Arc<Arrivals>,
@@ -74,37 +93,41 @@ async fn open_subscribers(
     let (ready_tx, mut ready) = mpsc::channel::<anyhow::Result<()>>(subscribers.max(1));
     let name = format!("default/{service}");
     for s in 0..subscribers {
-        let channel = channels[s % channels.len()].clone();
+        let conn = conns[s % conns.len()].clone();
         let (arrivals, ready, name) = (arrivals.clone(), ready_tx.clone(), name.clone());
         tokio::spawn(async move {
-            let (requests, rx) = mpsc::unbounded_channel();
-            let ask = |version: String, nonce: String| DiscoveryRequest {
-                type_url: ENDPOINTS.into(),
-                resource_names: vec![name.clone()],
-                version_info: version,
-                response_nonce: nonce,
-                ..DiscoveryRequest::default()
+            let ask = |version: String, nonce: String| {
+                grpc_h2::frame(&DiscoveryRequest {
+                    type_url: ENDPOINTS.into(),
+                    resource_names: vec![name.clone()],
+                    version_info: version,
+                    response_nonce: nonce,
+                    ..DiscoveryRequest::default()
+                })
             };
-            let _ = requests.send(ask(String::new(), String::new()));
-            let mut client = AggregatedDiscoveryServiceClient::new(channel)
-                .max_decoding_message_size(64 * 1024 * 1024);
-            let mut stream = match client
-                .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
-                .await
-            {
-                Ok(s) => s.into_inner(),
-                Err(e) => return drop(ready.send(Err(e.into())).await),
+            let first = ask(String::new(), String::new());
+            let mut stream = match conn.stream(STREAM_AGGREGATED_RESOURCES, first, false).await {
+                Ok(s) => s,
+                Err(e) => return drop(ready.send(Err(e)).await),
             };
             // Which changes (instance ids `PREFIX<n>`) this stream has seen.
             let mut seen = vec![false; arrivals.changes()];
             let mut first = true;
-            while let Ok(Some(response)) = stream.message().await {
+            while let Ok(Some(message)) = stream.message().await {
+                let Ok(response) = Pushed::decode(message) else {
+                    break;
+                };
                 if std::mem::take(&mut first) {
                     let _ = ready.send(Ok(())).await;
                 }
                 let mut new = Vec::new();
-                for resource in &response.resources {
-                    hostnames(&resource.value, |id| {
+                // Any.value (2) is the ClusterLoadAssignment.
+                for cla in response
+                    .resources
+                    .iter()
+                    .filter_map(|any| fields(any, 2).next())
+                {
+                    hostnames(cla, |id| {
                         if let Some(n) = std::str::from_utf8(id)
                             .ok()
                             .and_then(|id| id.strip_prefix(prefix))
@@ -120,7 +143,12 @@ async fn open_subscribers(
                     arrivals.saw_change(n).await;
                 }
                 // The endpoints are the client's once decoded: the ACK follows.
-                let _ = requests.send(ask(response.version_info, response.nonce));
+                if stream
+                    .send(ask(response.version_info, response.nonce))
+                    .is_err()
+                {
+                    break;
+                }
             }
         });
     }
@@ -130,6 +158,55 @@ async fn open_subscribers(
             .recv()
             .await
             .context("an ADS stream ended before its first answer")??;
+    }
+    Ok(())
+}
+
+/// Opens `watchers` Watch streams on `service` over `conns`, with the same client as the ADS
+/// subscribers; each instance id in an event counts as an arrival. Returns once every stream
+/// has had its first answer.
+async fn open_watchers(
+    conns: &[grpc_h2::Connection],
+    service: &str,
+    watchers: usize,
+    arrivals: Arc<Arrivals>,
+    prefix: &'static str,
+) -> anyhow::Result<()> {
+    let (ready_tx, mut ready) = mpsc::channel::<anyhow::Result<()>>(watchers.max(1));
+    let request = grpc_h2::frame(&pb::WatchRequest {
+        service: service.to_owned(),
+        ..Default::default()
+    });
+    for w in 0..watchers {
+        let conn = conns[w % conns.len()].clone();
+        let (arrivals, ready, request) = (arrivals.clone(), ready_tx.clone(), request.clone());
+        tokio::spawn(async move {
+            let mut stream = match conn.stream(WATCH, request, true).await {
+                Ok(s) => s,
+                Err(e) => return drop(ready.send(Err(e)).await),
+            };
+            let mut first = true;
+            while let Ok(Some(message)) = stream.message().await {
+                let Ok(message) = pb::WatchResponse::decode(message) else {
+                    break;
+                };
+                if std::mem::take(&mut first) {
+                    let _ = ready.send(Ok(())).await;
+                }
+                for event in &message.events {
+                    if let Some(i) = &event.instance {
+                        arrivals.saw(&i.id, prefix).await;
+                    }
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    for _ in 0..watchers {
+        ready
+            .recv()
+            .await
+            .context("a Watch stream ended before its first answer")??;
     }
     Ok(())
 }
@@ -146,29 +223,28 @@ pub(crate) async fn fanout(
     let Target::Signpost(url) = &target else {
         bail!("xds-fanout runs against a signpost:// target");
     };
-    let conns = connect(&target, connections).await?;
-    let mut channels = Vec::with_capacity(connections.max(1));
+    let mut writer = connect(&target, 1)
+        .await?
+        .pop()
+        .context("no connection to write on")?;
+    let (mut watch_conns, mut xds_conns) = (Vec::new(), Vec::new());
     for _ in 0..connections.max(1) {
-        channels.push(
-            // Each response is the service's whole endpoint set, hundreds of streams to a
-            // connection: with h2's default 64 KiB connection window the server waits on
-            // WINDOW_UPDATEs, as a real client with a fixed window would (grpc C-core and Java
-            // grow theirs by bandwidth-delay probing).
-            Endpoint::from_shared(url.clone())?
-                .tcp_nodelay(true)
-                .initial_connection_window_size(16 * 1024 * 1024)
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {url}"))?,
-        );
+        watch_conns.push(grpc_h2::Connection::open(url).await?);
+        xds_conns.push(grpc_h2::Connection::open(url).await?);
     }
     let run = std::process::id();
     let (watched, pushed) = (format!("fan-watch-{run}"), format!("fan-xds-{run}"));
     let watch_arrivals = Arrivals::new(changes, subscribers);
     let xds_arrivals = Arrivals::new(changes, subscribers);
-    open_watchers(&conns, &watched, subscribers, watch_arrivals.clone(), "w").await?;
-    open_subscribers(&channels, &pushed, subscribers, xds_arrivals.clone(), "x").await?;
-    let mut writer = conns[0].clone();
+    open_watchers(
+        &watch_conns,
+        &watched,
+        subscribers,
+        watch_arrivals.clone(),
+        "w",
+    )
+    .await?;
+    open_subscribers(&xds_conns, &pushed, subscribers, xds_arrivals.clone(), "x").await?;
     let (mut watch, mut xds) = (Vec::with_capacity(changes), Vec::with_capacity(changes));
     // CPU time spent on each kind of change, summed over the interleaved stretches: the
     // server's, and this generator's own (which should not be what limits the push).
