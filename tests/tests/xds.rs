@@ -1,7 +1,9 @@
 //! The ADS protocol as a client other than gRPC's sees it: ACKs and NACKs answered per the
 //! protocol (a rejected response is not sent again, and the server says why), stale requests
 //! ignored, unsubscribing honoured; pushes that share a revision told apart; a set too large to
-//! send refused by name; and a thousand streams following one service.
+//! send refused by name; a thousand streams following one service; a client that stops
+//! reading skipped to the newest set, not queued for; and a graceful stop ending every stream
+//! with UNAVAILABLE.
 
 // Test code: a failed expectation is the test failing.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -523,4 +525,95 @@ async fn endpoints_over_max_response_size_end_the_stream_saying_so() {
     assert!(registered > 1, "the first push was already too large");
     assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
     assert!(ended.message().contains("max_response_size"), "{ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_back_only_itself_and_a_stop_ends_streams_unavailable() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    // A 1 KiB window: a few pushes fill it while the client does not read.
+    let narrow = within(
+        "connect",
+        Channel::from_shared(server.url())
+            .unwrap()
+            .initial_stream_window_size(Some(1024))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut slow = Ads::open(narrow).await;
+    let mut fast = Ads::open(channel(&server).await).await;
+    for ads in [&mut slow, &mut fast] {
+        ads.ask(ENDPOINTS, &["default/busy"], "", "");
+        let empty = ads.next().await;
+        assert_eq!(endpoints(&empty), Vec::<String>::new());
+        ads.ask(
+            ENDPOINTS,
+            &["default/busy"],
+            &empty.version_info,
+            &empty.nonce,
+        );
+    }
+
+    const CHANGES: u32 = 40;
+    for i in 1..=CHANGES {
+        register(&mut client, instance("busy", &format!("b{i}"), 7000 + i)).await;
+        // The reading client gets every change, whatever the other does.
+        let push = fast.next().await;
+        assert_eq!(endpoints(&push).len(), i as usize);
+        fast.ask(
+            ENDPOINTS,
+            &["default/busy"],
+            &push.version_info,
+            &push.nonce,
+        );
+    }
+
+    // The one that did not read gets what its window held, then the newest set: the
+    // versions in between were skipped, not queued.
+    let mut read = 0;
+    loop {
+        let push = slow.next().await;
+        read += 1;
+        let count = endpoints(&push).len();
+        if count == CHANGES as usize {
+            break;
+        }
+        assert!(
+            read < CHANGES,
+            "{read} pushes read and still {count} endpoints"
+        );
+    }
+    assert!(
+        read <= 10,
+        "a client that did not read was sent {read} of {CHANGES} versions: they were queued"
+    );
+
+    // A stream that follows no service (a listener alone) has nothing but the stop to end it.
+    let mut listener_only = Ads::open(channel(&server).await).await;
+    listener_only.ask(LISTENER, &["greeter"], "", "");
+    let l = listener_only.next().await;
+    listener_only.ask(LISTENER, &["greeter"], &l.version_info, &l.nonce);
+
+    // A graceful stop ends each open stream with UNAVAILABLE, which tells a client to
+    // reconnect, rather than dropping it without a status.
+    let stopping = tokio::spawn(server.stop());
+    for (which, ads) in [
+        ("reading", &mut fast),
+        ("slow", &mut slow),
+        ("listener-only", &mut listener_only),
+    ] {
+        let ended = within("the stream ends", async {
+            loop {
+                match ads.responses.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("the {which} stream ended with OK"),
+                    Err(status) => break status,
+                }
+            }
+        })
+        .await;
+        assert_eq!(ended.code(), tonic::Code::Unavailable, "{which}: {ended:?}");
+    }
+    within("the server stops", stopping).await.unwrap().unwrap();
 }

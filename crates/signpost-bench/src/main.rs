@@ -13,8 +13,13 @@
 //!
 //! `http-backend` is the instance behind the gateway benchmark (hyper, as in the gateway).
 //!
+//! `xds-fanout`'s thousands of ADS and Watch subscribers speak gRPC straight over `h2`
+//! (`grpc_h2`), with no task or channel per stream besides their own, so that the generator
+//! stays lighter than the server it measures.
+//!
 //! `etcd-client` is the etcd v3 client the comparison needs (it shares tonic with Signpost);
-//! `mimalloc` keeps the generator's own allocations cheap.
+//! `mimalloc` keeps the generator's own allocations cheap; `rustix` is a safe `prctl` (the
+//! workspace forbids `unsafe`), to keep the generator off transparent huge pages.
 
 mod backend;
 mod balance;

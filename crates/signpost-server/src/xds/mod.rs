@@ -2,9 +2,10 @@
 //! World, fed by the registry's live views, so that any gRPC implementation with xDS support
 //! balances over Signpost's instances with no Signpost library (`xds:///greeter`).
 //!
-//! Each ADS stream is one task ([`AdsStream`]) that keeps, per resource kind, what the client
-//! subscribed to and what was last sent, and follows the live view ([`crate::view`]) of every
-//! service whose endpoints it subscribed to. A proxyless gRPC client asks in turn for a Listener
+//! Each ADS stream's state ([`AdsStream`]) keeps, per resource kind, what the client subscribed
+//! to and what was last sent, and follows the live view ([`crate::view`]) of every service whose
+//! endpoints it subscribed to. It lives in the stream's response body ([`AdsBody`]), which serves
+//! the stream as h2 polls it for more: there is no task of its own. A proxyless gRPC client asks in turn for a Listener
 //! (named by its target), the RouteConfiguration and Cluster that names, and the cluster's
 //! ClusterLoadAssignment; what each name means, and the resource for it, is `resources`'.
 //!
@@ -20,9 +21,9 @@
 //! last nonce is an ACK, and with an `error_detail` a NACK, which is logged and not answered (an
 //! answer would be the same rejected resources again). Delta xDS is not served.
 //!
-//! [`AdsServer`] routes StreamAggregatedResources to the stream task itself, and the stream's
-//! body is made of frames the task framed (as a Watch stream's are, see [`crate::route`]), in a
-//! response type wire-identical to `DiscoveryResponse` whose resources are those shared encodings.
+//! [`AdsServer`] routes StreamAggregatedResources itself, and the stream's body yields frames
+//! it framed (as a Watch stream's are, see [`crate::route`]), in a response type wire-identical
+//! to `DiscoveryResponse` whose resources are those shared encodings.
 //! A change of one service is one response, framed once for its version, whose bytes go down
 //! every stream that follows the service: its version is the view's revision and its nonce names
 //! the revision and the service, the same on every stream and unique on each. Answers to a
@@ -32,26 +33,28 @@
 
 mod resources;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
+use hyper::body::Frame;
 use prost::bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::WatchStream;
-use tokio_stream::{StreamExt, StreamMap};
-use tokio_util::sync::CancellationToken;
+use tokio_stream::{Stream, StreamMap};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Status, Streaming};
 
 use crate::auth::{Principal, Verb};
-use crate::route::WatchFrames;
+use crate::encode::trailers;
 use crate::service::Registry;
 use crate::view::{LiveView, ViewReceiver, ViewState, Views};
-use crate::watch::Sent;
 use resources::{Endpoints, Kind, Target};
 
 /// The node metadata key a client's bootstrap sets to name the namespace its plain listener
@@ -103,7 +106,7 @@ impl Ads {
         }
     }
 
-    /// Starts a stream's task; its frames travel in the answer's extensions, to become the body.
+    /// Opens a stream: its body, which serves it, travels in the answer's extensions.
     fn open(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
@@ -115,36 +118,46 @@ impl Ads {
         let remote = request.remote_addr();
         // A stream that follows services costs what a Watch does: it takes a watch place.
         let slots = self.registry.watch_slots(remote).map_err(Status::from)?;
-        // Two responses in flight at most: a slow client holds back its own stream, whose
-        // views then skip to their newest versions.
-        let (tx, rx) = mpsc::channel(2);
+        let metrics = self.registry.metrics();
+        if let Some(m) = &metrics {
+            m.xds_opened();
+        }
         let stream = AdsStream {
             views: self.registry.views(),
             max_response: self.registry.message_limits().1,
-            metrics: self.registry.metrics(),
+            metrics,
             principal,
-            shutdown: self.registry.shutdown_token(),
+            remote,
             node: String::new(),
             node_seen: false,
             namespace: crate::DEFAULT_NAMESPACE.to_owned(),
-            kinds: HashMap::new(),
+            kinds: BTreeMap::new(),
             followed: StreamMap::new(),
-            known: HashMap::new(),
+            known: BTreeMap::new(),
             nonces: 0,
-            tx,
+            out: VecDeque::new(),
             _slots: slots,
         };
-        tokio::spawn(async move {
-            let node = stream.run(request.into_inner()).await;
-            tracing::debug!(node = %node, remote = ?remote, "xDS stream ended");
-        });
+        let body = AdsBody {
+            stream,
+            requests: request.into_inner(),
+            cancelled: Box::pin(self.registry.shutdown_token().cancelled_owned()),
+            ended: false,
+        };
         let mut response = tonic::Response::new(tokio_stream::empty());
-        response.extensions_mut().insert(WatchFrames::new(rx));
+        response
+            .extensions_mut()
+            .insert(Handoff(Arc::new(Mutex::new(Some(body)))));
         Ok(response)
     }
 }
 
-/// Empty: a stream's frames travel in the answer's extensions (see [`WatchFrames`]).
+/// Carries a stream's body from the method to the response: extensions must be `Sync`, and
+/// the body, holding the request stream, is not.
+#[derive(Clone)]
+struct Handoff(Arc<Mutex<Option<AdsBody>>>);
+
+/// Empty: a stream's body travels in the answer's extensions (see [`Handoff`]).
 type NoResponses = tokio_stream::Empty<Result<Response, Status>>;
 
 /// The ADS service as mounted: StreamAggregatedResources served here, with responses made of
@@ -202,13 +215,17 @@ where
             let mut grpc =
                 Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
             let mut response = grpc.streaming(sar, request).await;
-            WatchFrames::install(&mut response);
+            let body = response
+                .extensions_mut()
+                .remove::<Handoff>()
+                .and_then(|handoff| handoff.0.lock().ok()?.take());
+            if let Some(body) = body {
+                *response.body_mut() = tonic::body::Body::new(body);
+            }
             Ok(response)
         })
     }
 }
-
-type Responses = mpsc::Sender<Sent>;
 
 /// Per resource kind: what the client subscribed to, and what it was last sent.
 #[derive(Debug, Default)]
@@ -271,7 +288,7 @@ struct AdsStream {
     max_response: usize,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     principal: Option<Principal>,
-    shutdown: CancellationToken,
+    remote: Option<SocketAddr>,
     /// The client's node id, for logs.
     node: String,
     /// Whether the node was read: only the first request's counts (Envoy repeats it on every
@@ -279,15 +296,17 @@ struct AdsStream {
     node_seen: bool,
     /// Where plain listener names are looked up: the node's `signpost.namespace`, or `default`.
     namespace: String,
-    kinds: HashMap<Kind, Subscription>,
+    kinds: BTreeMap<Kind, Subscription>,
     /// The live view of each service whose endpoints the client subscribed to, by the name it
     /// subscribed with.
-    followed: StreamMap<String, WatchStream<ViewState>>,
+    followed: StreamMap<Arc<str>, WatchStream<ViewState>>,
     /// The newest version of each followed view, and the service it is of.
-    known: HashMap<String, (Target, Option<Arc<crate::view::LiveView>>)>,
+    known: BTreeMap<Arc<str>, (Target, Option<Arc<crate::view::LiveView>>)>,
     /// Responses framed for this stream alone so far: their nonces count them.
     nonces: u64,
-    tx: Responses,
+    /// Responses framed and not yet taken by the body: at most the one answer to what was
+    /// just read, since the body reads nothing more until h2 has taken it.
+    out: VecDeque<Bytes>,
     /// The stream's places under the watch limits, given back when it ends.
     _slots: crate::limits::WatchSlots,
 }
@@ -298,61 +317,112 @@ enum End {
     Status(Status),
 }
 
-impl AdsStream {
-    /// Serves the stream until the client or the server ends it; answers the node id.
-    async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) -> String {
-        if let Some(m) = &self.metrics {
-            m.xds_opened();
+/// A stream's response body, which serves the stream: each time h2 has room for more of the
+/// answer it polls the body, which reads the client's requests and the followed views and
+/// answers them. A change of a followed service thus wakes one task per stream (the one hyper
+/// runs for the stream's body) and no channel lies between the stream and its body; a client
+/// that does not read leaves its body unpolled, and the views it follows skip to their newest
+/// versions meanwhile, as a State of the World response replaces the last.
+struct AdsBody {
+    stream: AdsStream,
+    requests: Streaming<DiscoveryRequest>,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    ended: bool,
+}
+
+/// The most requests a body reads in one poll without answering any (ACKs are not answered)
+/// before it lets its task yield: a client's flood must not hold the thread.
+const REQUESTS_PER_POLL: usize = 64;
+
+impl AdsBody {
+    /// Reads requests and views until there is a response to send (`Ready(None)`), the stream
+    /// ends (`Ready(Some(end))`), or there is nothing to read.
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Option<End>> {
+        // Once a poll, not once a request: the token is every stream's, under one lock.
+        if self.cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(End::Status(Status::unavailable(
+                "the registry is shutting down: reconnect",
+            ))));
         }
-        // Made once: a stream wakes for every change of what it follows and for every ACK, and
-        // a fresh cancellation future each time would register with the token every stream
-        // shares, under its lock.
-        let shutdown = self.shutdown.clone();
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
-        let end = loop {
+        for _ in 0..REQUESTS_PER_POLL {
+            if !self.stream.out.is_empty() {
+                return Poll::Ready(None);
+            }
             // The client going away ends its request stream too, so that is all there is to
             // watch for besides requests and views.
-            let step = tokio::select! {
-                biased;
-                _ = &mut cancelled => {
-                    Err(End::Status(Status::unavailable("the registry is shutting down: reconnect")))
+            match Pin::new(&mut self.requests).poll_next(cx) {
+                Poll::Ready(None) => return Poll::Ready(Some(End::ClientGone)),
+                Poll::Ready(Some(Err(status))) => {
+                    tracing::debug!(node = %self.stream.node, %status, "xDS request stream failed");
+                    return Poll::Ready(Some(End::ClientGone));
                 }
-                request = requests.next() => match request {
-                    None => Err(End::ClientGone),
-                    Some(Err(status)) => {
-                        tracing::debug!(node = %self.node, %status, "xDS request stream failed");
-                        Err(End::ClientGone)
-                    }
-                    Some(Ok(request)) => self.on_request(request).await,
+                Poll::Ready(Some(Ok(request))) => match self.stream.on_request(request) {
+                    Ok(()) => continue,
+                    Err(end) => return Poll::Ready(Some(end)),
                 },
-                Some((name, view)) = self.followed.next(), if !self.followed.is_empty() => {
-                    self.on_view(name, view).await
+                Poll::Pending => {}
+            }
+            if !self.stream.followed.is_empty()
+                && let Poll::Ready(Some((name, view))) =
+                    Pin::new(&mut self.stream.followed).poll_next(cx)
+            {
+                match self.stream.on_view(name, view) {
+                    Ok(()) => continue,
+                    Err(end) => return Poll::Ready(Some(end)),
                 }
-            };
-            if let Err(end) = step {
-                break end;
             }
-        };
-        if let End::Status(status) = end {
-            if status.code() != tonic::Code::Unavailable {
-                tracing::warn!(node = %self.node, %status, "xDS stream ended");
-            }
-            // Waited for a moment: a full channel would otherwise lose the reason, and the
-            // client would see its stream end as if all were well.
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                self.tx.send(Sent::End(Box::new(status))),
-            )
-            .await;
+            return Poll::Pending;
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Body for AdsBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(frame) = this.stream.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(this.poll_step(cx)) {
+                None => continue,
+                Some(end) => {
+                    this.ended = true;
+                    this.stream.out.clear();
+                    let End::Status(status) = end else {
+                        return Poll::Ready(None);
+                    };
+                    if status.code() != tonic::Code::Unavailable {
+                        tracing::warn!(node = %this.stream.node, %status, "xDS stream ended");
+                    }
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AdsStream {
+    fn drop(&mut self) {
+        tracing::debug!(node = %self.node, remote = ?self.remote, "xDS stream ended");
         if let Some(m) = &self.metrics {
             m.xds_closed();
         }
-        self.node
     }
+}
 
-    async fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), End> {
+impl AdsStream {
+    fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), End> {
         if let Some(node) = &request.node
             && !self.node_seen
         {
@@ -424,7 +494,7 @@ impl AdsStream {
             Kind::Endpoints => {
                 self.follow_endpoints();
                 // Views already followed answer now; new ones answer when they are first read.
-                let read: Vec<String> = self
+                let read: Vec<Arc<str>> = self
                     .known
                     .iter()
                     .filter(|(_, (_, view))| view.is_some())
@@ -433,9 +503,9 @@ impl AdsStream {
                 if read.is_empty() {
                     return Ok(());
                 }
-                self.send_endpoints(&read).await
+                self.send_endpoints(&read)
             }
-            _ => self.send_static(kind).await,
+            _ => self.send_static(kind),
         }
     }
 
@@ -463,7 +533,7 @@ impl AdsStream {
     }
 
     /// Sends every subscribed listener, route or cluster: each depends on its name alone.
-    async fn send_static(&mut self, kind: Kind) -> Result<(), End> {
+    fn send_static(&mut self, kind: Kind) -> Result<(), End> {
         let names: Vec<String> = self.kinds[&kind].names.iter().cloned().collect();
         let mut sent = Vec::with_capacity(names.len());
         for name in &names {
@@ -476,16 +546,16 @@ impl AdsStream {
                 });
             }
         }
-        self.send(kind, sent).await
+        self.send(kind, sent)
     }
 
     /// Follows the views of the subscribed endpoints, and stops following the rest.
     fn follow_endpoints(&mut self) {
         let names = self.kinds[&Kind::Endpoints].names.clone();
-        let gone: Vec<String> = self
+        let gone: Vec<Arc<str>> = self
             .known
             .keys()
-            .filter(|n| !names.contains(*n))
+            .filter(|n| !names.contains(&***n))
             .cloned()
             .collect();
         for name in gone {
@@ -493,18 +563,20 @@ impl AdsStream {
             self.followed.remove(&name);
         }
         for name in names {
-            if self.known.contains_key(&name) {
+            if self.known.contains_key(name.as_str()) {
                 continue;
             }
             if let Some(target) = self.target(Kind::Endpoints, &name) {
                 let view: ViewReceiver = self.views.follow(&target.namespace, &target.service);
+                // Shared: the stream map hands its key back with every change of the view.
+                let name: Arc<str> = name.into();
                 self.followed.insert(name.clone(), WatchStream::new(view));
                 self.known.insert(name, (target, None));
             }
         }
     }
 
-    async fn on_view(&mut self, name: String, view: ViewState) -> Result<(), End> {
+    fn on_view(&mut self, name: Arc<str>, view: ViewState) -> Result<(), End> {
         let Some((_, known)) = self.known.get_mut(&name) else {
             return Ok(());
         };
@@ -512,7 +584,7 @@ impl AdsStream {
             ViewState::Live(view) => {
                 *known = Some(view);
                 // Endpoints resources may be sent one at a time: only the changed one goes.
-                self.push_endpoints(&name).await
+                self.push_endpoints(&name)
             }
             ViewState::Reading => Ok(()),
             // The client reconnects and its services are followed anew.
@@ -524,7 +596,7 @@ impl AdsStream {
 
     /// Sends the endpoints of the followed services `names` that have been read, framed for
     /// this stream.
-    async fn send_endpoints(&mut self, names: &[String]) -> Result<(), End> {
+    fn send_endpoints(&mut self, names: &[Arc<str>]) -> Result<(), End> {
         let max_response = self.max_response;
         let resources: Vec<Bytes> = names
             .iter()
@@ -537,12 +609,12 @@ impl AdsStream {
                 Some(pushed.endpoints.resource.clone())
             })
             .collect();
-        self.send(Kind::Endpoints, resources).await
+        self.send(Kind::Endpoints, resources)
     }
 
     /// Sends the new version of followed service `name`: the response framed once for every
     /// stream that follows it.
-    async fn push_endpoints(&mut self, name: &str) -> Result<(), End> {
+    fn push_endpoints(&mut self, name: &str) -> Result<(), End> {
         let Some((target, Some(view))) = self.known.get(name) else {
             return Ok(());
         };
@@ -551,7 +623,7 @@ impl AdsStream {
             .get_or_init(|| Pushed::new(target, view, self.max_response));
         let Some(frame) = pushed.frame.clone() else {
             let resource = pushed.endpoints.resource.clone();
-            return self.send(Kind::Endpoints, vec![resource]).await;
+            return self.send(Kind::Endpoints, vec![resource]);
         };
         let (version, nonce) = (pushed.version.clone(), pushed.nonce.clone());
         if let Some(m) = &self.metrics {
@@ -560,11 +632,12 @@ impl AdsStream {
         let state = self.kinds.entry(Kind::Endpoints).or_default();
         state.version = version;
         state.nonce = nonce;
-        self.deliver(frame).await
+        self.out.push_back(frame);
+        Ok(())
     }
 
     /// Frames a response for this stream alone, with a nonce of its own.
-    async fn send(&mut self, kind: Kind, resources: Vec<Bytes>) -> Result<(), End> {
+    fn send(&mut self, kind: Kind, resources: Vec<Bytes>) -> Result<(), End> {
         if let Some(m) = &self.metrics {
             m.xds_response(kind.short());
         }
@@ -581,23 +654,8 @@ impl AdsStream {
             nonce: state.nonce.to_string(),
         };
         let frame = crate::encode::frame(&response, self.max_response).map_err(End::Status)?;
-        self.deliver(frame).await
-    }
-
-    async fn deliver(&mut self, frame: Bytes) -> Result<(), End> {
-        let response = match self.tx.try_send(Sent::Message(frame)) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::ClientGone),
-            Err(mpsc::error::TrySendError::Full(response)) => response,
-        };
-        // A client slower than its service changes: wait for it, while the views it follows
-        // move on to newer versions.
-        tokio::select! {
-            sent = self.tx.send(response) => sent.map_err(|_| End::ClientGone),
-            _ = self.shutdown.cancelled() => Err(End::Status(Status::unavailable(
-                "the registry is shutting down: reconnect",
-            ))),
-        }
+        self.out.push_back(frame);
+        Ok(())
     }
 }
 
