@@ -2,8 +2,8 @@
 //! protocol (a rejected response is not sent again, and the server says why), stale requests
 //! ignored, unsubscribing honoured; pushes that share a revision told apart; a set too large to
 //! send refused by name; a thousand streams following one service; a client that stops
-//! reading skipped to the newest set, not queued for; and a graceful stop ending every stream
-//! with UNAVAILABLE.
+//! reading skipped to the newest set, not queued for; a graceful stop ending every stream
+//! with UNAVAILABLE; and a client that ends its requests told so with OK.
 
 // Test code: a failed expectation is the test failing.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -541,8 +541,9 @@ async fn a_client_that_stops_reading_holds_back_only_itself_and_a_stop_ends_stre
     )
     .await
     .unwrap();
-    let mut slow = Ads::open(narrow).await;
-    let mut fast = Ads::open(channel(&server).await).await;
+    // On one connection: the one that stops reading must not hold back its neighbour.
+    let mut slow = Ads::open(narrow.clone()).await;
+    let mut fast = Ads::open(narrow).await;
     for ads in [&mut slow, &mut fast] {
         ads.ask(ENDPOINTS, &["default/busy"], "", "");
         let empty = ads.next().await;
@@ -596,7 +597,8 @@ async fn a_client_that_stops_reading_holds_back_only_itself_and_a_stop_ends_stre
     listener_only.ask(LISTENER, &["greeter"], &l.version_info, &l.nonce);
 
     // A graceful stop ends each open stream with UNAVAILABLE, which tells a client to
-    // reconnect, rather than dropping it without a status.
+    // reconnect, rather than dropping it without a status. (A client still not reading would
+    // not see it: its stream's body is not polled, and the server's grace bounds the wait.)
     let stopping = tokio::spawn(server.stop());
     for (which, ads) in [
         ("reading", &mut fast),
@@ -616,4 +618,21 @@ async fn a_client_that_stops_reading_holds_back_only_itself_and_a_stop_ends_stre
         assert_eq!(ended.code(), tonic::Code::Unavailable, "{which}: {ended:?}");
     }
     within("the server stops", stopping).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_ends_its_requests_gets_an_ok_end() {
+    let server = TestServer::start().await;
+    let mut ads = Ads::open(channel(&server).await).await;
+    ads.ask(LISTENER, &["greeter"], "", "");
+    let listener = ads.next().await;
+    assert_eq!(listener.type_url, LISTENER);
+    // Half-closing: the client will ask nothing more, and is told the stream ended well.
+    let Ads {
+        requests,
+        mut responses,
+    } = ads;
+    drop(requests);
+    let ended = within("the stream ends", responses.message()).await;
+    assert!(matches!(ended, Ok(None)), "{ended:?}");
 }

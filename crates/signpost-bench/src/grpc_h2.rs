@@ -103,6 +103,9 @@ fn failed(headers: &http::HeaderMap) -> Option<String> {
     Some(format!("grpc-status {code} {message}"))
 }
 
+/// The largest message a stream takes, as the other workloads' clients are set.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
 /// One open gRPC stream: messages out as framed bytes, messages in as their encoded bytes.
 pub(crate) struct Stream {
     send: SendStream<Bytes>,
@@ -127,6 +130,9 @@ impl Stream {
                 }
                 None => {
                     let trailers = self.recv.trailers().await?.unwrap_or_default();
+                    if !trailers.contains_key("grpc-status") {
+                        bail!("the stream ended with no gRPC status");
+                    }
                     if let Some(status) = failed(&trailers) {
                         bail!("the stream ended: {status}");
                     }
@@ -147,6 +153,9 @@ impl Stream {
             bail!("a compressed message, which this client never asked for");
         }
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if len > MAX_MESSAGE {
+            bail!("a message of {len} bytes, over this client's {MAX_MESSAGE}");
+        }
         if self.buf.len() < 5 + len {
             return Ok(None);
         }

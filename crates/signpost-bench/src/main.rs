@@ -282,7 +282,6 @@ pub(crate) fn rss_mib(pid: Option<u32>) -> Option<f64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    without_huge_pages();
     let workload = Cli::parse().workload;
     // On SIGINT or SIGTERM the workload is dropped, and with it every child process it started
     // (they are killed on drop); dying of the signal would leave them running.
@@ -296,7 +295,9 @@ async fn main() -> anyhow::Result<()> {
 /// maps, and a heap that grows by a huge page has the kernel zero 2 MiB at the fault: when a
 /// thousand streams' buffers grew at once (the fan-out's endpoint sets crossing a size), the
 /// generator stood still for 50–80 ms while the server waited on it, and those were the slowest
-/// changes measured. Small pages are zeroed as they are touched.
+/// changes measured. Small pages are zeroed as they are touched. For `xds-fanout` alone: the
+/// setting is inherited by the processes other workloads start (registries, greeters, Python),
+/// whose conditions it would change.
 fn without_huge_pages() {
     #[cfg(target_os = "linux")]
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
@@ -394,7 +395,10 @@ async fn run(workload: Workload) -> anyhow::Result<()> {
             subscribers,
             changes,
             connections,
-        } => xds::fanout(common, subscribers, changes, connections).await,
+        } => {
+            without_huge_pages();
+            xds::fanout(common, subscribers, changes, connections).await
+        }
         Workload::XdsFirstCall {
             common,
             rounds,

@@ -113,9 +113,14 @@ async fn open_subscribers(
             // Which changes (instance ids `PREFIX<n>`) this stream has seen.
             let mut seen = vec![false; arrivals.changes()];
             let mut first = true;
-            while let Ok(Some(message)) = stream.message().await {
-                let Ok(response) = Pushed::decode(message) else {
-                    break;
+            let ended = loop {
+                let response = match stream.message().await {
+                    Ok(Some(message)) => match Pushed::decode(message) {
+                        Ok(response) => response,
+                        Err(e) => break anyhow::Error::from(e).context("an undecodable response"),
+                    },
+                    Ok(None) => break anyhow::anyhow!("the server ended the stream"),
+                    Err(e) => break e,
                 };
                 if std::mem::take(&mut first) {
                     let _ = ready.send(Ok(())).await;
@@ -143,13 +148,11 @@ async fn open_subscribers(
                     arrivals.saw_change(n).await;
                 }
                 // The endpoints are the client's once decoded: the ACK follows.
-                if stream
-                    .send(ask(response.version_info, response.nonce))
-                    .is_err()
-                {
-                    break;
+                if let Err(e) = stream.send(ask(response.version_info, response.nonce)) {
+                    break e;
                 }
-            }
+            };
+            ended_early(first, ended, &ready).await;
         });
     }
     drop(ready_tx);
@@ -186,9 +189,14 @@ async fn open_watchers(
                 Err(e) => return drop(ready.send(Err(e)).await),
             };
             let mut first = true;
-            while let Ok(Some(message)) = stream.message().await {
-                let Ok(message) = pb::WatchResponse::decode(message) else {
-                    break;
+            let ended = loop {
+                let message = match stream.message().await {
+                    Ok(Some(message)) => match pb::WatchResponse::decode(message) {
+                        Ok(message) => message,
+                        Err(e) => break anyhow::Error::from(e).context("an undecodable response"),
+                    },
+                    Ok(None) => break anyhow::anyhow!("the server ended the stream"),
+                    Err(e) => break e,
                 };
                 if std::mem::take(&mut first) {
                     let _ = ready.send(Ok(())).await;
@@ -198,7 +206,8 @@ async fn open_watchers(
                         arrivals.saw(&i.id, prefix).await;
                     }
                 }
-            }
+            };
+            ended_early(first, ended, &ready).await;
         });
     }
     drop(ready_tx);
@@ -209,6 +218,20 @@ async fn open_watchers(
             .context("a Watch stream ended before its first answer")??;
     }
     Ok(())
+}
+
+/// A subscriber's stream ended: before its first answer, the opening fails with why; after
+/// it, why is said here (the change it misses then fails its wait, naming how many saw it).
+async fn ended_early(
+    before_first: bool,
+    why: anyhow::Error,
+    ready: &mpsc::Sender<anyhow::Result<()>>,
+) {
+    if before_first {
+        let _ = ready.send(Err(why)).await;
+    } else {
+        eprintln!("signpost-bench: a subscriber's stream ended: {why:#}");
+    }
 }
 
 /// W Watch streams on one service and W ADS streams on another; each change goes to one

@@ -11,7 +11,10 @@
 //!
 //! The endpoints of a service version are encoded once, on the view, for every stream that
 //! sends them. A stream that cannot send as fast as its service changes skips to the newest
-//! version, since a State of the World response replaces the last. A service that does not
+//! version, since a State of the World response replaces the last. A client that stopped
+//! reading altogether leaves its stream's body unpolled, so a graceful stop cannot end that
+//! stream with a status either (as for a Watch stream stuck behind its window); `signpost
+//! serve` bounds the wait by its shutdown grace. A service that does not
 //! exist yet still gets its listener, route and cluster, with no endpoints: the client's calls
 //! fail at once with `UNAVAILABLE` instead of waiting out the client's does-not-exist timer, and
 //! succeed as soon as an instance registers.
@@ -311,8 +314,9 @@ struct AdsStream {
     _slots: crate::limits::WatchSlots,
 }
 
-/// Why a stream stops, other than its client going away.
+/// Why a stream stops.
 enum End {
+    /// The stream is reset or its connection gone: nothing can reach the client.
     ClientGone,
     Status(Status),
 }
@@ -338,7 +342,8 @@ impl AdsBody {
     /// Reads requests and views until there is a response to send (`Ready(None)`), the stream
     /// ends (`Ready(Some(end))`), or there is nothing to read.
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Option<End>> {
-        // Once a poll, not once a request: the token is every stream's, under one lock.
+        // Once a poll, not once a request: each check takes the lock of the token every
+        // stream shares (and its waiters' list's).
         if self.cancelled.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(End::Status(Status::unavailable(
                 "the registry is shutting down: reconnect",
@@ -351,10 +356,21 @@ impl AdsBody {
             // The client going away ends its request stream too, so that is all there is to
             // watch for besides requests and views.
             match Pin::new(&mut self.requests).poll_next(cx) {
-                Poll::Ready(None) => return Poll::Ready(Some(End::ClientGone)),
+                // The client ended its requests: there is nothing more to answer, and an OK
+                // status tells it so (no status at all reads as a failure).
+                Poll::Ready(None) => {
+                    return Poll::Ready(Some(End::Status(Status::ok(
+                        "the client ended its requests",
+                    ))));
+                }
+                // A request that does not decode, or is too large, ends the stream saying
+                // why; when the stream was reset the status goes nowhere, harmlessly.
                 Poll::Ready(Some(Err(status))) => {
                     tracing::debug!(node = %self.stream.node, %status, "xDS request stream failed");
-                    return Poll::Ready(Some(End::ClientGone));
+                    return Poll::Ready(Some(match status.code() {
+                        tonic::Code::Cancelled | tonic::Code::Unknown => End::ClientGone,
+                        _ => End::Status(status),
+                    }));
                 }
                 Poll::Ready(Some(Ok(request))) => match self.stream.on_request(request) {
                     Ok(()) => continue,
@@ -402,7 +418,7 @@ impl Body for AdsBody {
                     let End::Status(status) = end else {
                         return Poll::Ready(None);
                     };
-                    if status.code() != tonic::Code::Unavailable {
+                    if !matches!(status.code(), tonic::Code::Ok | tonic::Code::Unavailable) {
                         tracing::warn!(node = %this.stream.node, %status, "xDS stream ended");
                     }
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))));
