@@ -145,6 +145,15 @@ impl Stream {
         }
     }
 
+    /// The next message decoded as `M`; the stream's end, however it ends, is an error here.
+    pub(crate) async fn next<M: prost::Message + Default>(&mut self) -> anyhow::Result<M> {
+        let message = self
+            .message()
+            .await?
+            .context("the server ended the stream")?;
+        M::decode(message).context("an undecodable message")
+    }
+
     fn next_in_buf(&mut self) -> anyhow::Result<Option<Bytes>> {
         let Some(header) = self.buf.get(..5) else {
             return Ok(None);

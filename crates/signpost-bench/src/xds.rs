@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use prost::Message;
 use prost::bytes::Bytes;
 use signpost_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -114,12 +113,8 @@ async fn open_subscribers(
             let mut seen = vec![false; arrivals.changes()];
             let mut first = true;
             let ended = loop {
-                let response = match stream.message().await {
-                    Ok(Some(message)) => match Pushed::decode(message) {
-                        Ok(response) => response,
-                        Err(e) => break anyhow::Error::from(e).context("an undecodable response"),
-                    },
-                    Ok(None) => break anyhow::anyhow!("the server ended the stream"),
+                let response: Pushed = match stream.next().await {
+                    Ok(response) => response,
                     Err(e) => break e,
                 };
                 if std::mem::take(&mut first) {
@@ -156,13 +151,7 @@ async fn open_subscribers(
         });
     }
     drop(ready_tx);
-    for _ in 0..subscribers {
-        ready
-            .recv()
-            .await
-            .context("an ADS stream ended before its first answer")??;
-    }
-    Ok(())
+    all_ready(&mut ready, subscribers, "an ADS stream").await
 }
 
 /// Opens `watchers` Watch streams on `service` over `conns`, with the same client as the ADS
@@ -190,12 +179,8 @@ async fn open_watchers(
             };
             let mut first = true;
             let ended = loop {
-                let message = match stream.message().await {
-                    Ok(Some(message)) => match pb::WatchResponse::decode(message) {
-                        Ok(message) => message,
-                        Err(e) => break anyhow::Error::from(e).context("an undecodable response"),
-                    },
-                    Ok(None) => break anyhow::anyhow!("the server ended the stream"),
+                let message: pb::WatchResponse = match stream.next().await {
+                    Ok(message) => message,
                     Err(e) => break e,
                 };
                 if std::mem::take(&mut first) {
@@ -211,11 +196,20 @@ async fn open_watchers(
         });
     }
     drop(ready_tx);
-    for _ in 0..watchers {
+    all_ready(&mut ready, watchers, "a Watch stream").await
+}
+
+/// Waits for `n` subscribers to have had their first answer, or for the first that failed.
+async fn all_ready(
+    ready: &mut mpsc::Receiver<anyhow::Result<()>>,
+    n: usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    for _ in 0..n {
         ready
             .recv()
             .await
-            .context("a Watch stream ended before its first answer")??;
+            .with_context(|| format!("{what} ended before its first answer"))??;
     }
     Ok(())
 }
