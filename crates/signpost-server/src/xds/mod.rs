@@ -5,9 +5,10 @@
 //! Each ADS stream's state ([`AdsStream`]) keeps, per resource kind, what the client subscribed
 //! to and what was last sent, and follows the live view ([`crate::view`]) of every service whose
 //! endpoints it subscribed to. It lives in the stream's response body ([`AdsBody`]), which serves
-//! the stream as h2 polls it for more: there is no task of its own. A proxyless gRPC client asks in turn for a Listener
-//! (named by its target), the RouteConfiguration and Cluster that names, and the cluster's
-//! ClusterLoadAssignment; what each name means, and the resource for it, is `resources`'.
+//! the stream as h2 polls it for more: there is no task of its own. A proxyless gRPC client asks
+//! in turn for a Listener (named by its target), the RouteConfiguration and Cluster that names,
+//! and the cluster's ClusterLoadAssignment; what each name means, and the resource for it, is
+//! `resources`'.
 //!
 //! The endpoints of a service version are encoded once, on the view, for every stream that
 //! sends them. A stream that cannot send as fast as its service changes skips to the newest
