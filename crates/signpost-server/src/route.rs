@@ -24,37 +24,38 @@ use crate::encode::{DiscoverResponse, WatchResponse, trailers};
 use crate::service::Registry;
 use crate::watch::{Sent, WatchReceiver};
 
-/// The frames of a Watch stream, handed from the handler to the route through the response's
-/// extensions (which tonic carries over), so that they become the body instead of tonic's.
+/// A stream's own body, handed from the handler to the route through the response's
+/// extensions (which tonic carries over, and which must be `Sync`, as a body is not), so that it
+/// becomes the body instead of tonic's: a Watch stream's frames, an xDS stream's `AdsBody`.
 #[derive(Clone)]
-pub(crate) struct WatchFrames(Arc<Mutex<Option<WatchReceiver>>>);
+pub(crate) struct OwnBody(Arc<Mutex<Option<tonic::body::Body>>>);
 
-impl WatchFrames {
-    pub(crate) fn new(frames: WatchReceiver) -> Self {
-        WatchFrames(Arc::new(Mutex::new(Some(frames))))
+impl OwnBody {
+    pub(crate) fn new(body: tonic::body::Body) -> Self {
+        OwnBody(Arc::new(Mutex::new(Some(body))))
     }
 
-    /// Makes the frames a stream's task put in `response`'s extensions its body.
+    /// Makes the body a handler put in `response`'s extensions its body.
     pub(crate) fn install(response: &mut http::Response<tonic::body::Body>) {
         if let Some(body) = response
             .extensions_mut()
-            .remove::<WatchFrames>()
-            .and_then(|frames| frames.body())
+            .remove::<OwnBody>()
+            .and_then(|own| own.0.lock().ok()?.take())
         {
             *response.body_mut() = body;
         }
     }
+}
 
-    fn body(&self) -> Option<tonic::body::Body> {
-        let frames = self.0.lock().ok()?.take()?;
-        let frames = ReceiverStream::new(frames).map(|sent| {
-            Ok::<_, Infallible>(match sent {
-                Sent::Message(bytes) => Frame::data(bytes),
-                Sent::End(status) => Frame::trailers(trailers(&status)),
-            })
-        });
-        Some(tonic::body::Body::new(StreamBody::new(frames)))
-    }
+/// A Watch stream's body: the frames its task sends, as they are.
+fn watch_body(frames: WatchReceiver) -> tonic::body::Body {
+    let frames = ReceiverStream::new(frames).map(|sent| {
+        Ok::<_, Infallible>(match sent {
+            Sent::Message(bytes) => Frame::data(bytes),
+            Sent::End(status) => Frame::trailers(trailers(&status)),
+        })
+    });
+    tonic::body::Body::new(StreamBody::new(frames))
 }
 
 const DISCOVER: &str = "/signpost.v1.RegistryService/Discover";
@@ -105,7 +106,7 @@ struct Watch(Registry);
 
 impl ServerStreamingService<pb::WatchRequest> for Watch {
     type Response = WatchResponse;
-    /// Empty: the stream's frames travel in the response's extensions (see [`WatchFrames`]).
+    /// Empty: the stream's body travels in the response's extensions (see [`OwnBody`]).
     type ResponseStream = tokio_stream::Empty<Result<WatchResponse, tonic::Status>>;
     type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
 
@@ -114,7 +115,9 @@ impl ServerStreamingService<pb::WatchRequest> for Watch {
         Box::pin(async move {
             let frames = registry.watch_frames(request).await?;
             let mut response = tonic::Response::new(tokio_stream::empty());
-            response.extensions_mut().insert(WatchFrames::new(frames));
+            response
+                .extensions_mut()
+                .insert(OwnBody::new(watch_body(frames)));
             Ok(response)
         })
     }
@@ -154,7 +157,7 @@ where
                     let mut grpc =
                         Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
                     let mut response = grpc.server_streaming(method, request).await;
-                    WatchFrames::install(&mut response);
+                    OwnBody::install(&mut response);
                     Ok(response)
                 })
             }

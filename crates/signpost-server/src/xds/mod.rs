@@ -42,7 +42,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
@@ -57,6 +57,7 @@ use tonic::{Request, Status, Streaming};
 
 use crate::auth::{Principal, Verb};
 use crate::encode::trailers;
+use crate::route::OwnBody;
 use crate::service::Registry;
 use crate::view::{LiveView, ViewReceiver, ViewState, Views};
 use resources::{Endpoints, Kind, Target};
@@ -151,17 +152,12 @@ impl Ads {
         let mut response = tonic::Response::new(tokio_stream::empty());
         response
             .extensions_mut()
-            .insert(Handoff(Arc::new(Mutex::new(Some(body)))));
+            .insert(OwnBody::new(tonic::body::Body::new(body)));
         Ok(response)
     }
 }
 
-/// Carries a stream's body from the method to the response: extensions must be `Sync`, and
-/// the body, holding the request stream, is not.
-#[derive(Clone)]
-struct Handoff(Arc<Mutex<Option<AdsBody>>>);
-
-/// Empty: a stream's body travels in the answer's extensions (see [`Handoff`]).
+/// Empty: a stream's body travels in the answer's extensions (see [`OwnBody`]).
 type NoResponses = tokio_stream::Empty<Result<Response, Status>>;
 
 /// The ADS service as mounted: StreamAggregatedResources served here, with responses made of
@@ -219,13 +215,7 @@ where
             let mut grpc =
                 Grpc::new(codec).apply_max_message_size_config(max_request, max_response);
             let mut response = grpc.streaming(sar, request).await;
-            let body = response
-                .extensions_mut()
-                .remove::<Handoff>()
-                .and_then(|handoff| handoff.0.lock().ok()?.take());
-            if let Some(body) = body {
-                *response.body_mut() = tonic::body::Body::new(body);
-            }
+            OwnBody::install(&mut response);
             Ok(response)
         })
     }
