@@ -21,6 +21,7 @@
 //! error bodies; `prometheus-client` is the metrics registry the server uses too.
 
 mod budget;
+mod h1;
 mod metrics;
 mod proxy;
 mod route;

@@ -88,20 +88,20 @@ impl Held {
 }
 
 /// What the access log line and the metrics say of a request.
-struct Record {
-    method: Method,
-    path: String,
-    client: SocketAddr,
-    request_id: HeaderValue,
+pub(crate) struct Record {
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) client: SocketAddr,
+    pub(crate) request_id: HeaderValue,
     /// The service label: the target's service once it is known to have instances.
-    service: String,
-    instance: Option<String>,
-    retries: u32,
-    started: Instant,
+    pub(crate) service: String,
+    pub(crate) instance: Option<String>,
+    pub(crate) retries: u32,
+    pub(crate) started: Instant,
 }
 
 impl Record {
-    fn finish(&self, log: bool, status: u16, bytes: Option<u64>) {
+    pub(crate) fn finish(&self, log: bool, status: u16, bytes: Option<u64>) {
         let took = self.started.elapsed();
         if log {
             tracing::info!(
@@ -122,7 +122,7 @@ impl Record {
 }
 
 /// The methods whose requests may be sent twice (RFC 9110 §9.2.2).
-fn idempotent(method: &Method) -> bool {
+pub(crate) fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -173,12 +173,18 @@ fn host_of<B>(request: &Request<B>) -> Option<String> {
 
 /// The caller's request id when it is a sane one (up to 128 visible characters), else a new one.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get("x-request-id")
+    request_id_from(headers.get("x-request-id").map(HeaderValue::as_bytes))
+}
+
+/// [`request_id`] from the raw value of the caller's `x-request-id`, if it sent one.
+pub(crate) fn request_id_from(given: Option<&[u8]>) -> HeaderValue {
+    if let Some(id) = given
         && !id.is_empty()
         && id.len() <= 128
-        && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        && id.iter().all(|b| b.is_ascii_graphic())
+        && let Ok(value) = HeaderValue::from_bytes(id)
     {
-        return id.clone();
+        return value;
     }
     let text = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
@@ -188,21 +194,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// ones the request's own `Connection` header names.
 fn remove_hop_by_hop(headers: &mut HeaderMap, keep_trailers_te: bool) {
     // Most requests and answers carry none: one pass over the names finds out.
-    let hop = |name: &HeaderName| {
-        matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "proxy-authenticate"
-                | "proxy-authorization"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-                | "upgrade"
-        )
-    };
-    if !headers.keys().any(hop) {
+    if !headers.keys().any(|name| is_hop_by_hop(name.as_str())) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -241,42 +233,78 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_trailers_te: bool) {
     }
 }
 
-/// `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (RFC 7239), added to what earlier
-/// proxies said.
-fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool, host: Option<&str>) {
+/// Whether a header belongs to one connection and is never sent on (RFC 9110 §7.6.1), the
+/// ones a `Connection` header names aside; `name` in any case.
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    const HOP_BY_HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// The `X-Forwarded-For` and `Forwarded` (RFC 7239) values to send on: what earlier proxies
+/// said, with this hop added.
+pub(crate) fn forwarded_values(
+    client: SocketAddr,
+    https: bool,
+    host: Option<&str>,
+    earlier_for: Option<&str>,
+    earlier_forwarded: Option<&str>,
+) -> (String, String) {
     use std::fmt::Write as _;
     let proto = if https { "https" } else { "http" };
     let ip = client.ip();
-    let mut text = String::with_capacity(64);
-    let value = |text: &str| HeaderValue::from_str(text).ok();
-    if let Some(earlier) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        text.push_str(earlier);
-        text.push_str(", ");
+    let mut xff = String::with_capacity(48);
+    if let Some(earlier) = earlier_for {
+        xff.push_str(earlier);
+        xff.push_str(", ");
     }
-    let _ = write!(text, "{ip}");
-    if let Some(v) = value(&text) {
+    let _ = write!(xff, "{ip}");
+    let mut forwarded = String::with_capacity(64);
+    if let Some(earlier) = earlier_forwarded {
+        forwarded.push_str(earlier);
+        forwarded.push_str(", ");
+    }
+    let _ = match ip {
+        std::net::IpAddr::V4(v4) => write!(forwarded, "for={v4};proto={proto}"),
+        std::net::IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\";proto={proto}"),
+    };
+    if let Some(host) = host.filter(|h| {
+        h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    }) {
+        let _ = write!(forwarded, ";host=\"{host}\"");
+    }
+    (xff, forwarded)
+}
+
+/// `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` (RFC 7239), added to what earlier
+/// proxies said.
+fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool, host: Option<&str>) {
+    let value = |text: &str| HeaderValue::from_str(text).ok();
+    let (xff, forwarded) = forwarded_values(
+        client,
+        https,
+        host,
+        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+        headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()),
+    );
+    if let Some(v) = value(&xff) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert(
         "x-forwarded-proto",
         HeaderValue::from_static(if https { "https" } else { "http" }),
     );
-    text.clear();
-    if let Some(earlier) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        text.push_str(earlier);
-        text.push_str(", ");
-    }
-    let _ = match ip {
-        std::net::IpAddr::V4(v4) => write!(text, "for={v4};proto={proto}"),
-        std::net::IpAddr::V6(v6) => write!(text, "for=\"[{v6}]\";proto={proto}"),
-    };
-    if let Some(host) = host.filter(|h| {
-        h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
-    }) {
-        let _ = write!(text, ";host=\"{host}\"");
-    }
-    if let Some(v) = value(&text) {
+    if let Some(v) = value(&forwarded) {
         headers.insert(header::FORWARDED, v);
     }
     if let Some(host) = host
@@ -335,14 +363,8 @@ fn error_response(
         }
         r
     } else {
-        let mut body = serde_json::json!({ "error": message, "status": status.as_u16() });
-        if let Some(service) = service {
-            body["service"] = serde_json::Value::from(service);
-        }
-        let mut text = body.to_string();
-        text.push('\n');
         let mut r = Response::new(
-            Full::new(Bytes::from(text))
+            Full::new(Bytes::from(error_json(status, message, service)))
                 .map_err(|never| match never {})
                 .boxed(),
         );
@@ -359,7 +381,18 @@ fn error_response(
     response
 }
 
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+/// The JSON body of the gateway's own HTTP answers.
+pub(crate) fn error_json(status: StatusCode, message: &str, service: Option<&str>) -> String {
+    let mut body = serde_json::json!({ "error": message, "status": status.as_u16() });
+    if let Some(service) = service {
+        body["service"] = serde_json::Value::from(service);
+    }
+    let mut text = body.to_string();
+    text.push('\n');
+    text
+}
+
+pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     let mut innermost = error;
     while let Some(next) = innermost.source() {
         innermost = next;
@@ -815,14 +848,18 @@ impl Proxy {
 }
 
 /// `after` past `now`, or a year when a setting is too large for the clock.
-fn later(now: Instant, after: Duration) -> Instant {
+pub(crate) fn later(now: Instant, after: Duration) -> Instant {
     now.checked_add(after)
         .unwrap_or(now + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// Whether an instance other than `endpoint` and those tried could take a retry: without one,
 /// the instance's own answer is better than the gateway's 503.
-fn another(upstream: &Upstream, tried: &[Arc<Endpoint>], endpoint: &Arc<Endpoint>) -> bool {
+pub(crate) fn another(
+    upstream: &Upstream,
+    tried: &[Arc<Endpoint>],
+    endpoint: &Arc<Endpoint>,
+) -> bool {
     let mut all = tried.to_vec();
     all.push(endpoint.clone());
     upstream.pick(&all).is_some()

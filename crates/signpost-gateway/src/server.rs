@@ -13,7 +13,10 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::h1;
 use crate::proxy::Proxy;
 
 /// Limits on the client side.
@@ -54,6 +57,11 @@ pub(crate) async fn serve(
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20);
     let builder = Arc::new(builder);
+    let limits = Arc::new(limits);
+    // hyper's connections drain through `graceful`; those on the gateway's own HTTP/1.1 path
+    // stop between requests when `stop` fires, and `connections` waits for all of them.
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         // A connection past the limit waits in the kernel's backlog until one ends.
@@ -81,11 +89,18 @@ pub(crate) async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let limits = limits.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
             let _slot = slot;
             proxy.metrics.connections.inc();
             match tls {
-                None => serve_connection(&builder, tcp, peer, false, proxy.clone(), watcher).await,
+                None => match h1::serve(tcp, peer, proxy.clone(), &limits, &stop).await {
+                    h1::Outcome::Done => {}
+                    h1::Outcome::Handoff(rest) => {
+                        serve_connection(&builder, rest, peer, false, proxy.clone(), watcher).await
+                    }
+                },
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
@@ -101,8 +116,10 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
+    stop.cancel();
+    connections.close();
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = async { tokio::join!(graceful.shutdown(), connections.wait()) } => {}
         _ = tokio::time::sleep(limits.drain_timeout) => {
             tracing::warn!(timeout = ?limits.drain_timeout, "requests still in flight at the end of the drain; closing");
         }

@@ -147,6 +147,35 @@ impl H1 {
     }
 }
 
+/// An HTTP/1.1 connection the gateway speaks itself (module `h1`), with what it has read
+/// past the last answer.
+#[derive(Debug)]
+pub(crate) struct Plain {
+    pub(crate) tcp: TcpStream,
+    pub(crate) buf: bytes::BytesMut,
+}
+
+impl Plain {
+    /// Still open and quiet, as far as the kernel can tell without waiting: an idle connection
+    /// the instance closed (or one it wrote to unasked) is not trusted with a request.
+    fn quiet(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        match self.tcp.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            // Readiness can be left over from the last answer's read: ask the socket.
+            Poll::Ready(Ok(())) => matches!(
+                self.tcp.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            ),
+            Poll::Ready(Err(_)) => false,
+        }
+    }
+}
+
 /// One instance of an upstream.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
@@ -164,6 +193,7 @@ pub(crate) struct Endpoint {
     pub(crate) load: Load,
     pub(crate) outlier: Mutex<Outlier>,
     idle: Mutex<Vec<H1>>,
+    plain: Mutex<Vec<Plain>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<ProxyBody>>>,
     settings: Arc<Settings>,
     stop: CancellationToken,
@@ -186,6 +216,7 @@ impl Endpoint {
             load: Load::new(settings.ewma_decay),
             outlier: Mutex::new(Outlier::default()),
             idle: Mutex::new(Vec::new()),
+            plain: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             settings,
             stop: CancellationToken::new(),
@@ -252,6 +283,38 @@ impl Endpoint {
         }
         let h1 = self.connect_h1().await.inspect_err(|e| self.failed(e))?;
         Ok(Conn::H1(h1))
+    }
+
+    /// Whether the instance speaks HTTP/1.1 (its `protocol` metadata names no HTTP/2).
+    pub(crate) fn is_http1(&self) -> bool {
+        self.protocol == Protocol::Http1
+    }
+
+    /// A connection for the gateway's own HTTP/1.1 path: an idle one still open, else a new
+    /// one. A connect failure takes the endpoint out of the pick, as for [`Self::checkout`].
+    pub(crate) async fn checkout_plain(self: &Arc<Self>) -> Result<Plain, String> {
+        loop {
+            let last = self.plain.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some(plain) = last else {
+                break;
+            };
+            if plain.quiet() {
+                return Ok(plain);
+            }
+        }
+        let tcp = self.tcp().await.inspect_err(|e| self.failed(e))?;
+        Ok(Plain {
+            tcp,
+            buf: bytes::BytesMut::with_capacity(8 * 1024),
+        })
+    }
+
+    /// A connection whose answer was read to its end, and that may carry another.
+    pub(crate) fn checkin_plain(&self, plain: Plain) {
+        let mut idle = self.plain.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.settings.max_idle_per_endpoint {
+            idle.push(plain);
+        }
     }
 
     /// An HTTP/1.1 connection whose answer was read to its end goes back to the pool, unless
@@ -357,6 +420,7 @@ impl Endpoint {
     fn stop(&self) {
         self.stop.cancel();
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.plain.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 

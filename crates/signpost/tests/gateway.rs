@@ -536,6 +536,111 @@ fn connections_to_an_instance_are_reused_and_one_it_closed_is_not_trusted_with_a
     assert_ne!(second, first, "the closed connection was used again");
 }
 
+/// The answers on one connection, in order: status, head and body each; `head_requests` says
+/// which answer a HEAD has (a length but no body).
+fn answers(raw: &[u8], head_requests: &[bool]) -> Vec<(u16, String, Vec<u8>)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    for &head_request in head_requests {
+        let rest = &raw[at..];
+        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+            panic!(
+                "answer {} missing in {:?}",
+                out.len() + 1,
+                String::from_utf8_lossy(raw)
+            );
+        };
+        let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let length = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+        let body_at = end + 4;
+        let body = match (head_request, length) {
+            (true, _) => Vec::new(),
+            (false, Some(n)) => rest[body_at..body_at + n].to_vec(),
+            (false, None) => rest[body_at..].to_vec(),
+        };
+        at += body_at + body.len();
+        out.push((status, head, body));
+    }
+    assert_eq!(at, raw.len(), "more than the answers asked for");
+    out
+}
+
+#[test]
+fn one_connection_carries_pipelined_gets_a_head_and_a_post_in_order() {
+    if !python_ready("json") {
+        return;
+    }
+    let registry = registry();
+    let url = registry.url();
+    let _web = backend("http", "web", "p", &url, &[]);
+    let gw = gateway(&url, &[]);
+    wait_until_served_by(gw.addr, "/web/whoami", &["p"]);
+
+    // All in one write: answers must come back in order, the HEAD's without a body, and the
+    // POST's body must reach the instance whole, with the GET after it still answered.
+    let mut stream = TcpStream::connect(gw.addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
+        .write_all(
+            b"GET /web/whoami HTTP/1.1\r\nHost: gw.test\r\nX-Request-Id: one\r\n\r\n\
+              HEAD /web/whoami HTTP/1.1\r\nHost: gw.test\r\n\r\n\
+              GET /web/big HTTP/1.1\r\nHost: gw.test\r\n\r\n\
+              POST /web/echo HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 5\r\n\r\nhello\
+              GET /web/whoami HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let got = answers(&raw, &[false, true, false, false, false]);
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|(_, _, b)| {
+            if b.len() > 64 {
+                format!("{} bytes", b.len())
+            } else {
+                String::from_utf8_lossy(b).into_owned()
+            }
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        ["p", "", &format!("{} bytes", 256 * 1024), "p:hello", "p"]
+    );
+    for (status, head, _) in &got {
+        assert_eq!(*status, 200, "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("x-request-id: "),
+            "{head}"
+        );
+    }
+    assert!(got[0].1.contains("x-request-id: one"), "{}", got[0].1);
+    assert!(
+        got[1].1.to_ascii_lowercase().contains("content-length: 1"),
+        "a HEAD's answer keeps its length: {}",
+        got[1].1
+    );
+
+    // An answer whose end is the instance closing: the client's connection closes after it.
+    let (status, head, body) = http(
+        gw.addr,
+        "GET /web/until-close HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+    );
+    assert_eq!((status, body.as_str()), (200, "all of it from p"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+}
+
 #[test]
 fn a_websocket_echo_goes_through_the_gateway() {
     if !python_ready("websockets") {

@@ -70,6 +70,14 @@ def http_backend(args):
                 time.sleep(3600)
             elif self.path.startswith("/unavailable"):
                 self.answer(503, "down for maintenance")
+            elif self.path.startswith("/until-close"):
+                # No length and no chunks: the body ends when the connection does.
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(b"all of it from " + args.id.encode())
+                self.close_connection = True
             elif self.path.startswith("/chunks"):
                 # Chunked: the first chunk, then the second once the client says it has the first.
                 flag = self.path.split("flag=", 1)[1]
@@ -84,6 +92,12 @@ def http_backend(args):
                 self.wfile.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
             else:
                 self.answer(404, "no such page on " + args.id)
+
+        def do_HEAD(self):
+            self.send_response(args.status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(args.id.encode())))
+            self.end_headers()
 
         def do_POST(self):
             length = int(self.headers.get("Content-Length", "0"))
