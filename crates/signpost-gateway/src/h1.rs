@@ -436,7 +436,12 @@ fn parse_answer(buf: &[u8], head_request: bool) -> Result<Option<(Answer, usize)
     };
     let mut head = Vec::with_capacity(used + 64);
     head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(status.to_string().as_bytes());
+    // httparse reads a status as exactly three digits.
+    head.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
     head.push(b' ');
     head.extend_from_slice(response.reason.unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
