@@ -35,8 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::{self, Proxy, Record};
-use crate::server::Limits;
-use crate::upstream::{Endpoint, Plain, ViewState};
+use crate::upstream::{Endpoint, Plain};
 
 /// As many header fields as hyper accepts; a request with more is hyper's to refuse.
 const MAX_HEADERS: usize = 100;
@@ -276,13 +275,15 @@ pub(crate) async fn serve(
     mut tcp: TcpStream,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
-    limits: &Limits,
+    max_head: usize,
+    header_timeout: Duration,
     stop: &CancellationToken,
 ) -> Outcome {
     let mut inbuf = BytesMut::with_capacity(8 * 1024);
     let mut out = Vec::with_capacity(4 * 1024);
     loop {
-        let mut head_started: Option<Instant> = None;
+        // A pipelined head begun after the last one is on the clock already.
+        let mut head_started = (!inbuf.is_empty()).then(Instant::now);
         let (head, used) = loop {
             if !inbuf.is_empty() {
                 match parse(&inbuf, peer) {
@@ -293,7 +294,7 @@ pub(crate) async fn serve(
                             io: tcp,
                         });
                     }
-                    Parsed::Partial if inbuf.len() >= limits.max_header_bytes => {
+                    Parsed::Partial if inbuf.len() >= max_head => {
                         return Outcome::Handoff(Rewound {
                             pre: inbuf.freeze(),
                             io: tcp,
@@ -311,7 +312,7 @@ pub(crate) async fn serve(
                 },
                 Some(at) => {
                     match tokio::time::timeout_at(
-                        proxy::later(at, limits.header_timeout),
+                        proxy::later(at, header_timeout),
                         tcp.read_buf(&mut inbuf),
                     )
                     .await
@@ -790,35 +791,10 @@ async fn answer(
         Err(no_route) => fail!(StatusCode::BAD_REQUEST, &no_route.to_string(), None),
     };
     let service = routed.target.service.clone();
-    let Ok(upstream) = proxy.upstreams.get(&routed.target) else {
-        // The gateway follows as many services as it may: hyper's path says so.
-        return Next::Hyper;
+    let upstream = match proxy.upstream_for(&routed).await {
+        Ok(upstream) => upstream,
+        Err((status, message)) => fail!(status, &message, Some(&service)),
     };
-    match upstream.synced(settings.wait_timeout).await {
-        ViewState::Synced => {}
-        ViewState::Waiting => {
-            let message = format!(
-                "the registry has not answered about {} within {:?}",
-                routed.target, settings.wait_timeout
-            );
-            fail!(StatusCode::SERVICE_UNAVAILABLE, &message, Some(&service))
-        }
-        ViewState::Refused(reason) => {
-            let message = format!("the registry refused to list {}: {reason}", routed.target);
-            fail!(StatusCode::SERVICE_UNAVAILABLE, &message, Some(&service))
-        }
-    }
-    if upstream.registered() == 0 {
-        if !routed.explicit {
-            let message = format!(
-                "no service named {:?} in namespace {:?}",
-                service, settings.namespace
-            );
-            fail!(StatusCode::NOT_FOUND, &message, Some(&service))
-        }
-        let message = format!("no instance of {} is registered", routed.target);
-        fail!(StatusCode::SERVICE_UNAVAILABLE, &message, Some(&service))
-    }
     if !upstream.snapshot().iter().all(|e| e.is_http1()) {
         return Next::Hyper;
     }
@@ -838,14 +814,7 @@ async fn answer(
     let mut last_error: Option<String> = None;
     loop {
         let Some(endpoint) = upstream.pick(&tried) else {
-            let why = match last_error.take() {
-                Some(error) => format!("{}; last error: {error}", upstream.why_none()),
-                None => upstream.why_none(),
-            };
-            let message = format!(
-                "no healthy instance of {} can take the request: {why}",
-                routed.target
-            );
+            let message = proxy::no_instance(&upstream, &routed.target, last_error.take());
             fail!(StatusCode::SERVICE_UNAVAILABLE, &message, Some(&service))
         };
         attempts += 1;
@@ -864,11 +833,8 @@ async fn answer(
                 last_error = Some(format!("instance {}: {error}", endpoint.id));
                 tried.push(endpoint);
                 if attempts >= settings.max_attempts {
-                    let message = format!(
-                        "no instance of {} could be reached in {attempts} attempts; last error: {}",
-                        routed.target,
-                        last_error.as_deref().unwrap_or("none")
-                    );
+                    let message =
+                        proxy::unreachable(&routed.target, attempts, last_error.as_deref());
                     fail!(StatusCode::BAD_GATEWAY, &message, Some(&service))
                 }
                 continue;

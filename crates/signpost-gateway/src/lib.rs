@@ -84,7 +84,8 @@ pub struct Config {
     pub max_connections: usize,
     /// The largest request head (request line and headers). Default 64 KiB.
     pub max_header_bytes: usize,
-    /// Idle connections kept per instance. Default 64.
+    /// Idle connections kept per instance, for each of the two HTTP/1.1 paths (`h1` and hyper).
+    /// Default 64.
     pub max_idle_per_instance: usize,
     /// How long shutdown waits for requests in flight. Default 10 s.
     pub drain_timeout: Duration,

@@ -27,7 +27,7 @@ use tokio::time::{Instant, Sleep};
 use signpost_client::rules::grpc_timeout;
 
 use crate::metrics::Metrics;
-use crate::route::Routes;
+use crate::route::{Routed, Routes, Target};
 use crate::upstream::{BoxError, Conn, Endpoint, ProxyBody, Upstream, Upstreams, ViewState};
 
 /// What every request is held to; from the gateway's configuration.
@@ -410,6 +410,50 @@ pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Proxy {
+    /// The upstream a routed request goes to, once the registry has answered about it and it
+    /// has instances; else the status and message to answer with.
+    pub(crate) async fn upstream_for(
+        &self,
+        routed: &Routed,
+    ) -> Result<Arc<Upstream>, (StatusCode, String)> {
+        let unavailable = |message: String| (StatusCode::SERVICE_UNAVAILABLE, message);
+        let upstream = self.upstreams.get(&routed.target).map_err(|too_many| {
+            unavailable(format!(
+                "the gateway follows its most services already ({}); try again shortly",
+                too_many.0
+            ))
+        })?;
+        match upstream.synced(self.settings.wait_timeout).await {
+            ViewState::Synced => {}
+            ViewState::Waiting => {
+                return Err(unavailable(format!(
+                    "the registry has not answered about {} within {:?}",
+                    routed.target, self.settings.wait_timeout
+                )));
+            }
+            ViewState::Refused(reason) => {
+                return Err(unavailable(format!(
+                    "the registry refused to list {}: {reason}",
+                    routed.target
+                )));
+            }
+        }
+        if upstream.registered() == 0 {
+            if !routed.explicit {
+                let message = format!(
+                    "no service named {:?} in namespace {:?}",
+                    routed.target.service, self.settings.namespace
+                );
+                return Err((StatusCode::NOT_FOUND, message));
+            }
+            return Err(unavailable(format!(
+                "no instance of {} is registered",
+                routed.target
+            )));
+        }
+        Ok(upstream)
+    }
+
     pub(crate) async fn handle(
         self: Arc<Self>,
         mut request: Request<Incoming>,
@@ -453,61 +497,10 @@ impl Proxy {
             }
         };
         let service = routed.target.service.clone();
-        let upstream = match self.upstreams.get(&routed.target) {
+        let upstream = match self.upstream_for(&routed).await {
             Ok(upstream) => upstream,
-            Err(too_many) => {
-                let message = format!(
-                    "the gateway follows its most services already ({}); try again shortly",
-                    too_many.0
-                );
-                return fail(
-                    &record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &message,
-                    Some(&service),
-                );
-            }
+            Err((status, message)) => return fail(&record, status, &message, Some(&service)),
         };
-        match upstream.synced(self.settings.wait_timeout).await {
-            ViewState::Synced => {}
-            ViewState::Waiting => {
-                let message = format!(
-                    "the registry has not answered about {} within {:?}",
-                    routed.target, self.settings.wait_timeout
-                );
-                return fail(
-                    &record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &message,
-                    Some(&service),
-                );
-            }
-            ViewState::Refused(reason) => {
-                let message = format!("the registry refused to list {}: {reason}", routed.target);
-                return fail(
-                    &record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &message,
-                    Some(&service),
-                );
-            }
-        }
-        if upstream.registered() == 0 {
-            let message = format!(
-                "no service named {:?} in namespace {:?}",
-                service, self.settings.namespace
-            );
-            if !routed.explicit {
-                return fail(&record, StatusCode::NOT_FOUND, &message, Some(&service));
-            }
-            let message = format!("no instance of {} is registered", routed.target);
-            return fail(
-                &record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &message,
-                Some(&service),
-            );
-        }
         record.service = service.clone();
         let sm = upstream.metrics(&self.metrics);
         upstream.budget.deposit();
@@ -571,14 +564,7 @@ impl Proxy {
         let mut last_error: Option<String> = None;
         loop {
             let Some(endpoint) = upstream.pick(&tried) else {
-                let why = match last_error.take() {
-                    Some(error) => format!("{}; last error: {error}", upstream.why_none()),
-                    None => upstream.why_none(),
-                };
-                let message = format!(
-                    "no healthy instance of {} can take the request: {why}",
-                    routed.target
-                );
+                let message = no_instance(&upstream, &routed.target, last_error.take());
                 return fail(
                     &record,
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -602,11 +588,7 @@ impl Proxy {
                     last_error = Some(format!("instance {}: {error}", endpoint.id));
                     tried.push(endpoint);
                     if attempts >= self.settings.max_attempts {
-                        let message = format!(
-                            "no instance of {} could be reached in {attempts} attempts; last error: {}",
-                            routed.target,
-                            last_error.as_deref().unwrap_or("none")
-                        );
+                        let message = unreachable(&routed.target, attempts, last_error.as_deref());
                         return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
                     }
                     continue;
@@ -851,6 +833,27 @@ impl Proxy {
             });
         }
     }
+}
+
+/// Why no instance is left to pick for an attempt.
+pub(crate) fn no_instance(
+    upstream: &Upstream,
+    target: &Target,
+    last_error: Option<String>,
+) -> String {
+    let why = match last_error {
+        Some(error) => format!("{}; last error: {error}", upstream.why_none()),
+        None => upstream.why_none(),
+    };
+    format!("no healthy instance of {target} can take the request: {why}")
+}
+
+/// Why a request failed when every attempt's connect did.
+pub(crate) fn unreachable(target: &Target, attempts: u32, last_error: Option<&str>) -> String {
+    format!(
+        "no instance of {target} could be reached in {attempts} attempts; last error: {}",
+        last_error.unwrap_or("none")
+    )
 }
 
 /// `after` past `now`, or a year when a setting is too large for the clock.

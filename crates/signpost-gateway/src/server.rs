@@ -95,7 +95,16 @@ pub(crate) async fn serve(
             let _slot = slot;
             proxy.metrics.connections.inc();
             match tls {
-                None => match h1::serve(tcp, peer, proxy.clone(), &limits, &stop).await {
+                None => match h1::serve(
+                    tcp,
+                    peer,
+                    proxy.clone(),
+                    limits.max_header_bytes,
+                    limits.header_timeout,
+                    &stop,
+                )
+                .await
+                {
                     h1::Outcome::Done => {}
                     h1::Outcome::Handoff(rest) => {
                         serve_connection(&builder, rest, peer, false, proxy.clone(), watcher).await
