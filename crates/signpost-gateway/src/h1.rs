@@ -827,9 +827,7 @@ async fn answer(
             Ok(plain) => plain,
             Err(error) => {
                 sm.connect_errors.inc();
-                if upstream.record(&endpoint, true) {
-                    sm.ejections.inc();
-                }
+                upstream.record(&endpoint, true);
                 last_error = Some(format!("instance {}: {error}", endpoint.id));
                 tried.push(endpoint);
                 if attempts >= settings.max_attempts {
@@ -856,9 +854,7 @@ async fn answer(
             Err(_) => {
                 endpoint.load.observe(sent_at.elapsed(), Instant::now());
                 endpoint.load.end();
-                if upstream.record(&endpoint, true) {
-                    sm.ejections.inc();
-                }
+                upstream.record(&endpoint, true);
                 let message = format!(
                     "instance {} of {service} did not answer within {timeout:?}",
                     endpoint.id
@@ -882,14 +878,14 @@ async fn answer(
                 endpoint.load.end();
                 last_error = Some(format!("instance {}: {cause}", endpoint.id));
                 tried.push(endpoint.clone());
-                if upstream.record(&endpoint, true) {
-                    sm.ejections.inc();
-                }
-                if retry_status
-                    && !replayed
-                    && attempts < settings.max_attempts
-                    && upstream.budget.withdraw()
-                {
+                upstream.record(&endpoint, true);
+                if proxy::may_resend(
+                    retry_status,
+                    replayed,
+                    attempts,
+                    settings.max_attempts,
+                    &upstream,
+                ) {
                     replayed = true;
                     continue;
                 }
@@ -909,15 +905,16 @@ async fn answer(
         let now = Instant::now();
         endpoint.load.observe(now - sent_at, now);
         let status = answer.status;
-        if upstream.record(&endpoint, status >= 500) {
-            sm.ejections.inc();
-        }
-        if retry_status
-            && matches!(status, 502..=504)
-            && !replayed
-            && attempts < settings.max_attempts
+        upstream.record(&endpoint, status >= 500);
+        if matches!(status, 502..=504)
             && proxy::another(&upstream, &tried, &endpoint)
-            && upstream.budget.withdraw()
+            && proxy::may_resend(
+                retry_status,
+                replayed,
+                attempts,
+                settings.max_attempts,
+                &upstream,
+            )
         {
             endpoint.load.end();
             replayed = true;
@@ -944,9 +941,7 @@ async fn answer(
             // writes for the typical API answer, and the connection is back in the pool at once.
             if let Err(why) = read_whole(&mut plain, n, idle).await {
                 endpoint.load.end();
-                if upstream.record(&endpoint, true) {
-                    sm.ejections.inc();
-                }
+                upstream.record(&endpoint, true);
                 let message = format!("the answer of instance {} {why}", endpoint.id);
                 fail!(StatusCode::BAD_GATEWAY, &message, Some(&service))
             }
@@ -979,9 +974,7 @@ async fn answer(
                 Next::Close
             }
             Err(Broke::Instance(why)) => {
-                if upstream.record(&endpoint, true) {
-                    sm.ejections.inc();
-                }
+                upstream.record(&endpoint, true);
                 tracing::debug!(instance = %endpoint.id, %why, "an answer broke off mid-body");
                 record.finish(settings.access_log, status, None);
                 Next::Close

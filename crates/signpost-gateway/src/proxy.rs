@@ -582,9 +582,7 @@ impl Proxy {
                 Ok(conn) => conn,
                 Err(error) => {
                     sm.connect_errors.inc();
-                    if upstream.record(&endpoint, true) {
-                        sm.ejections.inc();
-                    }
+                    upstream.record(&endpoint, true);
                     last_error = Some(format!("instance {}: {error}", endpoint.id));
                     tried.push(endpoint);
                     if attempts >= self.settings.max_attempts {
@@ -660,9 +658,7 @@ impl Proxy {
                 Err(_) => {
                     endpoint.load.observe(sent_at.elapsed(), Instant::now());
                     endpoint.load.end();
-                    if upstream.record(&endpoint, true) {
-                        sm.ejections.inc();
-                    }
+                    upstream.record(&endpoint, true);
                     let message = format!(
                         "instance {} of {service} did not answer within {timeout:?}",
                         endpoint.id
@@ -693,15 +689,14 @@ impl Proxy {
                             continue;
                         }
                     } else {
-                        if upstream.record(&endpoint, true) {
-                            sm.ejections.inc();
-                        }
-                        if retry_status
-                            && held.replayable()
-                            && !replayed
-                            && attempts < self.settings.max_attempts
-                            && upstream.budget.withdraw()
-                        {
+                        upstream.record(&endpoint, true);
+                        if may_resend(
+                            retry_status && held.replayable(),
+                            replayed,
+                            attempts,
+                            self.settings.max_attempts,
+                            &upstream,
+                        ) {
                             replayed = true;
                             continue;
                         }
@@ -727,16 +722,16 @@ impl Proxy {
                         .headers()
                         .get("grpc-status")
                         .is_some_and(|s| s == "14"));
-            if upstream.record(&endpoint, failed) {
-                sm.ejections.inc();
-            }
-            if retry_status
-                && matches!(status.as_u16(), 502..=504)
-                && held.replayable()
-                && !replayed
-                && attempts < self.settings.max_attempts
+            upstream.record(&endpoint, failed);
+            if matches!(status.as_u16(), 502..=504)
                 && another(&upstream, &tried, &endpoint)
-                && upstream.budget.withdraw()
+                && may_resend(
+                    retry_status && held.replayable(),
+                    replayed,
+                    attempts,
+                    self.settings.max_attempts,
+                    &upstream,
+                )
             {
                 endpoint.load.end();
                 replayed = true;
@@ -780,9 +775,7 @@ impl Proxy {
                 let bytes = match read {
                     Ok(Ok(collected)) => collected.to_bytes(),
                     failed => {
-                        if upstream.record(&endpoint, true) {
-                            sm.ejections.inc();
-                        }
+                        upstream.record(&endpoint, true);
                         let why = match failed {
                             Ok(Err(e)) => format!("broke off: {e}"),
                             _ => format!("stalled for {idle:?}"),
@@ -833,6 +826,19 @@ impl Proxy {
             });
         }
     }
+}
+
+/// Whether a request that may have reached an instance goes once more: only a `replayable` one
+/// (idempotent, its body kept whole), never a second time, within the attempts and the
+/// target's retry budget (which this draws on).
+pub(crate) fn may_resend(
+    replayable: bool,
+    replayed: bool,
+    attempts: u32,
+    max_attempts: u32,
+    upstream: &Upstream,
+) -> bool {
+    replayable && !replayed && attempts < max_attempts && upstream.budget.withdraw()
 }
 
 /// Why no instance is left to pick for an attempt.

@@ -578,8 +578,18 @@ impl Upstream {
         Some(endpoints[picked.index].clone())
     }
 
+    /// Records an answer (or a failure to get one) from `endpoint`, and counts an ejection.
+    pub(crate) fn record(&self, endpoint: &Endpoint, failed: bool) {
+        // The metrics exist once a request has been counted, which is before any answer.
+        if self.judge(endpoint, failed)
+            && let Some(metrics) = self.metrics.get()
+        {
+            metrics.ejections.inc();
+        }
+    }
+
     /// Records an answer (or a failure to get one) from `endpoint`; true when it ejected it.
-    pub(crate) fn record(&self, endpoint: &Endpoint, failed: bool) -> bool {
+    fn judge(&self, endpoint: &Endpoint, failed: bool) -> bool {
         let now = Instant::now();
         let snapshot = self.snapshot();
         let all = snapshot.iter().map(|e| &e.outlier);
