@@ -161,12 +161,16 @@ fn parse(buf: &[u8], client: SocketAddr) -> Parsed {
     else {
         return Parsed::Hyper;
     };
-    if !path.starts_with('/') {
+    // hyper's `Uri` takes visible ASCII only; what it would refuse is its to refuse.
+    if !path.starts_with('/') || !path.bytes().all(|b| (0x21..0x7f).contains(&b)) {
         return Parsed::Hyper;
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Hyper;
     };
+    if method == Method::CONNECT {
+        return Parsed::Hyper;
+    }
     let mut close = false;
     let mut host = None;
     let mut named: Vec<&[u8]> = Vec::new();
@@ -211,14 +215,33 @@ fn parse(buf: &[u8], client: SocketAddr) -> Parsed {
         } else if is("te") {
             te_trailers = tokens(value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         } else if is("x-forwarded-for") {
-            earlier_for = visible(value);
+            // The first of repeated fields, as `HeaderMap::get` gives the hyper path.
+            earlier_for = earlier_for.or(visible(value));
         } else if is("forwarded") {
-            earlier_forwarded = visible(value);
+            earlier_forwarded = earlier_forwarded.or(visible(value));
         } else if is("x-forwarded-host") {
             forwarded_host = true;
         } else if is("x-request-id") {
-            given_id = Some(value);
+            given_id = given_id.or(Some(value));
         }
+    }
+    // A header the client's `Connection` names is removed before this hop's are worked out.
+    let named_here = |name: &str| {
+        named
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+    };
+    if named_here("x-forwarded-for") {
+        earlier_for = None;
+    }
+    if named_here("forwarded") {
+        earlier_forwarded = None;
+    }
+    if named_here("x-forwarded-host") {
+        forwarded_host = false;
+    }
+    if named_here("x-request-id") {
+        given_id = None;
     }
     let mut lines = Vec::with_capacity(used + 192);
     for field in request.headers.iter() {
@@ -226,7 +249,6 @@ fn parse(buf: &[u8], client: SocketAddr) -> Parsed {
         let is = |n: &str| name.eq_ignore_ascii_case(n);
         if proxy::is_hop_by_hop(name)
             || is("host")
-            || is("content-length")
             || is("x-forwarded-for")
             || is("x-forwarded-proto")
             || is("forwarded")
@@ -282,8 +304,9 @@ pub(crate) async fn serve(
     let mut inbuf = BytesMut::with_capacity(8 * 1024);
     let mut out = Vec::with_capacity(4 * 1024);
     loop {
-        // A pipelined head begun after the last one is on the clock already.
-        let mut head_started = (!inbuf.is_empty()).then(Instant::now);
+        // The next head, or its first byte, is due within the header timeout of the last
+        // answer, as hyper has it: an idle keep-alive connection does not hold a slot for ever.
+        let due = proxy::later(Instant::now(), header_timeout);
         let (head, used) = loop {
             if !inbuf.is_empty() {
                 match parse(&inbuf, peer) {
@@ -304,29 +327,15 @@ pub(crate) async fn serve(
                 }
             }
             inbuf.reserve(4 * 1024);
-            let read = match head_started {
-                None => tokio::select! {
-                    biased;
-                    read = tcp.read_buf(&mut inbuf) => read,
-                    _ = stop.cancelled() => return Outcome::Done,
-                },
-                Some(at) => {
-                    match tokio::time::timeout_at(
-                        proxy::later(at, header_timeout),
-                        tcp.read_buf(&mut inbuf),
-                    )
-                    .await
-                    {
-                        Ok(read) => read,
-                        Err(_) => return Outcome::Done,
-                    }
-                }
+            let read = tokio::select! {
+                biased;
+                read = tokio::time::timeout_at(due, tcp.read_buf(&mut inbuf)) => read,
+                // Between requests only: a head under way is read to its end.
+                _ = stop.cancelled(), if inbuf.is_empty() => return Outcome::Done,
             };
             match read {
-                Ok(0) | Err(_) => return Outcome::Done,
-                Ok(_) => {
-                    head_started.get_or_insert_with(Instant::now);
-                }
+                Ok(Ok(0) | Err(_)) | Err(_) => return Outcome::Done,
+                Ok(Ok(_)) => {}
             }
         };
         let next = answer(&proxy, &mut tcp, head, peer, stop, &mut out).await;
@@ -409,8 +418,10 @@ fn parse_answer(buf: &[u8], head_request: bool) -> Result<Option<(Answer, usize)
                 }
             }
         } else if is("content-length") {
-            let n = visible(field.value)
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            let n = std::str::from_utf8(field.value.trim_ascii())
+                .ok()
+                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse::<u64>().ok())
                 .ok_or("its answer's content-length is not a number")?;
             if length.is_some_and(|l| l != n) {
                 return Err("its answer has two content-lengths".to_owned());
@@ -449,9 +460,11 @@ fn parse_answer(buf: &[u8], head_request: bool) -> Result<Option<(Answer, usize)
     for field in response.headers.iter() {
         let name = field.name;
         let is = |n: &str| name.eq_ignore_ascii_case(n);
+        // The framing headers are written below, whatever `Connection` names: the body goes on
+        // framed as it came, and the client must be told how.
         if proxy::is_hop_by_hop(name)
             || is("x-request-id")
-            || (is("content-length") && framing == Framing::Chunked)
+            || is("content-length")
             || named
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
@@ -460,11 +473,16 @@ fn parse_answer(buf: &[u8], head_request: bool) -> Result<Option<(Answer, usize)
         }
         push_line(&mut head, name.as_bytes(), field.value);
     }
-    if framing == Framing::Chunked
-        && let Some(coding) = coding
-    {
-        // The chunks go on as they came, so their coding does too.
-        push_line(&mut head, b"transfer-encoding", coding);
+    match (coding, length) {
+        // The body goes on as it came, transfer-coded, so its coding does too; a length beside a
+        // transfer coding is not sent on (RFC 9112 §6.3).
+        (Some(coding), _) if framing != Framing::None => {
+            push_line(&mut head, b"transfer-encoding", coding)
+        }
+        (None, Some(n)) if status != 204 && !(100..200).contains(&status) => {
+            push_line(&mut head, b"content-length", n.to_string().as_bytes())
+        }
+        _ => {}
     }
     Ok(Some((
         Answer {
@@ -531,6 +549,8 @@ struct Chunks {
 enum ChunkState {
     #[default]
     Size,
+    /// Whitespace after the size, before an extension or the line's end.
+    SizeSpace,
     Extension,
     SizeLf,
     Data,
@@ -570,8 +590,15 @@ impl Chunks {
                             .ok_or("a chunk size overflows")?;
                         self.digits += 1;
                     }
-                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = Extension,
+                    b';' if self.digits > 0 => self.state = Extension,
+                    b' ' | b'\t' if self.digits > 0 => self.state = SizeSpace,
                     b'\r' if self.digits > 0 => self.state = SizeLf,
+                    _ => return Err("a chunk size is malformed"),
+                },
+                SizeSpace => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = Extension,
+                    b'\r' => self.state = SizeLf,
                     _ => return Err("a chunk size is malformed"),
                 },
                 Extension => {
@@ -579,8 +606,13 @@ impl Chunks {
                     if self.line > MAX_CHUNK_LINE {
                         return Err("a chunk extension is too long");
                     }
-                    if b == b'\r' {
-                        self.state = SizeLf;
+                    match b {
+                        b'\r' => self.state = SizeLf,
+                        // A bare LF or another control byte would let a lenient client see
+                        // a different end.
+                        b'\t' => {}
+                        0..=0x1f | 0x7f => return Err("a chunk extension has a control byte"),
+                        _ => {}
                     }
                 }
                 SizeLf => {
@@ -603,16 +635,21 @@ impl Chunks {
                     }
                     self.state = Size;
                 }
-                TrailerStart => {
-                    self.state = if b == b'\r' { EndLf } else { Trailer };
-                }
+                TrailerStart => match b {
+                    b'\r' => self.state = EndLf,
+                    b'\n' => return Err("a trailer line is malformed"),
+                    _ => self.state = Trailer,
+                },
                 Trailer => {
                     self.line += 1;
                     if self.line > MAX_CHUNK_LINE {
                         return Err("a trailer is too long");
                     }
-                    if b == b'\r' {
-                        self.state = TrailerLf;
+                    match b {
+                        b'\r' => self.state = TrailerLf,
+                        b'\t' => {}
+                        0..=0x1f | 0x7f => return Err("a trailer has a control byte"),
+                        _ => {}
                     }
                 }
                 TrailerLf => {
@@ -817,6 +854,15 @@ async fn answer(
             let message = proxy::no_instance(&upstream, &routed.target, last_error.take());
             fail!(StatusCode::SERVICE_UNAVAILABLE, &message, Some(&service))
         };
+        if !endpoint.is_http1() {
+            // An instance registered as h2c since the check above: hyper's path takes a first
+            // attempt; a later one passes it over.
+            if attempts == 0 {
+                return Next::Hyper;
+            }
+            tried.push(endpoint);
+            continue;
+        }
         attempts += 1;
         if attempts > 1 {
             record.retries += 1;
@@ -905,7 +951,7 @@ async fn answer(
         let now = Instant::now();
         endpoint.load.observe(now - sent_at, now);
         let status = answer.status;
-        upstream.record(&endpoint, status >= 500);
+        upstream.record(&endpoint, (500..600).contains(&status));
         if matches!(status, 502..=504)
             && proxy::another(&upstream, &tried, &endpoint)
             && proxy::may_resend(
@@ -948,6 +994,12 @@ async fn answer(
             sm.answered(&proxy.metrics, status, started.elapsed());
             out.extend_from_slice(&plain.buf[..n]);
             plain.buf.advance(n);
+            // The instance is done with before a slow client reads: its load ends and its
+            // connection is free for the next request.
+            endpoint.load.end();
+            if !closes {
+                endpoint.checkin_plain(plain);
+            }
             client
                 .write_all(out)
                 .await
@@ -955,17 +1007,18 @@ async fn answer(
                 .map_err(|_| Broke::Client)
         } else {
             sm.answered(&proxy.metrics, status, started.elapsed());
-            match client.write_all(out).await {
+            let streamed = match client.write_all(out).await {
                 Ok(()) => forward(&mut plain, client, framing, idle).await,
                 Err(_) => Err(Broke::Client),
+            };
+            endpoint.load.end();
+            if streamed.is_ok() && !closes {
+                endpoint.checkin_plain(plain);
             }
+            streamed
         };
-        endpoint.load.end();
         let next = match result {
             Ok(bytes) => {
-                if !closes {
-                    endpoint.checkin_plain(plain);
-                }
                 record.finish(settings.access_log, status, Some(bytes));
                 if close { Next::Close } else { Next::Keep }
             }
@@ -1015,6 +1068,13 @@ mod tests {
         assert!(chunked(b"\r\n").is_err());
         assert!(chunked(b"3\r\nabcX").is_err());
         assert!(chunked(b"ffffffffffffffffff\r\n").is_err());
+        // A bare LF could end a line for a lenient client and not here, or the reverse.
+        assert!(chunked(b"5;x\nhello\r\n").is_err());
+        assert!(chunked(b"0\r\n\n").is_err());
+        assert!(chunked(b"0\r\nx: y\n\r\n\r\n").is_err());
+        assert!(chunked(b"5 x\r\n").is_err());
+        let spaced = b"5 ;x=1\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(chunked(spaced), Ok(spaced.len()));
     }
 
     fn head_of(raw: &str) -> Option<Head> {
@@ -1039,6 +1099,8 @@ mod tests {
             "GET /web/ HTTP/1.0\r\n\r\n",
             "GET http://a/web/ HTTP/1.1\r\n\r\n",
             "PUT /web/ HTTP/1.1\r\nexpect: 100-continue\r\n\r\n",
+            "CONNECT /web/ HTTP/1.1\r\n\r\n",
+            "GET /web/caf\u{e9} HTTP/1.1\r\n\r\n",
         ] {
             assert!(head_of(raw).is_none(), "{raw:?}");
         }
@@ -1070,6 +1132,21 @@ mod tests {
             "Accept: */*\r\nx-forwarded-for: 10.0.0.1, 192.0.2.7\r\nx-forwarded-proto: http\r\nforwarded: for=192.0.2.7;proto=http;host=\"api.example\"\r\nx-forwarded-host: api.example\r\nx-request-id: abc\r\n"
         );
         assert!(!head.close);
+        // What `Connection` names is gone before this hop's headers are made; the first of
+        // repeated fields counts; a zero length stays.
+        let Some(named) = head_of(
+            "DELETE /web/x HTTP/1.1\r\nHost: a\r\nConnection: x-forwarded-host\r\nX-Forwarded-Host: b\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\nContent-Length: 0\r\n\r\n",
+        ) else {
+            panic!("a body-less DELETE is this path's");
+        };
+        let lines = String::from_utf8_lossy(&named.lines).into_owned();
+        assert!(lines.starts_with("Content-Length: 0\r\n"), "{lines}");
+        assert!(
+            lines.contains("x-forwarded-for: 10.0.0.1, 192.0.2.7\r\n"),
+            "{lines}"
+        );
+        assert!(lines.contains("x-forwarded-host: a\r\n"), "{lines}");
+        assert!(!lines.contains(": b\r\n"), "{lines}");
         let closing = head_of("GET / HTTP/1.1\r\nconnection: close\r\n\r\n");
         assert!(closing.is_some_and(|h| h.close));
     }
@@ -1120,6 +1197,20 @@ mod tests {
             .is_err()
         );
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", false).is_err());
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n", false).is_err());
+        let head = |raw: &[u8]| match parse_answer(raw, false) {
+            Ok(Some((answer, _))) => String::from_utf8_lossy(&answer.head).into_owned(),
+            _ => String::new(),
+        };
+        // The client is told the framing the body comes in, whatever `Connection` names.
+        assert_eq!(
+            head(b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 05\r\n\r\n"),
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n"
+        );
+        assert_eq!(
+            head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n"),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n"
+        );
         assert!(matches!(
             parse_answer(b"HTTP/1.1 200 OK\r\n", false),
             Ok(None)

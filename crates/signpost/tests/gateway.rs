@@ -642,6 +642,40 @@ fn one_connection_carries_pipelined_gets_a_head_and_a_post_in_order() {
 }
 
 #[test]
+fn idle_client_connections_are_closed_after_the_header_timeout() {
+    if !python_ready("json") {
+        return;
+    }
+    let registry = registry();
+    let url = registry.url();
+    let _web = backend("http", "web", "i", &url, &[]);
+    let gw = gateway(&url, &[]);
+    wait_until_served_by(gw.addr, "/web/whoami", &["i"]);
+
+    // One connection idles after an answer, one never sends a byte: neither may hold a
+    // connection slot for ever (the header timeout is 10 s).
+    let mut after_answer = TcpStream::connect(gw.addr).unwrap();
+    let mut silent = TcpStream::connect(gw.addr).unwrap();
+    after_answer
+        .write_all(b"GET /web/whoami HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        .unwrap();
+    for stream in [&mut after_answer, &mut silent] {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+    }
+    let mut raw = Vec::new();
+    let started = Instant::now();
+    let read = after_answer.read_to_end(&mut raw);
+    assert!(read.is_ok(), "still open after {:?}: {read:?}", started.elapsed());
+    let got = answers(&raw, &[false]);
+    assert_eq!((got[0].0, got[0].2.as_slice()), (200, &b"i"[..]));
+    let mut nothing = Vec::new();
+    let read = silent.read_to_end(&mut nothing);
+    assert!(read.is_ok() && nothing.is_empty(), "{read:?} {nothing:?}");
+}
+
+#[test]
 fn a_websocket_echo_goes_through_the_gateway() {
     if !python_ready("websockets") {
         return;
