@@ -667,7 +667,11 @@ fn idle_client_connections_are_closed_after_the_header_timeout() {
     let mut raw = Vec::new();
     let started = Instant::now();
     let read = after_answer.read_to_end(&mut raw);
-    assert!(read.is_ok(), "still open after {:?}: {read:?}", started.elapsed());
+    assert!(
+        read.is_ok(),
+        "still open after {:?}: {read:?}",
+        started.elapsed()
+    );
     let got = answers(&raw, &[false]);
     assert_eq!((got[0].0, got[0].2.as_slice()), (200, &b"i"[..]));
     let mut nothing = Vec::new();
