@@ -898,13 +898,7 @@ async fn answer(
             tokio::time::timeout_at(deadline, exchange(&mut plain, out, head_request)).await;
         let answer = match exchanged {
             Err(_) => {
-                endpoint.load.observe(sent_at.elapsed(), Instant::now());
-                endpoint.load.end();
-                upstream.record(&endpoint, true);
-                let message = format!(
-                    "instance {} of {service} did not answer within {timeout:?}",
-                    endpoint.id
-                );
+                let message = proxy::timed_out(&upstream, &endpoint, &service, timeout, sent_at);
                 fail!(StatusCode::GATEWAY_TIMEOUT, &message, Some(&service))
             }
             Ok(Err(Failure::Unsent(cause))) => {
@@ -935,15 +929,8 @@ async fn answer(
                     replayed = true;
                     continue;
                 }
-                let message = format!(
-                    "the request to instance {} of {service} failed: {cause}; {} is not sent twice",
-                    endpoint.id,
-                    if retry_status {
-                        "it was retried already, so it"
-                    } else {
-                        "a non-idempotent request"
-                    }
-                );
+                let message =
+                    proxy::not_sent_twice(&endpoint, &service, &cause, retry_status, false);
                 fail!(StatusCode::BAD_GATEWAY, &message, Some(&service))
             }
             Ok(Ok(answer)) => answer,

@@ -656,13 +656,7 @@ impl Proxy {
             let answer = match answer {
                 Ok(answer) => answer,
                 Err(_) => {
-                    endpoint.load.observe(sent_at.elapsed(), Instant::now());
-                    endpoint.load.end();
-                    upstream.record(&endpoint, true);
-                    let message = format!(
-                        "instance {} of {service} did not answer within {timeout:?}",
-                        endpoint.id
-                    );
+                    let message = timed_out(&upstream, &endpoint, &service, timeout, sent_at);
                     return fail(
                         &record,
                         StatusCode::GATEWAY_TIMEOUT,
@@ -701,15 +695,7 @@ impl Proxy {
                             continue;
                         }
                     }
-                    let message = format!(
-                        "the request to instance {} of {service} failed: {cause}; {} is not sent twice",
-                        endpoint.id,
-                        if retry_status {
-                            "it was retried already, or its body was not kept, so it"
-                        } else {
-                            "a non-idempotent request"
-                        }
-                    );
+                    let message = not_sent_twice(&endpoint, &service, &cause, retry_status, true);
                     return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
                 }
             };
@@ -839,6 +825,44 @@ pub(crate) fn may_resend(
     upstream: &Upstream,
 ) -> bool {
     replayable && !replayed && attempts < max_attempts && upstream.budget.withdraw()
+}
+
+/// An attempt whose answer's head did not come in time: the instance's load and outlier record
+/// say so, and the words for the 504.
+pub(crate) fn timed_out(
+    upstream: &Upstream,
+    endpoint: &Endpoint,
+    service: &str,
+    timeout: Duration,
+    sent_at: Instant,
+) -> String {
+    endpoint.load.observe(sent_at.elapsed(), Instant::now());
+    endpoint.load.end();
+    upstream.record(endpoint, true);
+    format!(
+        "instance {} of {service} did not answer within {timeout:?}",
+        endpoint.id
+    )
+}
+
+/// Why a request that may have reached an instance and failed is not sent again; `has_body`
+/// when it may have had a body too large to keep.
+pub(crate) fn not_sent_twice(
+    endpoint: &Endpoint,
+    service: &str,
+    cause: &str,
+    idempotent: bool,
+    has_body: bool,
+) -> String {
+    let why = match (idempotent, has_body) {
+        (true, true) => "it was retried already, or its body was not kept, so it",
+        (true, false) => "it was retried already, so it",
+        (false, _) => "a non-idempotent request",
+    };
+    format!(
+        "the request to instance {} of {service} failed: {cause}; {why} is not sent twice",
+        endpoint.id
+    )
 }
 
 /// Why no instance is left to pick for an attempt.

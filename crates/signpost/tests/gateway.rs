@@ -536,6 +536,16 @@ fn connections_to_an_instance_are_reused_and_one_it_closed_is_not_trusted_with_a
     assert_ne!(second, first, "the closed connection was used again");
 }
 
+/// A registry, one HTTP backend `id` of service `web`, and a gateway that already routes to it.
+fn gateway_over_one_backend(id: &str) -> (ServerProcess, Backend, Gateway) {
+    let registry = registry();
+    let url = registry.url();
+    let web = backend("http", "web", id, &url, &[]);
+    let gw = gateway(&url, &[]);
+    wait_until_served_by(gw.addr, "/web/whoami", &[id]);
+    (registry, web, gw)
+}
+
 /// The answers on one connection, in order: status, head and body each; `head_requests` says
 /// which answer a HEAD has (a length but no body).
 fn answers(raw: &[u8], head_requests: &[bool]) -> Vec<(u16, String, Vec<u8>)> {
@@ -579,11 +589,7 @@ fn one_connection_carries_pipelined_gets_a_head_and_a_post_in_order() {
     if !python_ready("json") {
         return;
     }
-    let registry = registry();
-    let url = registry.url();
-    let _web = backend("http", "web", "p", &url, &[]);
-    let gw = gateway(&url, &[]);
-    wait_until_served_by(gw.addr, "/web/whoami", &["p"]);
+    let (_registry, _web, gw) = gateway_over_one_backend("p");
 
     // All in one write: answers must come back in order, the HEAD's without a body, and the
     // POST's body must reach the instance whole, with the GET after it still answered.
@@ -646,11 +652,7 @@ fn idle_client_connections_are_closed_after_the_header_timeout() {
     if !python_ready("json") {
         return;
     }
-    let registry = registry();
-    let url = registry.url();
-    let _web = backend("http", "web", "i", &url, &[]);
-    let gw = gateway(&url, &[]);
-    wait_until_served_by(gw.addr, "/web/whoami", &["i"]);
+    let (_registry, _web, gw) = gateway_over_one_backend("i");
 
     // One connection idles after an answer, one never sends a byte: neither may hold a
     // connection slot for ever (the header timeout is 10 s).
