@@ -177,13 +177,19 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// [`request_id`] from the raw value of the caller's `x-request-id`, if it sent one.
+///
+/// The value is marked sensitive, which HTTP/2 encodes as a literal never indexed: an id is
+/// new with every request, so indexing it would only churn the HPACK table, and h2's encoder
+/// compares every indexed value of the same name before it adds one (a visible share of a
+/// request's CPU).
 pub(crate) fn request_id_from(given: Option<&[u8]>) -> HeaderValue {
     if let Some(id) = given
         && !id.is_empty()
         && id.len() <= 128
         && id.iter().all(|b| b.is_ascii_graphic())
-        && let Ok(value) = HeaderValue::from_bytes(id)
+        && let Ok(mut value) = HeaderValue::from_bytes(id)
     {
+        value.set_sensitive(true);
         return value;
     }
     // 128 random bits in hex, written by hand: `format!` was a visible share of a request.
@@ -193,7 +199,10 @@ pub(crate) fn request_id_from(given: Option<&[u8]>) -> HeaderValue {
     for (i, digit) in text.iter_mut().enumerate() {
         *digit = HEX[((bits >> (4 * (31 - i))) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    let mut value =
+        HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    value.set_sensitive(true);
+    value
 }
 
 /// Headers that belong to one connection and are never sent on (RFC 9110 §7.6.1), with the

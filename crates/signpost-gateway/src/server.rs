@@ -147,7 +147,10 @@ async fn serve_connection<I>(
 {
     let service = hyper::service::service_fn(move |request| {
         let proxy = proxy.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer, https).await) }
+        // Boxed: hyper moves each request's future into a task of its own, and the proxy's
+        // future is kilobytes; a pointer moves cheaper.
+        let handling = Box::pin(proxy.handle(request, peer, https));
+        async move { Ok::<_, std::convert::Infallible>(handling.await) }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(error) = watcher.watch(connection.into_owned()).await {
