@@ -14,7 +14,7 @@
 //! The request's handling is `proxy`'s, shared and with the same rules: routing, the pick,
 //! retries (a request that was never written goes to another instance; an idempotent one that
 //! failed or got 502/503/504 goes once more, within the retry budget), timeouts, outlier
-//! records, metrics, the access log and the headers sent on (`proxy::is_hop_by_hop`,
+//! records, metrics, the access log and the headers sent on (`wire::is_hop_by_hop`,
 //! `proxy::forwarded_values`, `proxy::request_id_from`). Answers pass through as they come:
 //! a small one of known length is read whole and written in one go; a longer one, a chunked
 //! one (its chunks forwarded as they arrive, the framing checked to find the end) and one
@@ -35,14 +35,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::{self, Proxy, Record};
-use crate::upstream::{Endpoint, Plain};
-
-/// As many header fields as hyper accepts; a request with more is hyper's to refuse.
-const MAX_HEADERS: usize = 100;
-/// The largest answer head read from an instance.
-const MAX_ANSWER_HEAD: usize = 64 * 1024;
-/// The longest chunk-size or trailer line accepted in a chunked answer.
-const MAX_CHUNK_LINE: usize = 4096;
+use crate::upstream::Plain;
+use crate::wire::{
+    Answer, Chunks, Form, Framing, MAX_HEADERS, is_hop_by_hop, push_line, read_whole, tokens,
+};
 
 /// How a connection's time on this path ended.
 #[derive(Debug)]
@@ -136,17 +132,6 @@ fn visible(value: &[u8]) -> Option<&str> {
     } else {
         None
     }
-}
-
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(|t| t.trim_ascii())
-}
-
-fn push_line(lines: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    lines.extend_from_slice(name);
-    lines.extend_from_slice(b": ");
-    lines.extend_from_slice(value);
-    lines.extend_from_slice(b"\r\n");
 }
 
 fn parse(buf: &[u8], client: SocketAddr) -> Parsed {
@@ -247,7 +232,7 @@ fn parse(buf: &[u8], client: SocketAddr) -> Parsed {
     for field in request.headers.iter() {
         let name = field.name;
         let is = |n: &str| name.eq_ignore_ascii_case(n);
-        if proxy::is_hop_by_hop(name)
+        if is_hop_by_hop(name)
             || is("host")
             || is("x-forwarded-for")
             || is("x-forwarded-proto")
@@ -360,323 +345,6 @@ enum Next {
     Hyper,
 }
 
-/// How an instance's answer body is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    None,
-    Length(u64),
-    Chunked,
-    /// Until the instance closes the connection.
-    Close,
-}
-
-/// An instance's answer head, made ready for the client.
-struct Answer {
-    status: u16,
-    /// The status line and header lines for the client, without the request id or the final
-    /// CRLF.
-    head: Vec<u8>,
-    framing: Framing,
-    /// The instance will close the connection after this answer.
-    closes: bool,
-}
-
-/// Why an exchange with an instance failed.
-enum Failure {
-    /// Nothing reached the instance.
-    Unsent(String),
-    Sent(String),
-}
-
-fn parse_answer(buf: &[u8], head_request: bool) -> Result<Option<(Answer, usize)>, String> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
-    let used = match response.parse(buf) {
-        Ok(httparse::Status::Complete(used)) => used,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_ANSWER_HEAD => {
-            return Err(format!("its answer's head is over {MAX_ANSWER_HEAD} bytes"));
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(format!("its answer is not HTTP/1.1: {e}")),
-    };
-    let status = response.code.unwrap_or(0);
-    let http10 = response.version == Some(0);
-    let mut named: Vec<&[u8]> = Vec::new();
-    let mut closes = http10;
-    let mut length: Option<u64> = None;
-    let mut coding: Option<&[u8]> = None;
-    for field in response.headers.iter() {
-        let is = |n: &str| field.name.eq_ignore_ascii_case(n);
-        if is("connection") {
-            for token in tokens(field.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    closes = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    closes = closes && !http10;
-                } else if !token.is_empty() {
-                    named.push(token);
-                }
-            }
-        } else if is("content-length") {
-            let n = std::str::from_utf8(field.value.trim_ascii())
-                .ok()
-                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|d| d.parse::<u64>().ok())
-                .ok_or("its answer's content-length is not a number")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("its answer has two content-lengths".to_owned());
-            }
-            length = Some(n);
-        } else if is("transfer-encoding") {
-            coding = Some(field.value);
-        }
-    }
-    let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
-    {
-        Framing::None
-    } else if let Some(coding) = coding {
-        let last = tokens(coding).last().unwrap_or_default();
-        if last.eq_ignore_ascii_case(b"chunked") {
-            Framing::Chunked
-        } else {
-            Framing::Close
-        }
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else {
-        Framing::Close
-    };
-    let mut head = Vec::with_capacity(used + 64);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    // httparse reads a status as exactly three digits.
-    head.extend_from_slice(&[
-        b'0' + (status / 100 % 10) as u8,
-        b'0' + (status / 10 % 10) as u8,
-        b'0' + (status % 10) as u8,
-    ]);
-    head.push(b' ');
-    head.extend_from_slice(response.reason.unwrap_or("").as_bytes());
-    head.extend_from_slice(b"\r\n");
-    for field in response.headers.iter() {
-        let name = field.name;
-        let is = |n: &str| name.eq_ignore_ascii_case(n);
-        // The framing headers are written below, whatever `Connection` names: the body goes on
-        // framed as it came, and the client must be told how.
-        if proxy::is_hop_by_hop(name)
-            || is("x-request-id")
-            || is("content-length")
-            || named
-                .iter()
-                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
-        {
-            continue;
-        }
-        push_line(&mut head, name.as_bytes(), field.value);
-    }
-    match (coding, length) {
-        // The body goes on as it came, transfer-coded, so its coding does too; a length beside a
-        // transfer coding is not sent on (RFC 9112 §6.3).
-        (Some(coding), _) if framing != Framing::None => {
-            push_line(&mut head, b"transfer-encoding", coding)
-        }
-        (None, Some(n)) if status != 204 && !(100..200).contains(&status) => {
-            push_line(&mut head, b"content-length", n.to_string().as_bytes())
-        }
-        _ => {}
-    }
-    Ok(Some((
-        Answer {
-            status,
-            head,
-            framing,
-            closes: closes || framing == Framing::Close,
-        },
-        used,
-    )))
-}
-
-/// Sends `request` on `plain` and reads the answer's head, interim answers skipped.
-async fn exchange(
-    plain: &mut Plain,
-    request: &[u8],
-    head_request: bool,
-) -> Result<Answer, Failure> {
-    plain
-        .tcp
-        .write_all(request)
-        .await
-        .map_err(|e| Failure::Unsent(e.kind().to_string()))?;
-    loop {
-        if !plain.buf.is_empty() {
-            match parse_answer(&plain.buf, head_request) {
-                Ok(Some((answer, used))) => {
-                    plain.buf.advance(used);
-                    if answer.status == 101 {
-                        return Err(Failure::Sent("it switched protocols unasked".to_owned()));
-                    }
-                    if (100..200).contains(&answer.status) {
-                        continue;
-                    }
-                    return Ok(answer);
-                }
-                Ok(None) => {}
-                Err(why) => return Err(Failure::Sent(why)),
-            }
-        }
-        plain.buf.reserve(8 * 1024);
-        match plain.tcp.read_buf(&mut plain.buf).await {
-            Ok(0) => {
-                return Err(Failure::Sent(
-                    "connection closed before message completed".to_owned(),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => return Err(Failure::Sent(e.kind().to_string())),
-        }
-    }
-}
-
-/// Where a chunked body ends, found as its bytes go by (RFC 9112 §7.1).
-#[derive(Debug, Default)]
-struct Chunks {
-    state: ChunkState,
-    size: u64,
-    digits: usize,
-    line: usize,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    #[default]
-    Size,
-    /// Whitespace after the size, before an extension or the line's end.
-    SizeSpace,
-    Extension,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    EndLf,
-    Done,
-}
-
-impl Chunks {
-    /// How many of `bytes` belong to the body; fewer than all only once it has ended.
-    fn feed(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < bytes.len() && self.state != Done {
-            let b = bytes[i];
-            match self.state {
-                Data => {
-                    let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                    self.size -= n as u64;
-                    i += n;
-                    if self.size == 0 {
-                        self.state = DataCr;
-                    }
-                    continue;
-                }
-                Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
-                        self.size = self
-                            .size
-                            .checked_mul(16)
-                            .and_then(|s| s.checked_add(digit))
-                            .ok_or("a chunk size overflows")?;
-                        self.digits += 1;
-                    }
-                    b';' if self.digits > 0 => self.state = Extension,
-                    b' ' | b'\t' if self.digits > 0 => self.state = SizeSpace,
-                    b'\r' if self.digits > 0 => self.state = SizeLf,
-                    _ => return Err("a chunk size is malformed"),
-                },
-                SizeSpace => match b {
-                    b' ' | b'\t' => {}
-                    b';' => self.state = Extension,
-                    b'\r' => self.state = SizeLf,
-                    _ => return Err("a chunk size is malformed"),
-                },
-                Extension => {
-                    self.line += 1;
-                    if self.line > MAX_CHUNK_LINE {
-                        return Err("a chunk extension is too long");
-                    }
-                    match b {
-                        b'\r' => self.state = SizeLf,
-                        // A bare LF or another control byte would let a lenient client see
-                        // a different end.
-                        b'\t' => {}
-                        0..=0x1f | 0x7f => return Err("a chunk extension has a control byte"),
-                        _ => {}
-                    }
-                }
-                SizeLf => {
-                    if b != b'\n' {
-                        return Err("a chunk size line is malformed");
-                    }
-                    self.line = 0;
-                    self.digits = 0;
-                    self.state = if self.size == 0 { TrailerStart } else { Data };
-                }
-                DataCr => {
-                    if b != b'\r' {
-                        return Err("a chunk does not end with CRLF");
-                    }
-                    self.state = DataLf;
-                }
-                DataLf => {
-                    if b != b'\n' {
-                        return Err("a chunk does not end with CRLF");
-                    }
-                    self.state = Size;
-                }
-                TrailerStart => match b {
-                    b'\r' => self.state = EndLf,
-                    b'\n' => return Err("a trailer line is malformed"),
-                    _ => self.state = Trailer,
-                },
-                Trailer => {
-                    self.line += 1;
-                    if self.line > MAX_CHUNK_LINE {
-                        return Err("a trailer is too long");
-                    }
-                    match b {
-                        b'\r' => self.state = TrailerLf,
-                        b'\t' => {}
-                        0..=0x1f | 0x7f => return Err("a trailer has a control byte"),
-                        _ => {}
-                    }
-                }
-                TrailerLf => {
-                    if b != b'\n' {
-                        return Err("a trailer line is malformed");
-                    }
-                    self.line = 0;
-                    self.state = TrailerStart;
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return Err("a chunked body does not end with CRLF");
-                    }
-                    self.state = Done;
-                }
-                Done => {}
-            }
-            i += 1;
-        }
-        Ok(i)
-    }
-
-    fn done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-}
-
 /// Why a streamed answer stopped short.
 enum Broke {
     Instance(String),
@@ -733,20 +401,6 @@ async fn forward(
             Err(_) => return Err(Broke::Instance(format!("stalled for {idle:?}"))),
         }
     }
-}
-
-/// Reads a body of `n` bytes whole into `plain.buf`.
-async fn read_whole(plain: &mut Plain, n: usize, idle: Duration) -> Result<(), String> {
-    while plain.buf.len() < n {
-        plain.buf.reserve(n - plain.buf.len());
-        match tokio::time::timeout(idle, plain.tcp.read_buf(&mut plain.buf)).await {
-            Ok(Ok(0)) => return Err("broke off".to_owned()),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("broke off: {}", e.kind())),
-            Err(_) => return Err(format!("stalled for {idle:?}")),
-        }
-    }
-    Ok(())
 }
 
 fn end_head(out: &mut Vec<u8>, request_id: &HeaderValue, close: bool) {
@@ -842,48 +496,39 @@ async fn answer(
     let timeout = routed.timeouts.request.unwrap_or(settings.request_timeout);
     let idle = routed.timeouts.idle.unwrap_or(settings.idle_timeout);
     let deadline = proxy::later(started, timeout);
-    let retry_status = proxy::idempotent(&head.method);
-    let head_request = head.method == Method::HEAD;
 
-    let mut tried: Vec<Arc<Endpoint>> = Vec::new();
-    let mut attempts = 0;
-    let mut replayed = false;
-    let mut last_error: Option<String> = None;
+    let bounds = proxy::Bounds {
+        upstream: &upstream,
+        target: &routed.target,
+        service: &service,
+        sm,
+        idempotent: proxy::idempotent(&head.method),
+        head_request: head.method == Method::HEAD,
+        timeout,
+        deadline,
+        form: Form::Lines,
+    };
+    let mut tries = proxy::Tries::default();
     loop {
-        let Some(endpoint) = upstream.pick(&tried) else {
-            let message = proxy::no_instance(&upstream, &routed.target, last_error.take());
+        let Some(endpoint) = upstream.pick(&tries.tried) else {
+            let message = proxy::no_instance(&upstream, &routed.target, tries.last_error.take());
             fail!(StatusCode::SERVICE_UNAVAILABLE, &message, Some(&service))
         };
         if !endpoint.is_http1() {
             // An instance registered as h2c since the check above: hyper's path takes a first
             // attempt; a later one passes it over.
-            if attempts == 0 {
+            if tries.attempts == 0 {
                 return Next::Hyper;
             }
-            tried.push(endpoint);
+            tries.tried.push(endpoint);
             continue;
         }
-        attempts += 1;
-        if attempts > 1 {
+        tries.attempts += 1;
+        if tries.attempts > 1 {
             record.retries += 1;
             sm.retries.inc();
         }
         record.instance = Some(endpoint.id.clone());
-        let mut plain = match endpoint.checkout_plain().await {
-            Ok(plain) => plain,
-            Err(error) => {
-                sm.connect_errors.inc();
-                upstream.record(&endpoint, true);
-                last_error = Some(format!("instance {}: {error}", endpoint.id));
-                tried.push(endpoint);
-                if attempts >= settings.max_attempts {
-                    let message =
-                        proxy::unreachable(&routed.target, attempts, last_error.as_deref());
-                    fail!(StatusCode::BAD_GATEWAY, &message, Some(&service))
-                }
-                continue;
-            }
-        };
         out.clear();
         out.extend_from_slice(head.method.as_str().as_bytes());
         out.push(b' ');
@@ -892,69 +537,15 @@ async fn answer(
         push_line(out, b"host", endpoint.authority.as_str().as_bytes());
         out.extend_from_slice(&head.lines);
         out.extend_from_slice(b"\r\n");
-        endpoint.load.start();
-        let sent_at = Instant::now();
-        let exchanged =
-            tokio::time::timeout_at(deadline, exchange(&mut plain, out, head_request)).await;
-        let answer = match exchanged {
-            Err(_) => {
-                let message = proxy::timed_out(&upstream, &endpoint, &service, timeout, sent_at);
-                fail!(StatusCode::GATEWAY_TIMEOUT, &message, Some(&service))
-            }
-            Ok(Err(Failure::Unsent(cause))) => {
-                endpoint.load.end();
-                last_error = Some(format!("instance {}: {cause}", endpoint.id));
-                tried.push(endpoint.clone());
-                if attempts < settings.max_attempts {
-                    continue;
-                }
-                let message = format!(
-                    "the request to instance {} of {service} failed: {cause}",
-                    endpoint.id
-                );
-                fail!(StatusCode::BAD_GATEWAY, &message, Some(&service))
-            }
-            Ok(Err(Failure::Sent(cause))) => {
-                endpoint.load.end();
-                last_error = Some(format!("instance {}: {cause}", endpoint.id));
-                tried.push(endpoint.clone());
-                upstream.record(&endpoint, true);
-                if proxy::may_resend(
-                    retry_status,
-                    replayed,
-                    attempts,
-                    settings.max_attempts,
-                    &upstream,
-                ) {
-                    replayed = true;
-                    continue;
-                }
-                let message =
-                    proxy::not_sent_twice(&endpoint, &service, &cause, retry_status, false);
-                fail!(StatusCode::BAD_GATEWAY, &message, Some(&service))
-            }
-            Ok(Ok(answer)) => answer,
-        };
-        let now = Instant::now();
-        endpoint.load.observe(now - sent_at, now);
-        let status = answer.status;
-        upstream.record(&endpoint, (500..600).contains(&status));
-        if matches!(status, 502..=504)
-            && proxy::another(&upstream, &tried, &endpoint)
-            && proxy::may_resend(
-                retry_status,
-                replayed,
-                attempts,
-                settings.max_attempts,
-                &upstream,
-            )
+        let (answer, mut plain, endpoint) = match proxy
+            .plain_attempt(&bounds, &mut tries, endpoint, out)
+            .await
         {
-            endpoint.load.end();
-            replayed = true;
-            tried.push(endpoint);
-            last_error = Some(format!("an instance answered {status}"));
-            continue;
-        }
+            proxy::Attempt::Answer(answer, plain, endpoint) => (answer, plain, endpoint),
+            proxy::Attempt::Again => continue,
+            proxy::Attempt::Fail(status, message) => fail!(status, &message, Some(&service)),
+        };
+        let status = answer.status;
         let close = head.close || stop.is_cancelled() || answer.framing == Framing::Close;
         let Answer {
             head: answer_head,
@@ -1028,42 +619,6 @@ async fn answer(
 mod tests {
     use super::*;
 
-    fn chunked(body: &[u8]) -> Result<usize, &'static str> {
-        Chunks::default().feed(body)
-    }
-
-    #[test]
-    fn a_chunked_body_ends_after_its_last_chunk_and_trailers() {
-        let body = b"4\r\nWiki\r\n5;x=y\r\npedia\r\n0\r\nExpires: never\r\n\r\nNEXT";
-        assert_eq!(chunked(body), Ok(body.len() - 4));
-        assert_eq!(chunked(b"0\r\n\r\n"), Ok(5));
-        // Fed a byte at a time, it ends at the same place.
-        let mut chunks = Chunks::default();
-        let mut taken = 0;
-        for b in body.iter() {
-            taken += chunks.feed(std::slice::from_ref(b)).unwrap_or(0);
-            if chunks.done() {
-                break;
-            }
-        }
-        assert_eq!(taken, body.len() - 4);
-    }
-
-    #[test]
-    fn a_malformed_chunked_body_is_refused() {
-        assert!(chunked(b"x\r\n").is_err());
-        assert!(chunked(b"\r\n").is_err());
-        assert!(chunked(b"3\r\nabcX").is_err());
-        assert!(chunked(b"ffffffffffffffffff\r\n").is_err());
-        // A bare LF could end a line for a lenient client and not here, or the reverse.
-        assert!(chunked(b"5;x\nhello\r\n").is_err());
-        assert!(chunked(b"0\r\n\n").is_err());
-        assert!(chunked(b"0\r\nx: y\n\r\n\r\n").is_err());
-        assert!(chunked(b"5 x\r\n").is_err());
-        let spaced = b"5 ;x=1\r\nhello\r\n0\r\n\r\n";
-        assert_eq!(chunked(spaced), Ok(spaced.len()));
-    }
-
     fn head_of(raw: &str) -> Option<Head> {
         match parse(raw.as_bytes(), "192.0.2.7:5000".parse().ok()?) {
             Parsed::Request(head, used) => {
@@ -1136,81 +691,5 @@ mod tests {
         assert!(!lines.contains(": b\r\n"), "{lines}");
         let closing = head_of("GET / HTTP/1.1\r\nconnection: close\r\n\r\n");
         assert!(closing.is_some_and(|h| h.close));
-    }
-
-    #[test]
-    fn answers_are_framed_by_the_rules_of_http_1_1() {
-        let framing = |raw: &str, head: bool| {
-            parse_answer(raw.as_bytes(), head)
-                .ok()
-                .flatten()
-                .map(|(a, _)| (a.framing, a.closes))
-        };
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", false),
-            Some((Framing::Length(3), false))
-        );
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", true),
-            Some((Framing::None, false))
-        );
-        assert_eq!(
-            framing(
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n",
-                false
-            ),
-            Some((Framing::Chunked, false))
-        );
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\n\r\n", false),
-            Some((Framing::Close, true))
-        );
-        assert_eq!(
-            framing("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false),
-            Some((Framing::Length(1), true))
-        );
-        assert_eq!(
-            framing(
-                "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n",
-                false
-            ),
-            Some((Framing::None, true))
-        );
-        assert!(
-            parse_answer(
-                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
-                false
-            )
-            .is_err()
-        );
-        assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", false).is_err());
-        assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n", false).is_err());
-        let head = |raw: &[u8]| match parse_answer(raw, false) {
-            Ok(Some((answer, _))) => String::from_utf8_lossy(&answer.head).into_owned(),
-            _ => String::new(),
-        };
-        // The client is told the framing the body comes in, whatever `Connection` names.
-        assert_eq!(
-            head(b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 05\r\n\r\n"),
-            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n"
-        );
-        assert_eq!(
-            head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n"),
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n"
-        );
-        assert!(matches!(
-            parse_answer(b"HTTP/1.1 200 OK\r\n", false),
-            Ok(None)
-        ));
-        let Ok(Some((answer, _))) = parse_answer(
-            b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nx-hop: 1\r\nx-request-id: theirs\r\nserver: b\r\ncontent-length: 0\r\n\r\n",
-            false,
-        ) else {
-            panic!("a sound answer parses");
-        };
-        assert_eq!(
-            String::from_utf8_lossy(&answer.head),
-            "HTTP/1.1 200 OK\r\nserver: b\r\ncontent-length: 0\r\n"
-        );
     }
 }

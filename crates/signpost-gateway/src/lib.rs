@@ -31,6 +31,7 @@ mod proxy;
 mod route;
 mod server;
 mod upstream;
+mod wire;
 
 use std::future::Future;
 use std::sync::Arc;

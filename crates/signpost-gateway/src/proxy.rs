@@ -26,9 +26,10 @@ use tokio::time::{Instant, Sleep};
 
 use signpost_client::rules::grpc_timeout;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{Routed, Routes, Target};
-use crate::upstream::{BoxError, Conn, Endpoint, ProxyBody, Upstream, Upstreams, ViewState};
+use crate::upstream::{BoxError, Conn, Endpoint, Plain, ProxyBody, Upstream, Upstreams, ViewState};
+use crate::wire::{self, Failure, Form, Framing, PlainBody, is_hop_by_hop};
 
 /// What every request is held to; from the gateway's configuration.
 #[derive(Debug, Clone)]
@@ -246,23 +247,6 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_trailers_te: bool) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-}
-
-/// Whether a header belongs to one connection and is never sent on (RFC 9110 §7.6.1), the
-/// ones a `Connection` header names aside; `name` in any case.
-pub(crate) fn is_hop_by_hop(name: &str) -> bool {
-    const HOP_BY_HOP: [&str; 9] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// The `X-Forwarded-For` and `Forwarded` (RFC 7239) values to send on: what earlier proxies
@@ -567,13 +551,25 @@ impl Proxy {
             Held::Stream(Some(Idle::wrap(body.map_err(BoxError::from).boxed(), idle)))
         };
 
-        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
-        let mut attempts = 0;
-        let mut replayed = false;
-        let mut last_error: Option<String> = None;
+        // A body-less request to an HTTP/1.1 instance goes the gateway's own way (`wire`), as
+        // on `h1`'s path: hyper's client would cost a request as much again.
+        let plain_path = matches!(held, Held::Empty) && upgrade.is_none() && !grpc;
+        let bounds = Bounds {
+            upstream: &upstream,
+            target: &routed.target,
+            service: &service,
+            sm,
+            idempotent: retry_status,
+            head_request: method == Method::HEAD,
+            timeout,
+            deadline,
+            form: Form::Map,
+        };
+        let mut out = Vec::new();
+        let mut tries = Tries::default();
         loop {
-            let Some(endpoint) = upstream.pick(&tried) else {
-                let message = no_instance(&upstream, &routed.target, last_error.take());
+            let Some(endpoint) = upstream.pick(&tries.tried) else {
+                let message = no_instance(&upstream, &routed.target, tries.last_error.take());
                 return fail(
                     &record,
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -581,21 +577,44 @@ impl Proxy {
                     Some(&service),
                 );
             };
-            attempts += 1;
-            if attempts > 1 {
+            tries.attempts += 1;
+            if tries.attempts > 1 {
                 record.retries += 1;
                 sm.retries.inc();
             }
             record.instance = Some(endpoint.id.clone());
+            if plain_path && endpoint.is_http1() {
+                let target = routed.path_and_query.as_str();
+                let authority = endpoint.authority.as_str();
+                wire::request_head(&mut out, &method, target, authority, &headers);
+                match self
+                    .plain_attempt(&bounds, &mut tries, endpoint, &out)
+                    .await
+                {
+                    Attempt::Answer(answer, plain, endpoint) => {
+                        return self
+                            .plain_answer(answer, plain, endpoint, record, &bounds, id, idle)
+                            .await;
+                    }
+                    Attempt::Again => continue,
+                    Attempt::Fail(status, message) => {
+                        return fail(&record, status, &message, Some(&service));
+                    }
+                }
+            }
             let mut conn = match endpoint.checkout(grpc).await {
                 Ok(conn) => conn,
                 Err(error) => {
                     sm.connect_errors.inc();
                     upstream.record(&endpoint, true);
-                    last_error = Some(format!("instance {}: {error}", endpoint.id));
-                    tried.push(endpoint);
-                    if attempts >= self.settings.max_attempts {
-                        let message = unreachable(&routed.target, attempts, last_error.as_deref());
+                    tries.last_error = Some(format!("instance {}: {error}", endpoint.id));
+                    tries.tried.push(endpoint);
+                    if tries.attempts >= self.settings.max_attempts {
+                        let message = unreachable(
+                            &routed.target,
+                            tries.attempts,
+                            tries.last_error.as_deref(),
+                        );
                         return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
                     }
                     continue;
@@ -680,27 +699,27 @@ impl Proxy {
                     endpoint.load.end();
                     let unsent = error.take_message();
                     let cause = root_cause(&error.into_error());
-                    last_error = Some(format!("instance {}: {cause}", endpoint.id));
-                    tried.push(endpoint.clone());
+                    tries.last_error = Some(format!("instance {}: {cause}", endpoint.id));
+                    tries.tried.push(endpoint.clone());
                     if let Some(unsent) = unsent {
                         // Never written: the connection was gone before the request left.
                         let (parts, body) = unsent.into_parts();
                         headers = parts.headers;
                         headers.remove(header::HOST);
                         held.put_back(body);
-                        if attempts < self.settings.max_attempts {
+                        if tries.attempts < self.settings.max_attempts {
                             continue;
                         }
                     } else {
                         upstream.record(&endpoint, true);
                         if may_resend(
                             retry_status && held.replayable(),
-                            replayed,
-                            attempts,
+                            tries.replayed,
+                            tries.attempts,
                             self.settings.max_attempts,
                             &upstream,
                         ) {
-                            replayed = true;
+                            tries.replayed = true;
                             continue;
                         }
                     }
@@ -719,19 +738,19 @@ impl Proxy {
                         .is_some_and(|s| s == "14"));
             upstream.record(&endpoint, failed);
             if matches!(status.as_u16(), 502..=504)
-                && another(&upstream, &tried, &endpoint)
+                && another(&upstream, &tries.tried, &endpoint)
                 && may_resend(
                     retry_status && held.replayable(),
-                    replayed,
-                    attempts,
+                    tries.replayed,
+                    tries.attempts,
                     self.settings.max_attempts,
                     &upstream,
                 )
             {
                 endpoint.load.end();
-                replayed = true;
-                tried.push(endpoint);
-                last_error = Some(format!("an instance answered {status}"));
+                tries.replayed = true;
+                tries.tried.push(endpoint);
+                tries.last_error = Some(format!("an instance answered {status}"));
                 continue;
             }
             sm.answered(&self.metrics, status.as_u16(), started.elapsed());
@@ -820,6 +839,233 @@ impl Proxy {
                 .boxed()
             });
         }
+    }
+}
+
+/// A request's attempts so far.
+#[derive(Default)]
+pub(crate) struct Tries {
+    pub(crate) tried: Vec<Arc<Endpoint>>,
+    pub(crate) attempts: u32,
+    pub(crate) replayed: bool,
+    pub(crate) last_error: Option<String>,
+}
+
+/// What one attempt on the gateway's own HTTP/1.1 client path ([`wire`]) came to.
+pub(crate) enum Attempt {
+    /// The instance's answer head; its body is still to be read from the connection.
+    Answer(wire::Answer, Plain, Arc<Endpoint>),
+    /// The rules allow another attempt.
+    Again,
+    /// The request fails with this status and message.
+    Fail(StatusCode, String),
+}
+
+/// A body-less request's bounds and resend rule, the same for each of its attempts.
+pub(crate) struct Bounds<'a> {
+    pub(crate) upstream: &'a Upstream,
+    pub(crate) target: &'a Target,
+    pub(crate) service: &'a str,
+    pub(crate) sm: &'a ServiceMetrics,
+    /// Whether the request may be sent twice: idempotent, and with no body it is whole.
+    pub(crate) idempotent: bool,
+    pub(crate) head_request: bool,
+    pub(crate) timeout: Duration,
+    pub(crate) deadline: Instant,
+    pub(crate) form: Form,
+}
+
+impl Proxy {
+    /// The answer to a request that went the gateway's own way: a small body of known length
+    /// is read whole first, so the connection is free at once; any other streams.
+    #[allow(clippy::too_many_arguments)]
+    async fn plain_answer(
+        &self,
+        answer: wire::Answer,
+        mut plain: Plain,
+        endpoint: Arc<Endpoint>,
+        record: Record,
+        bounds: &Bounds<'_>,
+        id: HeaderValue,
+        idle: Duration,
+    ) -> Response<ProxyBody> {
+        let failed = |record: &Record, message: &str| {
+            self.metrics.answered(
+                &record.service,
+                StatusCode::BAD_GATEWAY.as_u16(),
+                record.started.elapsed(),
+            );
+            record.finish(self.settings.access_log, 502, None);
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                false,
+                message,
+                Some(bounds.service),
+                &record.request_id,
+            )
+        };
+        let Ok(status) = StatusCode::from_u16(answer.status) else {
+            endpoint.load.end();
+            bounds.upstream.record(&endpoint, true);
+            let message = format!(
+                "instance {} answered with status {}, which HTTP does not have",
+                endpoint.id, answer.status
+            );
+            return failed(&record, &message);
+        };
+        let small = match answer.framing {
+            Framing::None => Some(0),
+            Framing::Length(n) if n <= self.settings.retry_buffer as u64 => usize::try_from(n).ok(),
+            _ => None,
+        };
+        let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+        *response.status_mut() = status;
+        let closes = answer.closes;
+        if let Some(n) = small {
+            if let Err(why) = wire::read_whole(&mut plain, n, idle).await {
+                endpoint.load.end();
+                bounds.upstream.record(&endpoint, true);
+                let message = format!("the answer of instance {} {why}", endpoint.id);
+                return failed(&record, &message);
+            }
+            bounds
+                .sm
+                .answered(&self.metrics, status.as_u16(), record.started.elapsed());
+            let bytes = plain.buf.split_to(n).freeze();
+            endpoint.load.end();
+            if !closes {
+                endpoint.checkin_plain(plain);
+            }
+            *response.headers_mut() = answer.headers;
+            response.headers_mut().insert("x-request-id", id);
+            record.finish(self.settings.access_log, status.as_u16(), Some(n as u64));
+            *response.body_mut() = Full::new(bytes).map_err(|never| match never {}).boxed();
+            return response;
+        }
+        bounds
+            .sm
+            .answered(&self.metrics, status.as_u16(), record.started.elapsed());
+        let body = PlainBody::new(plain, &answer, endpoint.clone());
+        *response.headers_mut() = answer.headers;
+        response.headers_mut().insert("x-request-id", id);
+        let finish = Finish {
+            record,
+            status: status.as_u16(),
+            endpoint,
+            log: self.settings.access_log,
+            bytes: 0,
+        };
+        *response.body_mut() = Tracked {
+            inner: Idle::wrap(body.boxed(), idle),
+            finish: Some(finish),
+        }
+        .boxed();
+        response
+    }
+
+    /// Sends `request`, a body-less request's head made for `endpoint`, on one of the
+    /// endpoint's plain connections and reads the answer's head, with the rules of
+    /// [`Proxy::handle`]: a connect failure or an unsent request is another attempt's, a sent
+    /// one goes once more only by [`may_resend`], and so does a 502/503/504 while another
+    /// instance could take it.
+    pub(crate) async fn plain_attempt(
+        &self,
+        bounds: &Bounds<'_>,
+        tries: &mut Tries,
+        endpoint: Arc<Endpoint>,
+        request: &[u8],
+    ) -> Attempt {
+        let max_attempts = self.settings.max_attempts;
+        let mut plain = match endpoint.checkout_plain().await {
+            Ok(plain) => plain,
+            Err(error) => {
+                bounds.sm.connect_errors.inc();
+                bounds.upstream.record(&endpoint, true);
+                tries.last_error = Some(format!("instance {}: {error}", endpoint.id));
+                tries.tried.push(endpoint);
+                if tries.attempts >= max_attempts {
+                    let message =
+                        unreachable(bounds.target, tries.attempts, tries.last_error.as_deref());
+                    return Attempt::Fail(StatusCode::BAD_GATEWAY, message);
+                }
+                return Attempt::Again;
+            }
+        };
+        endpoint.load.start();
+        let sent_at = Instant::now();
+        let exchanged = tokio::time::timeout_at(
+            bounds.deadline,
+            wire::exchange(&mut plain, request, bounds.head_request, bounds.form),
+        )
+        .await;
+        let answer = match exchanged {
+            Err(_) => {
+                let message = timed_out(
+                    bounds.upstream,
+                    &endpoint,
+                    bounds.service,
+                    bounds.timeout,
+                    sent_at,
+                );
+                return Attempt::Fail(StatusCode::GATEWAY_TIMEOUT, message);
+            }
+            Ok(Err(Failure::Unsent(cause))) => {
+                endpoint.load.end();
+                tries.last_error = Some(format!("instance {}: {cause}", endpoint.id));
+                tries.tried.push(endpoint.clone());
+                if tries.attempts < max_attempts {
+                    return Attempt::Again;
+                }
+                let message = format!(
+                    "the request to instance {} of {} failed: {cause}",
+                    endpoint.id, bounds.service
+                );
+                return Attempt::Fail(StatusCode::BAD_GATEWAY, message);
+            }
+            Ok(Err(Failure::Sent(cause))) => {
+                endpoint.load.end();
+                tries.last_error = Some(format!("instance {}: {cause}", endpoint.id));
+                tries.tried.push(endpoint.clone());
+                bounds.upstream.record(&endpoint, true);
+                if may_resend(
+                    bounds.idempotent,
+                    tries.replayed,
+                    tries.attempts,
+                    max_attempts,
+                    bounds.upstream,
+                ) {
+                    tries.replayed = true;
+                    return Attempt::Again;
+                }
+                let message =
+                    not_sent_twice(&endpoint, bounds.service, &cause, bounds.idempotent, false);
+                return Attempt::Fail(StatusCode::BAD_GATEWAY, message);
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        let now = Instant::now();
+        endpoint.load.observe(now - sent_at, now);
+        let status = answer.status;
+        bounds
+            .upstream
+            .record(&endpoint, (500..600).contains(&status));
+        if matches!(status, 502..=504)
+            && another(bounds.upstream, &tries.tried, &endpoint)
+            && may_resend(
+                bounds.idempotent,
+                tries.replayed,
+                tries.attempts,
+                max_attempts,
+                bounds.upstream,
+            )
+        {
+            endpoint.load.end();
+            tries.replayed = true;
+            tries.tried.push(endpoint);
+            tries.last_error = Some(format!("an instance answered {status}"));
+            return Attempt::Again;
+        }
+        Attempt::Answer(answer, plain, endpoint)
     }
 }
 

@@ -810,6 +810,130 @@ fn a_chunked_answer_streams_through_unbuffered() {
     assert!(String::from_utf8_lossy(&seen).contains("second"));
 }
 
+/// `curl` over HTTP/2 with prior knowledge (h2c) to the gateway, with `args` before the URL.
+fn curl_h2(curl: &Path, args: &[&str], url: &str) -> (bool, String, String) {
+    run(Command::new(curl)
+        .args(["-sS", "--http2-prior-knowledge"])
+        .args(args)
+        .arg(url))
+}
+
+#[test]
+fn http2_callers_get_whole_answers_from_http1_instances_and_streams_stay_streams() {
+    if !python_ready("json") {
+        return;
+    }
+    let Some(curl) = require_program("curl") else {
+        return;
+    };
+    let registry = registry();
+    let url = registry.url();
+    let mut a = backend("http", "web", "a", &url, &[]);
+    let _b = backend("http", "web", "b", &url, &[]);
+    let mut solo = backend("http", "solo", "s", &url, &[]);
+    let gw = gateway(&url, &[]);
+    wait_until_served_by(gw.addr, "/web/whoami", &["a", "b"]);
+    wait_until_served_by(gw.addr, "/solo/whoami", &["s"]);
+    let at = |path: &str| format!("http://{}{path}", gw.addr);
+
+    // A body over the gateway's retry buffer streams through, every byte of it.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    let (ok, out, err) = curl_h2(
+        &curl,
+        &[
+            "-o",
+            big.to_str().unwrap(),
+            "-w",
+            "%{http_code} %{http_version}",
+        ],
+        &at("/web/big"),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "200 2");
+    assert_eq!(std::fs::read(&big).unwrap(), vec![b'x'; 256 * 1024]);
+
+    // A body that ends when the instance closes its connection.
+    let (ok, out, err) = curl_h2(&curl, &[], &at("/web/until-close"));
+    assert!(ok, "{err}");
+    assert!(
+        out == "all of it from a" || out == "all of it from b",
+        "{out}"
+    );
+
+    // A HEAD answer: the length a GET would have, and no body.
+    let (ok, out, err) = curl_h2(&curl, &["-I"], &at("/web/whoami"));
+    assert!(ok, "{err}");
+    let head = out.to_ascii_lowercase();
+    assert!(head.starts_with("http/2 200"), "{out}");
+    assert!(head.contains("content-length: 1\r\n"), "{out}");
+    assert!(head.contains("x-request-id: "), "{out}");
+
+    // HTTP/2 may send cookies as separate fields; an HTTP/1.1 instance gets them in one.
+    let (ok, out, err) = curl_h2(
+        &curl,
+        &[
+            "-H",
+            "cookie: a=1",
+            "-H",
+            "cookie: b=2",
+            "-H",
+            "x-request-id: mine-1",
+        ],
+        &at("/web/headers?q=1"),
+    );
+    assert!(ok, "{err}");
+    let seen: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(seen["path"], "/headers?q=1");
+    assert_eq!(seen["headers"]["cookie"], "a=1; b=2");
+    assert_eq!(seen["headers"]["x-request-id"], "mine-1");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+    assert!(
+        seen["headers"]["host"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(seen["headers"].get("te").is_none(), "{out}");
+
+    // A chunked answer streams: the first chunk reaches the caller before the second is sent.
+    let flag = dir.path().join("got-first");
+    let chunks = at(&format!("/web/chunks?flag={}", flag.display()));
+    let mut streaming =
+        Proc::spawn(Command::new(&curl).args(["-sS", "-N", "--http2-prior-knowledge", &chunks]));
+    streaming.wait_for("first");
+    std::fs::write(&flag, "").unwrap();
+    let (ok, out) = streaming.finish();
+    assert!(ok, "{out}");
+    assert!(out.contains("second"), "{out}");
+
+    // An instance killed mid-answer: the caller sees the answer break off, not a short body
+    // that looks whole, and the gateway goes on serving.
+    let flag = dir.path().join("never");
+    let chunks = at(&format!("/solo/chunks?flag={}", flag.display()));
+    let mut broken =
+        Proc::spawn(Command::new(&curl).args(["-sS", "-N", "--http2-prior-knowledge", &chunks]));
+    broken.wait_for("first");
+    solo.process.kill9();
+    let (ok, out) = broken.finish();
+    assert!(!ok, "a broken answer is not a whole one: {out}");
+
+    // kill -9 of an instance under steady GETs on one HTTP/2 connection: none fails.
+    a.process.kill9();
+    let Some(h2load) = require_program("h2load") else {
+        return;
+    };
+    let (ok, out, err) = run(Command::new(h2load)
+        .args(["-n", "60", "-c", "1", "-m", "1"])
+        .arg(at("/web/whoami")));
+    assert!(ok, "{err}");
+    assert!(out.contains("60 succeeded, 0 failed, 0 errored"), "{out}");
+    assert!(
+        out.contains("status codes: 60 2xx, 0 3xx, 0 4xx, 0 5xx"),
+        "{out}"
+    );
+}
+
 #[test]
 fn failures_get_clear_answers_and_the_gateway_keeps_serving() {
     if !python_ready("json") {
