@@ -10,7 +10,9 @@
 //! answers 404/503/504 in JSON (or a gRPC status) when it cannot. Plain connections start on
 //! `h1`, the gateway's own HTTP/1.1 path for body-less requests (most API reads), with `proxy`'s
 //! rules and about a third less CPU than hyper's server and client; anything else is handed to
-//! hyper with what was read. Instances are picked by the
+//! hyper with what was read. `wire` is the gateway's own HTTP/1.1 client side, which `h1` and
+//! `proxy` share: body-less requests from HTTP/2 and TLS callers to HTTP/1.1 instances go out
+//! through it too, with hyper serving the caller. Instances are picked by the
 //! same rules as the balanced channel's (`signpost_client::rules`). `metrics` counts it all for
 //! Prometheus; each request gets an access log line (the `signpost_gateway::access` target).
 //!
