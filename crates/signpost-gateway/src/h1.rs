@@ -546,6 +546,8 @@ async fn answer(
             proxy::Attempt::Fail(status, message) => fail!(status, &message, Some(&service)),
         };
         let status = answer.status;
+        // Judged by the body unless the head said failure already (`proxy::judge_head`).
+        let pending = !proxy::fails_at_head(status);
         let close = head.close || stop.is_cancelled() || answer.framing == Framing::Close;
         let Answer {
             head: answer_head,
@@ -560,14 +562,20 @@ async fn answer(
             Framing::Length(n) if n <= settings.retry_buffer as u64 => usize::try_from(n).ok(),
             _ => None,
         };
+        let small_read = small.is_some();
         let result = if let Some(n) = small {
             // Read whole and sent on in one write, as nginx's proxy buffering does: half the
             // writes for the typical API answer, and the connection is back in the pool at once.
             if let Err(why) = read_whole(&mut plain, n, idle).await {
                 endpoint.load.end();
-                upstream.record(&endpoint, true);
+                if pending {
+                    upstream.record(&endpoint, true);
+                }
                 let message = format!("the answer of instance {} {why}", endpoint.id);
                 fail!(StatusCode::BAD_GATEWAY, &message, Some(&service))
+            }
+            if pending {
+                upstream.record(&endpoint, false);
             }
             sm.answered(&proxy.metrics, status, started.elapsed());
             out.extend_from_slice(&plain.buf[..n]);
@@ -597,6 +605,9 @@ async fn answer(
         };
         let next = match result {
             Ok(bytes) => {
+                if pending && !small_read {
+                    upstream.record(&endpoint, false);
+                }
                 record.finish(settings.access_log, status, Some(bytes));
                 if close { Next::Close } else { Next::Keep }
             }
@@ -605,7 +616,9 @@ async fn answer(
                 Next::Close
             }
             Err(Broke::Instance(why)) => {
-                upstream.record(&endpoint, true);
+                if pending {
+                    upstream.record(&endpoint, true);
+                }
                 tracing::debug!(instance = %endpoint.id, %why, "an answer broke off mid-body");
                 record.finish(settings.access_log, status, None);
                 Next::Close

@@ -736,7 +736,7 @@ impl Proxy {
                         .headers()
                         .get("grpc-status")
                         .is_some_and(|s| s == "14"));
-            upstream.record(&endpoint, failed);
+            let pending = judge_head(&upstream, &endpoint, failed);
             if matches!(status.as_u16(), 502..=504)
                 && another(&upstream, &tries.tried, &endpoint)
                 && may_resend(
@@ -753,10 +753,13 @@ impl Proxy {
                 tries.last_error = Some(format!("an instance answered {status}"));
                 continue;
             }
-            sm.answered(&self.metrics, status.as_u16(), started.elapsed());
             if status == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client_upgrade) = client_upgrade
             {
+                sm.answered(&self.metrics, status.as_u16(), started.elapsed());
+                if pending {
+                    upstream.record(&endpoint, false);
+                }
                 endpoint.load.end();
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 tokio::spawn(tunnel(
@@ -789,7 +792,9 @@ impl Proxy {
                 let bytes = match read {
                     Ok(Ok(collected)) => collected.to_bytes(),
                     failed => {
-                        upstream.record(&endpoint, true);
+                        if pending {
+                            upstream.record(&endpoint, true);
+                        }
                         let why = match failed {
                             Ok(Err(e)) => format!("broke off: {e}"),
                             _ => format!("stalled for {idle:?}"),
@@ -798,6 +803,10 @@ impl Proxy {
                         return fail(&record, StatusCode::BAD_GATEWAY, &message, Some(&service));
                     }
                 };
+                if pending {
+                    upstream.record(&endpoint, false);
+                }
+                sm.answered(&self.metrics, status.as_u16(), started.elapsed());
                 if let Some(h1) = h1 {
                     endpoint.checkin(h1);
                 }
@@ -811,6 +820,7 @@ impl Proxy {
                 let body = Full::new(bytes).map_err(|never| match never {}).boxed();
                 return Response::from_parts(head, body);
             }
+            sm.answered(&self.metrics, status.as_u16(), started.elapsed());
             remove_hop_by_hop(response.headers_mut(), false);
             response.headers_mut().insert("x-request-id", id);
             let body_endpoint = endpoint.clone();
@@ -818,6 +828,7 @@ impl Proxy {
                 record,
                 status: status.as_u16(),
                 endpoint,
+                judge: pending.then(|| upstream.clone()),
                 log: self.settings.access_log,
                 bytes: 0,
             };
@@ -863,7 +874,7 @@ pub(crate) enum Attempt {
 
 /// A body-less request's bounds and resend rule, the same for each of its attempts.
 pub(crate) struct Bounds<'a> {
-    pub(crate) upstream: &'a Upstream,
+    pub(crate) upstream: &'a Arc<Upstream>,
     pub(crate) target: &'a Target,
     pub(crate) service: &'a str,
     pub(crate) sm: &'a ServiceMetrics,
@@ -904,9 +915,12 @@ impl Proxy {
                 &record.request_id,
             )
         };
+        let pending = !fails_at_head(answer.status);
         let Ok(status) = StatusCode::from_u16(answer.status) else {
             endpoint.load.end();
-            bounds.upstream.record(&endpoint, true);
+            if pending {
+                bounds.upstream.record(&endpoint, true);
+            }
             let message = format!(
                 "instance {} answered with status {}, which HTTP does not have",
                 endpoint.id, answer.status
@@ -924,9 +938,14 @@ impl Proxy {
         if let Some(n) = small {
             if let Err(why) = wire::read_whole(&mut plain, n, idle).await {
                 endpoint.load.end();
-                bounds.upstream.record(&endpoint, true);
+                if pending {
+                    bounds.upstream.record(&endpoint, true);
+                }
                 let message = format!("the answer of instance {} {why}", endpoint.id);
                 return failed(&record, &message);
+            }
+            if pending {
+                bounds.upstream.record(&endpoint, false);
             }
             bounds
                 .sm
@@ -952,6 +971,7 @@ impl Proxy {
             record,
             status: status.as_u16(),
             endpoint,
+            judge: pending.then(|| bounds.upstream.clone()),
             log: self.settings.access_log,
             bytes: 0,
         };
@@ -1046,9 +1066,7 @@ impl Proxy {
         let now = Instant::now();
         endpoint.load.observe(now - sent_at, now);
         let status = answer.status;
-        bounds
-            .upstream
-            .record(&endpoint, (500..600).contains(&status));
+        judge_head(bounds.upstream, &endpoint, fails_at_head(status));
         if matches!(status, 502..=504)
             && another(bounds.upstream, &tries.tried, &endpoint)
             && may_resend(
@@ -1080,6 +1098,23 @@ pub(crate) fn may_resend(
     upstream: &Upstream,
 ) -> bool {
     replayable && !replayed && attempts < max_attempts && upstream.budget.withdraw()
+}
+
+/// Counts an answer's head in its instance's outlier record when it says the request failed;
+/// true when the answer is still to be judged by its body. Each answer counts once: a failure
+/// by its head, or else by its body, a success once whole and a failure if it broke off. A
+/// good head counted before a broken body would end the instance's run of failures on every
+/// request, and an instance that breaks every answer would never be ejected.
+pub(crate) fn judge_head(upstream: &Upstream, endpoint: &Endpoint, failed: bool) -> bool {
+    if failed {
+        upstream.record(endpoint, true);
+    }
+    !failed
+}
+
+/// Whether an answer's status alone makes it a failure, on the paths that see no gRPC status.
+pub(crate) fn fails_at_head(status: u16) -> bool {
+    (500..600).contains(&status)
 }
 
 /// An attempt whose answer's head did not come in time: the instance's load and outlier record
@@ -1184,8 +1219,20 @@ struct Finish {
     record: Record,
     status: u16,
     endpoint: Arc<Endpoint>,
+    /// Where the body's outcome goes when the head left it to be judged ([`judge_head`]).
+    judge: Option<Arc<Upstream>>,
     log: bool,
     bytes: u64,
+}
+
+impl Finish {
+    /// The body came whole or broke off: the instance's outlier record says so, once. A
+    /// client that goes away first says nothing of the instance.
+    fn judged(&mut self, broke: bool) {
+        if let Some(upstream) = self.judge.take() {
+            upstream.record(&self.endpoint, broke);
+        }
+    }
 }
 
 impl Drop for Finish {
@@ -1217,7 +1264,12 @@ impl http_body::Body for Tracked {
                     finish.bytes += data.len() as u64;
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish = None,
+            Poll::Ready(end) => {
+                let broke = end.is_some();
+                if let Some(mut finish) = self.finish.take() {
+                    finish.judged(broke);
+                }
+            }
             Poll::Pending => {}
         }
         poll
@@ -1229,6 +1281,18 @@ impl http_body::Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    /// The client stops polling at the end it knows of (a body of known length) without a
+    /// last poll: read to its end, the body came whole.
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.as_mut()
+            && self.inner.is_end_stream()
+        {
+            finish.judged(false);
+        }
     }
 }
 

@@ -1225,3 +1225,101 @@ fn an_instance_that_keeps_failing_is_ejected_and_the_rest_take_its_share() {
         1.0
     );
 }
+
+#[test]
+fn an_instance_that_breaks_off_its_answers_is_ejected_whatever_path_they_take() {
+    if !python_ready("json") {
+        return;
+    }
+    let Some(curl) = require_program("curl") else {
+        return;
+    };
+    let registry = registry();
+    let url = registry.url();
+    let _good = backend("http", "cut", "good", &url, &[]);
+    // Its every answer promises 100 bytes more than it sends, then the connection closes.
+    let _bad = backend_with("http", "cut", "bad", &url, &[], &["--cut"]);
+    let gw = gateway(&url, &[]);
+    let big = 256 * 1024;
+    let content_length = |head: &str| -> Option<usize> {
+        head.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(str::to_owned)
+            })
+            .and_then(|v| v.trim().parse().ok())
+    };
+    // Each of the gateway's ways to an HTTP/1.1 instance in turn: HTTP/1.1 GETs (its own
+    // path), POSTs (hyper's client), small answers read whole and large ones streamed, and
+    // h2c GETs. `Some(true)` is a whole answer from the good instance, `Some(false)` a broken
+    // one, `None` an answer from before the gateway knew the service.
+    let ask = |n: usize| -> Option<bool> {
+        let (status, head, body) = match n % 5 {
+            0 => http(
+                gw.addr,
+                "GET /cut/whoami HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n",
+            ),
+            1 => http(
+                gw.addr,
+                "POST /cut/whoami HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\nContent-Length: 1\r\n\r\np",
+            ),
+            2 => http(
+                gw.addr,
+                "GET /cut/big HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n",
+            ),
+            3 => http(
+                gw.addr,
+                "POST /cut/big HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\nContent-Length: 1\r\n\r\np",
+            ),
+            _ => {
+                let (_, out, _) = curl_h2(
+                    &curl,
+                    ["-o", "-", "-w", "\n%{http_code}"].as_slice(),
+                    &format!("http://{}/cut/whoami", gw.addr),
+                );
+                let (body, status) = out.rsplit_once('\n').unwrap_or(("", "0"));
+                let status = status.trim().parse().unwrap_or(0);
+                let head = format!("content-length: {}", body.len());
+                (status, head, body.to_owned())
+            }
+        };
+        match status {
+            200 => {
+                let whole = content_length(&head) == Some(body.len())
+                    && (body == "good" || body == "good:p" || body.len() == big);
+                Some(whole)
+            }
+            502 => Some(false),
+            _ => None,
+        }
+    };
+    let deadline = Instant::now() + DEADLINE;
+    let mut answers = Vec::new();
+    let mut n = 0;
+    while answers.len() < 60 {
+        assert!(Instant::now() < deadline, "{answers:?}");
+        if let Some(whole) = ask(n) {
+            answers.push(whole);
+        }
+        n += 1;
+    }
+    // Five broken answers in a row eject the instance, whichever path each took; a good head
+    // before a broken body must not count as a success that starts the run again.
+    let broken = answers.iter().filter(|whole| !**whole).count();
+    assert_eq!(broken, 5, "{answers:?}");
+    assert!(answers[answers.len() - 20..].iter().all(|whole| *whole));
+    assert_eq!(
+        metric(&gw, "signpost_gateway_ejections_total{service=\"cut\"}"),
+        1.0
+    );
+    // Each request is counted once, by the code its caller got.
+    let counted = metric(
+        &gw,
+        "signpost_gateway_requests_total{service=\"cut\",code=\"200\"}",
+    ) + metric(
+        &gw,
+        "signpost_gateway_requests_total{service=\"cut\",code=\"502\"}",
+    );
+    assert_eq!(counted, answers.len() as f64, "{answers:?}");
+}

@@ -3,7 +3,9 @@
 
     backends.py http --id a            HTTP/1.1 server (http.server); prints "serving on PORT"
                                        (--idle-close S: closes a connection idle S seconds, and
-                                       prints "closed an idle connection")
+                                       prints "closed an idle connection"; --cut: every
+                                       answer claims 100 bytes more than it sends, then the
+                                       connection closes, as a backend dying mid-answer)
     backends.py ws --id a              WebSocket echo server (websockets)
     backends.py grpc --id a --stubs D  gRPC greeter (stubs in D) with a streaming method
     backends.py get URL N              N GETs; prints "ID COUNT" per answering instance
@@ -51,9 +53,12 @@ def http_backend(args):
             data = body.encode() if isinstance(body, str) else body
             self.send_response(status)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(len(data) + (100 if args.cut else 0)))
             self.end_headers()
             self.wfile.write(data)
+            if args.cut:
+                self.wfile.flush()
+                self.close_connection = True
 
         def do_GET(self):
             if self.path.startswith("/whoami"):
@@ -102,6 +107,9 @@ def http_backend(args):
         def do_POST(self):
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
+            if self.path.startswith("/big"):
+                self.answer(200, b"x" * (256 * 1024), "application/octet-stream")
+                return
             if self.path.startswith("/hold") and marks:
                 # Say it arrived, then hold the request until this process is killed.
                 open(os.path.join(marks, "arrived-" + args.id), "w").close()
@@ -276,6 +284,7 @@ def main():
         s.add_argument("--stubs", default="")
         s.add_argument("--status", type=int, default=200, help="what /whoami answers")
         s.add_argument("--idle-close", type=float, default=0)
+        s.add_argument("--cut", action="store_true")
     s = sub.add_parser("get")
     s.add_argument("url")
     s.add_argument("n", type=int)
