@@ -562,7 +562,6 @@ async fn answer(
             Framing::Length(n) if n <= settings.retry_buffer as u64 => usize::try_from(n).ok(),
             _ => None,
         };
-        let small_read = small.is_some();
         let result = if let Some(n) = small {
             // Read whole and sent on in one write, as nginx's proxy buffering does: half the
             // writes for the typical API answer, and the connection is back in the pool at once.
@@ -598,16 +597,18 @@ async fn answer(
                 Err(_) => Err(Broke::Client),
             };
             endpoint.load.end();
-            if streamed.is_ok() && !closes {
-                endpoint.checkin_plain(plain);
+            if streamed.is_ok() {
+                if pending {
+                    upstream.record(&endpoint, false);
+                }
+                if !closes {
+                    endpoint.checkin_plain(plain);
+                }
             }
             streamed
         };
         let next = match result {
             Ok(bytes) => {
-                if pending && !small_read {
-                    upstream.record(&endpoint, false);
-                }
                 record.finish(settings.access_log, status, Some(bytes));
                 if close { Next::Close } else { Next::Keep }
             }
