@@ -86,11 +86,16 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         self.deferrals = 0;
         self.kept.clear();
         self.written = 0;
-        if self.kept.capacity() > RETAIN {
-            // A burst's room is not kept for the connection's whole life.
+        Poll::Ready(Ok(()))
+    }
+
+    /// Gives back a burst's room once it is written: it is not kept for the connection's
+    /// whole life. (Within a burst it is: emptied and refilled up to [`HOLD`] many times, the
+    /// buffer grown from nothing each time cost more copying than the bytes themselves.)
+    fn release(&mut self) {
+        if self.kept.is_empty() && self.kept.capacity() > RETAIN {
             self.kept = Vec::new();
         }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -128,6 +133,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         if len > HOLD {
             return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         }
+        if len >= LARGE && this.kept.capacity() < HOLD {
+            // A large frame starts a burst: room for all of it at once, not grown by doubling
+            // (each step a copy of everything kept so far).
+            this.kept
+                .reserve_exact(HOLD.saturating_sub(this.kept.len()).max(len));
+        }
         for b in bufs {
             this.kept.extend_from_slice(b);
         }
@@ -151,6 +162,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
                 return Poll::Ready(Ok(()));
             }
             ready!(this.drain(cx))?;
+            // A turn's first flush ends what came before it; a later one (past the deferral
+            // bound) is inside a burst.
+            if !again {
+                this.release();
+            }
+        } else {
+            this.release();
         }
         Pin::new(&mut this.io).poll_flush(cx)
     }
@@ -158,6 +176,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.drain(cx))?;
+        this.release();
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
@@ -350,6 +369,34 @@ mod tests {
             1 + big.len(),
             "the first half went out to make room"
         );
+    }
+
+    #[test]
+    fn a_burst_keeps_its_room_until_it_ends() {
+        let mut t = Turns::new();
+        t.turn();
+        t.write(b"a");
+        assert!(t.flush().is_ready());
+        // A burst several times the hold, and longer than the deferral bound: written a hold
+        // at a time, all from one buffer.
+        let frames = 3 * HOLD / LARGE;
+        t.write(&frame(0));
+        let room = t.io.kept.as_ptr();
+        for b in 1..frames {
+            assert!(t.flush().is_ready());
+            t.write(&frame(b as u8));
+            assert_eq!(
+                t.io.kept.as_ptr(),
+                room,
+                "the buffer was made anew within the burst"
+            );
+        }
+        // The burst ends at the next turn's flush: everything goes, and so does the room.
+        t.turn();
+        assert!(t.flush().is_ready());
+        let written: usize = t.writes().iter().map(Vec::len).sum();
+        assert_eq!(written, 1 + frames * LARGE);
+        assert!(t.io.kept.capacity() <= RETAIN);
     }
 
     #[test]
