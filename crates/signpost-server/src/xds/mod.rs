@@ -42,7 +42,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Wake, Waker};
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
@@ -136,18 +138,30 @@ impl Ads {
             node: String::new(),
             node_seen: false,
             namespace: crate::DEFAULT_NAMESPACE.to_owned(),
-            kinds: BTreeMap::new(),
+            kinds: Default::default(),
             followed: StreamMap::new(),
             known: BTreeMap::new(),
             nonces: 0,
             out: VecDeque::new(),
+            views_added: false,
             _slots: slots,
+        };
+        let wakes = Arc::new(Wakes::default());
+        let waker = |source| {
+            Waker::from(Arc::new(SourceWaker {
+                wakes: wakes.clone(),
+                source,
+            }))
         };
         let body = AdsBody {
             stream,
             requests: request.into_inner(),
             cancelled: Box::pin(self.registry.shutdown_token().cancelled_owned()),
             ended: false,
+            wakers: [waker(REQUESTS), waker(VIEWS), waker(SHUTDOWN)],
+            wakes,
+            dirty: REQUESTS | VIEWS | SHUTDOWN,
+            yielded: false,
         };
         let mut response = tonic::Response::new(tokio_stream::empty());
         response
@@ -290,7 +304,8 @@ struct AdsStream {
     node_seen: bool,
     /// Where plain listener names are looked up: the node's `signpost.namespace`, or `default`.
     namespace: String,
-    kinds: BTreeMap<Kind, Subscription>,
+    /// By [`Kind`]: inline, as an ACK reads its kind's on every push.
+    kinds: [Subscription; 4],
     /// The live view of each service whose endpoints the client subscribed to, by the name it
     /// subscribed with.
     followed: StreamMap<Arc<str>, WatchStream<ViewState>>,
@@ -301,6 +316,8 @@ struct AdsStream {
     /// Responses framed and not yet taken by the body: at most the one answer to what was
     /// just read, since the body reads nothing more until h2 has taken it.
     out: VecDeque<Bytes>,
+    /// Set when a view is newly followed: it must be polled before it can wake the stream.
+    views_added: bool,
     /// The stream's places under the watch limits, given back when it ends.
     _slots: crate::limits::WatchSlots,
 }
@@ -323,6 +340,67 @@ struct AdsBody {
     requests: Streaming<DiscoveryRequest>,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     ended: bool,
+    /// What each source is polled with ([`REQUESTS`], [`VIEWS`], [`SHUTDOWN`] in that order),
+    /// so that its wake says which it was.
+    wakers: [Waker; 3],
+    wakes: Arc<Wakes>,
+    /// The sources to poll: those that woke, and those whose last poll was ready (which left
+    /// no waker with them).
+    dirty: u8,
+    /// Whether the last poll yielded to the streams ahead of it in the run queue.
+    yielded: bool,
+}
+
+/// The sources of a stream's work, as bits. A push to a stream is followed by the client's ACK,
+/// a second wake of the stream per change: that one polls the requests alone, not the views and
+/// the shutdown token (whose polls take locks every stream of a service, or of the server,
+/// shares), and a view's wake does not poll the requests.
+const REQUESTS: u8 = 1;
+const VIEWS: u8 = 2;
+const SHUTDOWN: u8 = 4;
+
+/// Which of a stream's sources have woken it since its body last looked, and the task to wake.
+#[derive(Default)]
+struct Wakes {
+    woke: AtomicU8,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wakes {
+    /// Registers the body's task and takes the sources that have woken since the last call:
+    /// a wake after this wakes the task again.
+    fn take(&self, task: &Waker) -> u8 {
+        let mut current = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if !current.as_ref().is_some_and(|w| w.will_wake(task)) {
+            *current = Some(task.clone());
+        }
+        drop(current);
+        self.woke.swap(0, Ordering::AcqRel)
+    }
+}
+
+/// The waker one source of a stream is polled with.
+struct SourceWaker {
+    wakes: Arc<Wakes>,
+    source: u8,
+}
+
+impl Wake for SourceWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wakes.woke.fetch_or(self.source, Ordering::AcqRel);
+        let task = self
+            .wakes
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
+    }
 }
 
 /// The most requests a body reads in one poll without answering any (ACKs are not answered)
@@ -333,52 +411,83 @@ impl AdsBody {
     /// Reads requests and views until there is a response to send (`Ready(None)`), the stream
     /// ends (`Ready(Some(end))`), or there is nothing to read.
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Option<End>> {
-        // Once a poll, not once a request: each check takes the lock of the token every
-        // stream shares (and its waiters' list's).
-        if self.cancelled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(End::Status(Status::unavailable(
-                "the registry is shutting down: reconnect",
-            ))));
+        let woke = self.wakes.take(cx.waker());
+        // Woken by a request alone (nearly always the ACK of a push): the task first yields,
+        // once, to the back of the run queue, behind the streams a change has woken to push
+        // to. The push reaches every subscriber before the server spends its time reading
+        // what they answer, and the request waits only as long as the queue ahead of it.
+        if woke == REQUESTS && self.dirty == 0 && !self.yielded {
+            self.yielded = true;
+            self.dirty = REQUESTS;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
+        self.yielded = false;
+        self.dirty |= woke;
         for _ in 0..REQUESTS_PER_POLL {
             if !self.stream.out.is_empty() {
                 return Poll::Ready(None);
             }
-            // The client going away ends its request stream too, so that is all there is to
-            // watch for besides requests and views.
-            match Pin::new(&mut self.requests).poll_next(cx) {
-                // The client ended its requests: there is nothing more to answer, and an OK
-                // status tells it so (no status at all reads as a failure).
-                Poll::Ready(None) => {
-                    return Poll::Ready(Some(End::Status(Status::ok(
-                        "the client ended its requests",
+            if self.dirty & SHUTDOWN != 0 {
+                let mut shutdown = Context::from_waker(&self.wakers[2]);
+                if self.cancelled.as_mut().poll(&mut shutdown).is_ready() {
+                    return Poll::Ready(Some(End::Status(Status::unavailable(
+                        "the registry is shutting down: reconnect",
                     ))));
                 }
-                // A request that does not decode, or is too large, ends the stream saying
-                // why; when the stream was reset the status goes nowhere, harmlessly.
-                Poll::Ready(Some(Err(status))) => {
-                    tracing::debug!(node = %self.stream.node, %status, "xDS request stream failed");
-                    return Poll::Ready(Some(match status.code() {
-                        tonic::Code::Cancelled | tonic::Code::Unknown => End::ClientGone,
-                        _ => End::Status(status),
-                    }));
-                }
-                Poll::Ready(Some(Ok(request))) => match self.stream.on_request(request) {
-                    Ok(()) => continue,
-                    Err(end) => return Poll::Ready(Some(end)),
-                },
-                Poll::Pending => {}
+                self.dirty &= !SHUTDOWN;
             }
-            if !self.stream.followed.is_empty()
-                && let Poll::Ready(Some((name, view))) =
-                    Pin::new(&mut self.stream.followed).poll_next(cx)
-            {
-                match self.stream.on_view(name, view) {
-                    Ok(()) => continue,
-                    Err(end) => return Poll::Ready(Some(end)),
+            // The client going away ends its request stream too, so that is all there is to
+            // watch for besides requests and views.
+            if self.dirty & REQUESTS != 0 {
+                let mut requests = Context::from_waker(&self.wakers[0]);
+                match Pin::new(&mut self.requests).poll_next(&mut requests) {
+                    // The client ended its requests: there is nothing more to answer, and an
+                    // OK status tells it so (no status at all reads as a failure).
+                    Poll::Ready(None) => {
+                        return Poll::Ready(Some(End::Status(Status::ok(
+                            "the client ended its requests",
+                        ))));
+                    }
+                    // A request that does not decode, or is too large, ends the stream saying
+                    // why; when the stream was reset the status goes nowhere, harmlessly.
+                    Poll::Ready(Some(Err(status))) => {
+                        tracing::debug!(node = %self.stream.node, %status, "xDS request stream failed");
+                        return Poll::Ready(Some(match status.code() {
+                            tonic::Code::Cancelled | tonic::Code::Unknown => End::ClientGone,
+                            _ => End::Status(status),
+                        }));
+                    }
+                    Poll::Ready(Some(Ok(request))) => {
+                        if let Err(end) = self.stream.on_request(request) {
+                            return Poll::Ready(Some(end));
+                        }
+                        if std::mem::take(&mut self.stream.views_added) {
+                            self.dirty |= VIEWS;
+                        }
+                        continue;
+                    }
+                    Poll::Pending => self.dirty &= !REQUESTS,
                 }
             }
-            return Poll::Pending;
+            if self.dirty & VIEWS != 0 {
+                let mut views = Context::from_waker(&self.wakers[1]);
+                if !self.stream.followed.is_empty()
+                    && let Poll::Ready(Some((name, view))) =
+                        Pin::new(&mut self.stream.followed).poll_next(&mut views)
+                {
+                    match self.stream.on_view(name, view) {
+                        Ok(()) => continue,
+                        Err(end) => return Poll::Ready(Some(end)),
+                    }
+                }
+                self.dirty &= !VIEWS;
+            }
+            let woke = self.wakes.woke.swap(0, Ordering::AcqRel);
+            if woke == 0 {
+                return Poll::Pending;
+            }
+            self.dirty |= woke;
         }
         cx.waker().wake_by_ref();
         Poll::Pending
@@ -455,7 +564,7 @@ impl AdsStream {
             tracing::debug!(node = %self.node, type_url = %request.type_url, "xDS request for a kind this server does not serve");
             return Ok(());
         };
-        let state = self.kinds.entry(kind).or_default();
+        let state = &mut self.kinds[kind as usize];
         // Stale: the client has not yet seen the newest response of this kind, whose answer to
         // it is on its way. A nonce on a kind this stream never answered is a client
         // reconnecting with one from an earlier stream (or server): answered as a first request.
@@ -541,7 +650,7 @@ impl AdsStream {
 
     /// Sends every subscribed listener, route or cluster: each depends on its name alone.
     fn send_static(&mut self, kind: Kind) -> Result<(), End> {
-        let names: Vec<String> = self.kinds[&kind].names.iter().cloned().collect();
+        let names: Vec<String> = self.kinds[kind as usize].names.iter().cloned().collect();
         let mut sent = Vec::with_capacity(names.len());
         for name in &names {
             if let Some(target) = self.target(kind, name) {
@@ -558,7 +667,7 @@ impl AdsStream {
 
     /// Follows the views of the subscribed endpoints, and stops following the rest.
     fn follow_endpoints(&mut self) {
-        let names = self.kinds[&Kind::Endpoints].names.clone();
+        let names = self.kinds[Kind::Endpoints as usize].names.clone();
         let gone: Vec<Arc<str>> = self
             .known
             .keys()
@@ -578,6 +687,7 @@ impl AdsStream {
                 // Shared: the stream map hands its key back with every change of the view.
                 let name: Arc<str> = name.into();
                 self.followed.insert(name.clone(), WatchStream::new(view));
+                self.views_added = true;
                 self.known.insert(name, (target, None));
             }
         }
@@ -636,7 +746,7 @@ impl AdsStream {
         if let Some(m) = &self.metrics {
             m.xds_response(Kind::Endpoints.short());
         }
-        let state = self.kinds.entry(Kind::Endpoints).or_default();
+        let state = &mut self.kinds[Kind::Endpoints as usize];
         state.version = version;
         state.nonce = nonce;
         self.out.push_back(frame);
@@ -649,7 +759,7 @@ impl AdsStream {
             m.xds_response(kind.short());
         }
         self.nonces += 1;
-        let state = self.kinds.entry(kind).or_default();
+        let state = &mut self.kinds[kind as usize];
         // Never a view revision's form (`7`, `7@ns/svc`): a stream's own nonces and versions
         // cannot meet the shared ones.
         state.version = format!("s{}", self.nonces).into();
