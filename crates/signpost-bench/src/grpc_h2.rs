@@ -8,10 +8,15 @@
 //! 4-byte length) by hand. Both sides of the xDS-against-Watch comparison use it, so they are
 //! measured with the same client.
 
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{self, Poll, ready};
+
 use anyhow::{Context, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// One HTTP/2 connection to a gRPC server, on which streams are opened.
@@ -45,7 +50,7 @@ impl Connection {
         let (requests, connection) = h2::client::Builder::new()
             .initial_window_size(1 << 20)
             .initial_connection_window_size(16 << 20)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(Batched::new(tcp))
             .await
             .with_context(|| format!("HTTP/2 handshake with {base} failed"))?;
         tokio::spawn(async move {
@@ -126,6 +131,13 @@ impl Stream {
                     let chunk = chunk?;
                     // Read is consumed: the server may send as much again.
                     let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    // A chunk that is one whole message (a push is one DATA frame) is that
+                    // message, with no copy into the buffer.
+                    if self.buf.is_empty()
+                        && let Some(message) = whole(&chunk)
+                    {
+                        return Ok(Some(chunk.slice(5..5 + message)));
+                    }
                     self.buf.extend_from_slice(&chunk);
                 }
                 None => {
@@ -178,6 +190,14 @@ impl Stream {
     }
 }
 
+/// The length of the message `chunk` holds, when it holds exactly one uncompressed message
+/// within the size limit; anything else goes through the buffer, which says what is wrong.
+fn whole(chunk: &[u8]) -> Option<usize> {
+    let header = chunk.get(..5)?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    (header[0] == 0 && len <= MAX_MESSAGE && chunk.len() == 5 + len).then_some(len)
+}
+
 /// `message` as a gRPC frame: uncompressed, its length, its bytes.
 pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
     let len = message.encoded_len();
@@ -187,4 +207,110 @@ pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
     // Cannot fail: the buffer has room for the whole message.
     let _ = message.encode(&mut buf);
     buf.freeze()
+}
+
+/// The generator's end of a connection: what h2 writes in one run of the connection's task
+/// leaves at its next run, with what the streams' tasks have given h2 meanwhile. The ACKs of the
+/// hundreds of subscribers on a connection were otherwise a system call each (each also running
+/// the server's side of loopback TCP), the largest part of the generator's CPU per change: real
+/// subscribers, each on a machine of its own, do not share one CPU for that. The server still
+/// reads and answers every ACK.
+struct Batched<T> {
+    io: T,
+    kept: Vec<u8>,
+    /// How much of `kept` is already written.
+    written: usize,
+    /// Whether the last flush was put off to the task's next run.
+    deferred: bool,
+}
+
+impl<T> Batched<T> {
+    /// Kept bytes beyond this are written at once.
+    const HOLD: usize = 256 * 1024;
+
+    fn new(io: T) -> Self {
+        Batched {
+            io,
+            kept: Vec::new(),
+            written: 0,
+            deferred: false,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Batched<T> {
+    fn drain(&mut self, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.kept.len() {
+            match ready!(Pin::new(&mut self.io).poll_write(cx, &self.kept[self.written..]))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => self.written += n,
+            }
+        }
+        self.kept.clear();
+        self.written = 0;
+        self.deferred = false;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Batched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Batched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.kept.len() - this.written >= Self::HOLD {
+            ready!(this.drain(cx))?;
+        }
+        let mut len = 0;
+        for b in bufs {
+            this.kept.extend_from_slice(b);
+            len += b.len();
+        }
+        Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.written < this.kept.len() {
+            if !this.deferred {
+                // h2 flushes each time its task runs: the next run writes this, and whatever
+                // the streams queue before it.
+                this.deferred = true;
+                cx.waker().wake_by_ref();
+                return Poll::Ready(Ok(()));
+            }
+            ready!(this.drain(cx))?;
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
 }

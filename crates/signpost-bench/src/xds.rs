@@ -2,9 +2,10 @@
 //! in the same run, and the time from a registration to the first call a real gRPC xDS client
 //! (Python grpcio) routes to the new instance.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -59,6 +60,53 @@ fn fields(mut message: &[u8], tag: u64) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// The changes (instance ids `PREFIX<n>`) in each endpoint set pushed, read once per set:
+/// every stream that follows the service is sent the same bytes for a version, and a thousand
+/// streams each reading a hundred endpoints per change would make the generator, not the
+/// server, what is measured. Sets are told apart by their bytes, not by anything the server
+/// says about them.
+#[derive(Default)]
+struct Contents {
+    recent: std::sync::Mutex<VecDeque<(Bytes, Arc<[usize]>)>>,
+}
+
+impl Contents {
+    /// The most recent sets kept: the versions streams are receiving at one time.
+    const KEEP: usize = 4;
+
+    fn changes(&self, resources: &[Bytes], prefix: &str) -> Arc<[usize]> {
+        let read = || -> Arc<[usize]> {
+            let mut changes = Vec::new();
+            // Any.value (2) is the ClusterLoadAssignment.
+            for cla in resources.iter().filter_map(|any| fields(any, 2).next()) {
+                hostnames(cla, |id| {
+                    if let Some(n) = std::str::from_utf8(id)
+                        .ok()
+                        .and_then(|id| id.strip_prefix(prefix))
+                        .and_then(|n| n.parse::<usize>().ok())
+                    {
+                        changes.push(n);
+                    }
+                });
+            }
+            changes.into()
+        };
+        let [resource] = resources else {
+            return read();
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, changes)) = recent.iter().find(|(bytes, _)| bytes == resource) {
+            return changes.clone();
+        }
+        let changes = read();
+        if recent.len() == Self::KEEP {
+            recent.pop_front();
+        }
+        recent.push_back((resource.clone(), changes.clone()));
+        changes
+    }
+}
+
 const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
 const STREAM_AGGREGATED_RESOURCES: &str =
@@ -79,6 +127,14 @@ struct Pushed {
     nonce: String,
 }
 
+/// What ADS subscribers count: each change as it reaches them, and again once they have ACKed
+/// it, so that one change's ACKs are in before the next change is timed.
+#[derive(Clone)]
+struct Pushes {
+    saw: Arc<Arrivals>,
+    acked: Arc<Arrivals>,
+}
+
 /// Opens `subscribers` ADS streams over `conns`, each subscribed to the endpoints of
 /// `service`; each instance id new to a stream counts as an arrival there. Returns once every
 /// stream has had its first answer.
@@ -86,14 +142,16 @@ async fn open_subscribers(
     conns: &[grpc_h2::Connection],
     service: &str,
     subscribers: usize,
-    arrivals: Arc<Arrivals>,
+    arrivals: Pushes,
     prefix: &'static str,
 ) -> anyhow::Result<()> {
     let (ready_tx, mut ready) = mpsc::channel::<anyhow::Result<()>>(subscribers.max(1));
     let name = format!("default/{service}");
+    let contents = Arc::new(Contents::default());
     for s in 0..subscribers {
         let conn = conns[s % conns.len()].clone();
         let (arrivals, ready, name) = (arrivals.clone(), ready_tx.clone(), name.clone());
+        let contents = contents.clone();
         tokio::spawn(async move {
             let ask = |version: String, nonce: String| {
                 grpc_h2::frame(&DiscoveryRequest {
@@ -110,7 +168,7 @@ async fn open_subscribers(
                 Err(e) => return drop(ready.send(Err(e)).await),
             };
             // Which changes (instance ids `PREFIX<n>`) this stream has seen.
-            let mut seen = vec![false; arrivals.changes()];
+            let mut seen = vec![false; arrivals.saw.changes()];
             let mut first = true;
             let ended = loop {
                 let response: Pushed = match stream.next().await {
@@ -121,30 +179,22 @@ async fn open_subscribers(
                     let _ = ready.send(Ok(())).await;
                 }
                 let mut new = Vec::new();
-                // Any.value (2) is the ClusterLoadAssignment.
-                for cla in response
-                    .resources
-                    .iter()
-                    .filter_map(|any| fields(any, 2).next())
-                {
-                    hostnames(cla, |id| {
-                        if let Some(n) = std::str::from_utf8(id)
-                            .ok()
-                            .and_then(|id| id.strip_prefix(prefix))
-                            .and_then(|n| n.parse::<usize>().ok())
-                            && let Some(seen) = seen.get_mut(n)
-                            && !std::mem::replace(seen, true)
-                        {
-                            new.push(n);
-                        }
-                    });
+                for &n in contents.changes(&response.resources, prefix).iter() {
+                    if let Some(seen) = seen.get_mut(n)
+                        && !std::mem::replace(seen, true)
+                    {
+                        new.push(n);
+                    }
                 }
-                for n in new {
-                    arrivals.saw_change(n).await;
+                for &n in &new {
+                    arrivals.saw.saw_change(n).await;
                 }
                 // The endpoints are the client's once decoded: the ACK follows.
                 if let Err(e) = stream.send(ask(response.version_info, response.nonce)) {
                     break e;
+                }
+                for n in new {
+                    arrivals.acked.saw_change(n).await;
                 }
             };
             ended_early(first, ended, &ready).await;
@@ -228,6 +278,13 @@ async fn ended_early(
     }
 }
 
+/// A pause after each timed change, so that the next is not timed while the server (or this
+/// generator) still works on the last: an ADS change's ACKs, read after its push has reached
+/// every stream, would otherwise land on the Watch change that follows.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
 /// W Watch streams on one service and W ADS streams on another; each change goes to one
 /// service and then the other, so both are measured under the same conditions.
 pub(crate) async fn fanout(
@@ -252,7 +309,10 @@ pub(crate) async fn fanout(
     let run = std::process::id();
     let (watched, pushed) = (format!("fan-watch-{run}"), format!("fan-xds-{run}"));
     let watch_arrivals = Arrivals::new(changes, subscribers);
-    let xds_arrivals = Arrivals::new(changes, subscribers);
+    let xds_arrivals = Pushes {
+        saw: Arrivals::new(changes, subscribers),
+        acked: Arrivals::new(changes, subscribers),
+    };
     open_watchers(
         &watch_conns,
         &watched,
@@ -269,6 +329,8 @@ pub(crate) async fn fanout(
     let (mut watch_own, mut xds_own) = (Duration::ZERO, Duration::ZERO);
     let cpu = || cpu_time(common.server_pid).unwrap_or_default();
     let own = || cpu_time(Some(std::process::id())).unwrap_or_default();
+    // Each change's CPU is counted to the end of the pause after it, which takes in what the
+    // server does after the change has reached everyone (reading ADS ACKs).
     for n in 0..changes {
         let (sent, before, own_before) = (Instant::now(), cpu(), own());
         writer.register(&watched, &format!("w{n}"), 0).await?;
@@ -279,9 +341,13 @@ pub(crate) async fn fanout(
                 .duration_since(sent)
                 .as_micros() as u64,
         );
+        settle().await;
         let (sent, between, own_between) = (Instant::now(), cpu(), own());
         writer.register(&pushed, &format!("x{n}"), 0).await?;
-        xds.push(xds_arrivals.wait(n).await?.duration_since(sent).as_micros() as u64);
+        let reached = xds_arrivals.saw.wait(n).await?;
+        xds.push(reached.duration_since(sent).as_micros() as u64);
+        xds_arrivals.acked.wait(n).await?;
+        settle().await;
         watch_cpu += between.saturating_sub(before);
         xds_cpu += cpu().saturating_sub(between);
         watch_own += own_between.saturating_sub(own_before);
