@@ -59,7 +59,8 @@ echo
 echo "The registry's ADS service against its own Watch: $subscribers ADS streams subscribed to one"
 echo "service's endpoints (State of the World, each response ACKed) and $subscribers Watch streams on"
 echo "another, over 4 connections each; $changes registrations to each service in turn, each timed"
-echo "from sending the write to the moment every subscriber has it. Then $rounds rounds of: register"
+echo "from sending the write to the moment every subscriber has it, and the next sent once the ADS"
+echo "subscribers have ACKed it and a 20 ms pause is over. Then $rounds rounds of: register"
 echo "a new greeter, time until the first call that Python grpcio (\`xds:///\` target, round robin,"
 echo "one call at a time) routes to it."
 echo
