@@ -429,6 +429,10 @@ async fn write_error(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
     push_line(out, b"content-length", body.len().to_string().as_bytes());
+    // The gateway is the origin of this answer, and an origin with a clock dates what it
+    // sends (RFC 9110, 6.6.1), as hyper does for the gateway's answers on its path.
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    push_line(out, b"date", date.as_bytes());
     end_head(out, request_id, close);
     out.extend_from_slice(body.as_bytes());
     match client.write_all(out).await {

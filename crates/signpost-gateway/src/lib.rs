@@ -24,7 +24,8 @@
 //! experimental there), and a server that owns the process and its runtimes, where the gateway
 //! must share a tokio runtime and rustls with the rest of Signpost. `serde_json` writes the
 //! error bodies; `prometheus-client` is the metrics registry the server uses too; `httparse` is
-//! the head parser hyper itself uses, for `h1`.
+//! the head parser hyper itself uses, for `h1`, and `httpdate` the `Date` hyper writes, for
+//! `h1`'s own answers.
 
 mod budget;
 mod h1;

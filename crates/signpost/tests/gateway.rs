@@ -968,9 +968,21 @@ fn failures_get_clear_answers_and_the_gateway_keeps_serving() {
     let json = |body: &str| -> serde_json::Value {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
     };
-    let (status, body) = get(gw.addr, "/nope/x");
+    let (status, head, body) = http(
+        gw.addr,
+        "GET /nope/x HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(status, 404);
     assert_eq!(json(&body)["service"], "nope");
+    // Dated, as every answer from an origin with a clock.
+    let date = head
+        .lines()
+        .find_map(|l| l.strip_prefix("date: "))
+        .unwrap_or_else(|| panic!("no date in {head:?}"));
+    let age = std::time::SystemTime::now()
+        .duration_since(httpdate::parse_http_date(date).unwrap())
+        .unwrap_or_default();
+    assert!(age < Duration::from_secs(60), "{date}");
     let (status, body) = get(gw.addr, "/dead/x");
     assert_eq!(status, 503, "{body}");
     let answer = json(&body);
