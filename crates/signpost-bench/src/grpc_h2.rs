@@ -209,8 +209,9 @@ pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
     buf.freeze()
 }
 
-/// The generator's end of a connection: what h2 writes in one run of the connection's task
-/// leaves at its next run, with what the streams' tasks have given h2 meanwhile. The ACKs of the
+/// The generator's end of a connection: what h2 writes leaves at its next flush, normally
+/// the connection task's next run, with what the streams' tasks have given h2 meanwhile. The
+/// ACKs of the
 /// hundreds of subscribers on a connection were otherwise a system call each (each also running
 /// the server's side of loopback TCP), the largest part of the generator's CPU per change: real
 /// subscribers, each on a machine of its own, do not share one CPU for that. The server still
@@ -297,8 +298,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Batched<T> {
         let this = self.get_mut();
         if this.written < this.kept.len() {
             if !this.deferred {
-                // h2 flushes each time its task runs: the next run writes this, and whatever
-                // the streams queue before it.
+                // h2 flushes each time its task runs (and it is woken here to run again): the
+                // next flush writes this, and whatever the streams queue before it.
                 this.deferred = true;
                 cx.waker().wake_by_ref();
                 return Poll::Ready(Ok(()));

@@ -127,8 +127,9 @@ struct Pushed {
     nonce: String,
 }
 
-/// What ADS subscribers count: each change as it reaches them, and again once they have ACKed
-/// it, so that one change's ACKs are in before the next change is timed.
+/// What ADS subscribers count: each change as it reaches them, and again once they have sent
+/// its ACK (handed it to h2, which writes it soon after): the next change is timed after that
+/// and a pause ([`settle`]), in which the server reads the ACKs.
 #[derive(Clone)]
 struct Pushes {
     saw: Arc<Arrivals>,

@@ -367,8 +367,8 @@ struct Wakes {
 }
 
 impl Wakes {
-    /// Registers the body's task and takes the sources that have woken since the last call:
-    /// a wake after this wakes the task again.
+    /// Registers the body's task and takes the sources that have woken since they were last
+    /// taken (here or by the body's swap of `woke`): a wake after this wakes the task again.
     fn take(&self, task: &Waker) -> u8 {
         let mut current = self.task.lock().unwrap_or_else(PoisonError::into_inner);
         if !current.as_ref().is_some_and(|w| w.will_wake(task)) {
