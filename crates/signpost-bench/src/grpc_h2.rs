@@ -5,8 +5,9 @@
 //! ADS subscriber sends wakes both: the generator then spent about as much CPU per change as
 //! the server it measures. Here a stream's task writes its messages to h2 itself and reads
 //! the answers' DATA frames as they come, framing and unframing gRPC messages (a flag byte and a
-//! 4-byte length) by hand. Both sides of the xDS-against-Watch comparison use it, so they are
-//! measured with the same client.
+//! 4-byte length) by hand, and a connection's writes leave together once per run of its task
+//! ([`Batched`]). Both sides of the xDS-against-Watch comparison use it, so they are measured
+//! with the same client.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -211,11 +212,10 @@ pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
 
 /// The generator's end of a connection: what h2 writes leaves at its next flush, normally
 /// the connection task's next run, with what the streams' tasks have given h2 meanwhile. The
-/// ACKs of the
-/// hundreds of subscribers on a connection were otherwise a system call each (each also running
-/// the server's side of loopback TCP), the largest part of the generator's CPU per change: real
-/// subscribers, each on a machine of its own, do not share one CPU for that. The server still
-/// reads and answers every ACK.
+/// ACKs of the hundreds of subscribers on a connection were otherwise a system call each (each
+/// also running the server's side of loopback TCP), the largest part of the generator's CPU per
+/// change: real subscribers, each on a machine of its own, do not share one CPU for that. The
+/// server still reads every ACK.
 struct Batched<T> {
     io: T,
     kept: Vec<u8>,
