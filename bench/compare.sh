@@ -59,7 +59,13 @@ else
   pinning="no pinning (one core, or no taskset)"
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# free_ports N: N free ports, held together while chosen so that no two are the same.
+free_ports() {
+  python3 -c 'import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))' "$1"
+}
 
 # start_signpost NAME ARGS...: a server on a free port; sets ADDR and PID.
 start_signpost() {
@@ -77,17 +83,25 @@ start_signpost() {
 
 # start_etcd NAME: a single-member etcd on free ports; sets ADDR and PID.
 start_etcd() {
-  local name=$1 client peer
-  client=$(free_port); peer=$(free_port)
-  "${server_cpu[@]}" etcd --name "$name" --data-dir "$work/$name" \
-    --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
-    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-    --initial-cluster "$name=http://127.0.0.1:$peer" >"$work/$name.log" 2>&1 &
-  PID=$!; pids+=("$PID")
-  ADDR=127.0.0.1:$client
-  for _ in $(seq 100); do
-    grep -q "ready to serve client requests" "$work/$name.log" && return
-    sleep 0.1
+  local name=$1 client peer attempt
+  # A port found free can be taken by something else before etcd binds it; etcd then exits at
+  # once, and starts again on other ports.
+  for attempt in 1 2 3; do
+    read -r client peer < <(free_ports 2)
+    rm -rf "${work:?}/$name"
+    "${server_cpu[@]}" etcd --name "$name" --data-dir "$work/$name" \
+      --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
+      --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+      --initial-cluster "$name=http://127.0.0.1:$peer" >"$work/$name.log" 2>&1 &
+    PID=$!; pids+=("$PID")
+    ADDR=127.0.0.1:$client
+    for _ in $(seq 100); do
+      grep -q "ready to serve client requests" "$work/$name.log" && return
+      kill -0 "$PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    grep -q "address already in use" "$work/$name.log" || break
+    echo "etcd found a port taken (attempt $attempt), starting it on others" >&2
   done
   echo "etcd did not start:" >&2; cat "$work/$name.log" >&2; exit 1
 }

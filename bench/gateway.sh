@@ -28,6 +28,13 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# free_ports N: N free ports, held together while chosen so that no two are the same.
+free_ports() {
+  python3 -c 'import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))' "$1"
+}
 wait_http() {
   for _ in $(seq 100); do
     curl -sf -o /dev/null "http://$1/" && return
@@ -38,8 +45,8 @@ wait_http() {
 median() { sort -n | awk '{a[NR]=$1} END { if (NR) print a[int((NR+1)/2)]; else print 0 }'; }
 
 cores=$(nproc)
-registry=$(free_port)
-backend_ports=("$(free_port)" "$(free_port)" "$(free_port)")
+read -r registry b1 b2 b3 < <(free_ports 4)
+backend_ports=("$b1" "$b2" "$b3")
 
 # start MODE: every server, pinned to core 0 (MODE pinned) or not; sets GW, GW_PID, NGINX1, NGINX2.
 start() {
@@ -65,7 +72,8 @@ start() {
   RUST_LOG=warn "${cpu[@]}" "$bin/signpost" gateway --listen "$GW" \
     --registry "http://127.0.0.1:$registry" --access-log false >"$work/gateway.log" 2>&1 &
   GW_PID=$!; pids+=("$GW_PID")
-  NGINX1=127.0.0.1:$(free_port); NGINX2=127.0.0.1:$(free_port)
+  read -r n1 n2 < <(free_ports 2)
+  NGINX1=127.0.0.1:$n1; NGINX2=127.0.0.1:$n2
   {
     echo "worker_processes $workers;"
     echo "pid $work/nginx.pid;"
