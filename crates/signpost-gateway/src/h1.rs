@@ -351,6 +351,18 @@ enum Broke {
     Client,
 }
 
+/// Writes `bytes` to the client, which must take some of them at least every `idle`: a client
+/// that stops reading would otherwise hold this connection, and the instance's, for ever.
+async fn send(client: &mut TcpStream, mut bytes: &[u8], idle: Duration) -> Result<(), Broke> {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(idle, client.write(bytes)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(Broke::Client),
+            Ok(Ok(n)) => bytes = &bytes[n..],
+        }
+    }
+    Ok(())
+}
+
 /// Sends the rest of an answer body on as it arrives; the bytes sent.
 async fn forward(
     plain: &mut Plain,
@@ -376,10 +388,7 @@ async fn forward(
             Framing::Close => plain.buf.len(),
         };
         if take > 0 {
-            client
-                .write_all(&plain.buf[..take])
-                .await
-                .map_err(|_| Broke::Client)?;
+            send(client, &plain.buf[..take], idle).await?;
             plain.buf.advance(take);
             sent += take as u64;
             left -= take as u64;
@@ -589,16 +598,12 @@ async fn answer(
             if !closes {
                 endpoint.checkin_plain(plain);
             }
-            client
-                .write_all(out)
-                .await
-                .map(|()| n as u64)
-                .map_err(|_| Broke::Client)
+            send(client, out, idle).await.map(|()| n as u64)
         } else {
             sm.answered(&proxy.metrics, status, started.elapsed());
-            let streamed = match client.write_all(out).await {
+            let streamed = match send(client, out, idle).await {
                 Ok(()) => forward(&mut plain, client, framing, idle).await,
-                Err(_) => Err(Broke::Client),
+                Err(broke) => Err(broke),
             };
             endpoint.load.end();
             if streamed.is_ok() {

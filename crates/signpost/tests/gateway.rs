@@ -648,6 +648,33 @@ fn one_connection_carries_pipelined_gets_a_head_and_a_post_in_order() {
 }
 
 #[test]
+fn a_client_that_stops_reading_an_answer_is_cut_off_after_the_idle_timeout() {
+    if !python_ready("json") {
+        return;
+    }
+    let registry = registry();
+    let url = registry.url();
+    let _web = backend("http", "web", "i", &url, &[]);
+    let mut gw = gateway(&url, &["--idle-timeout", "1s"]);
+    wait_until_served_by(gw.addr, "/web/whoami", &["i"]);
+    let _ = gw.process.wait_for("signpost_gateway::access");
+
+    // Asks for 256 MiB and reads none of it: the gateway's writes stop making progress, and
+    // after the idle timeout it gives up on this client (its access line, with no byte
+    // count, is written when it does) and goes on serving.
+    let mut stalled = TcpStream::connect(gw.addr).unwrap();
+    stalled
+        .write_all(b"GET /web/huge HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let line = gw.process.wait_for("/web/huge");
+    assert!(line.contains("status=200"), "{line}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "{line}");
+    assert_eq!(get(gw.addr, "/web/whoami"), (200, "i".to_owned()));
+    drop(stalled);
+}
+
+#[test]
 fn idle_client_connections_are_closed_after_the_header_timeout() {
     if !python_ready("json") {
         return;

@@ -71,6 +71,14 @@ def http_backend(args):
                 self.answer(200, str(self.client_address[1]))
             elif self.path.startswith("/big"):
                 self.answer(200, b"x" * (256 * 1024), "application/octet-stream")
+            elif self.path.startswith("/huge"):
+                # More than any socket buffers hold: a caller that does not read stops it.
+                piece = b"x" * (1024 * 1024)
+                self.send_response(200)
+                self.send_header("Content-Length", str(256 * len(piece)))
+                self.end_headers()
+                for _ in range(256):
+                    self.wfile.write(piece)
             elif self.path.startswith("/hang"):
                 time.sleep(3600)
             elif self.path.startswith("/unavailable"):
