@@ -27,7 +27,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # free_ports N: N free ports, held together while chosen so that no two are the same.
 free_ports() {
   python3 -c 'import socket, sys
@@ -68,7 +67,7 @@ start() {
     "$bin/signpost" register web --registry "http://127.0.0.1:$registry" --id "b$i" \
       --address 127.0.0.1 --port "${backend_ports[$i]}" >/dev/null
   done
-  GW=127.0.0.1:$(free_port)
+  GW=127.0.0.1:$(free_ports 1)
   RUST_LOG=warn "${cpu[@]}" "$bin/signpost" gateway --listen "$GW" \
     --registry "http://127.0.0.1:$registry" --access-log false >"$work/gateway.log" 2>&1 &
   GW_PID=$!; pids+=("$GW_PID")

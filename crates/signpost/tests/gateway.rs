@@ -538,10 +538,17 @@ fn connections_to_an_instance_are_reused_and_one_it_closed_is_not_trusted_with_a
 
 /// A registry, one HTTP backend `id` of service `web`, and a gateway that already routes to it.
 fn gateway_over_one_backend(id: &str) -> (ServerProcess, Backend, Gateway) {
+    gateway_with_args_over_one_backend(id, &[])
+}
+
+fn gateway_with_args_over_one_backend(
+    id: &str,
+    args: &[&str],
+) -> (ServerProcess, Backend, Gateway) {
     let registry = registry();
     let url = registry.url();
     let web = backend("http", "web", id, &url, &[]);
-    let gw = gateway(&url, &[]);
+    let gw = gateway(&url, args);
     wait_until_served_by(gw.addr, "/web/whoami", &[id]);
     (registry, web, gw)
 }
@@ -652,11 +659,8 @@ fn a_client_that_stops_reading_an_answer_is_cut_off_after_the_idle_timeout() {
     if !python_ready("json") {
         return;
     }
-    let registry = registry();
-    let url = registry.url();
-    let _web = backend("http", "web", "i", &url, &[]);
-    let mut gw = gateway(&url, &["--idle-timeout", "1s"]);
-    wait_until_served_by(gw.addr, "/web/whoami", &["i"]);
+    let (_registry, _web, mut gw) =
+        gateway_with_args_over_one_backend("i", &["--idle-timeout", "1s"]);
     let _ = gw.process.wait_for("signpost_gateway::access");
 
     // Asks for 256 MiB and reads none of it: the gateway's writes stop making progress, and
