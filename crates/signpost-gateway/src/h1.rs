@@ -519,6 +519,7 @@ async fn answer(
         head_request: head.method == Method::HEAD,
         timeout,
         deadline,
+        client_h2: false,
         form: Form::Lines,
     };
     let mut tries = proxy::Tries::default();

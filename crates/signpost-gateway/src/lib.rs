@@ -30,6 +30,7 @@
 mod budget;
 mod h1;
 mod metrics;
+mod pace;
 mod proxy;
 mod route;
 mod server;

@@ -27,6 +27,7 @@ use tokio::time::{Instant, Sleep};
 use signpost_client::rules::grpc_timeout;
 
 use crate::metrics::{Metrics, ServiceMetrics};
+use crate::pace::Paced;
 use crate::route::{Routed, Routes, Target};
 use crate::upstream::{BoxError, Conn, Endpoint, Plain, ProxyBody, Upstream, Upstreams, ViewState};
 use crate::wire::{self, Failure, Form, Framing, PlainBody, is_hop_by_hop};
@@ -501,6 +502,7 @@ impl Proxy {
         let upgrade = upgrade_of(request.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
+        let client_h2 = parts.version == Version::HTTP_2;
         let method = parts.method.clone();
         let mut headers = parts.headers;
         remove_hop_by_hop(&mut headers, true);
@@ -564,6 +566,7 @@ impl Proxy {
             timeout,
             deadline,
             form: Form::Map,
+            client_h2,
         };
         let mut out = Vec::new();
         let mut tries = Tries::default();
@@ -842,12 +845,12 @@ impl Proxy {
                     .boxed(),
                     None => body.map_err(BoxError::from).boxed(),
                 };
-                let body = Idle::wrap(body, idle);
-                Tracked {
-                    inner: body,
+                let body = Tracked {
+                    inner: Idle::wrap(body, idle),
                     finish: Some(finish),
                 }
-                .boxed()
+                .boxed();
+                pace(body, client_h2, idle)
             });
         }
     }
@@ -884,6 +887,9 @@ pub(crate) struct Bounds<'a> {
     pub(crate) timeout: Duration,
     pub(crate) deadline: Instant,
     pub(crate) form: Form,
+    /// The caller speaks HTTP/2, where it can stop taking an answer by flow control alone:
+    /// streamed answers get a [`Paced`] watchdog.
+    pub(crate) client_h2: bool,
 }
 
 impl Proxy {
@@ -975,11 +981,12 @@ impl Proxy {
             log: self.settings.access_log,
             bytes: 0,
         };
-        *response.body_mut() = Tracked {
+        let body = Tracked {
             inner: Idle::wrap(body.boxed(), idle),
             finish: Some(finish),
         }
         .boxed();
+        *response.body_mut() = pace(body, bounds.client_h2, idle);
         response
     }
 
@@ -1343,6 +1350,18 @@ impl Drop for Driven {
         {
             self.endpoint.checkin(h1);
         }
+    }
+}
+
+/// An answer streamed to an HTTP/2 caller gets a watchdog for a caller that stops granting
+/// window (see `pace`); an HTTP/1.1 caller that stops reading is cut off by its connection's
+/// write deadline instead. Outside `Tracked`, so that a cut-off answer's access line is
+/// written when it is cut off.
+fn pace(body: ProxyBody, client_h2: bool, idle: Duration) -> ProxyBody {
+    if client_h2 && !body.is_end_stream() {
+        Paced::wrap(body, idle)
+    } else {
+        body
     }
 }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::h1;
+use crate::pace::Stall;
 use crate::proxy::Proxy;
 
 /// Limits on the client side.
@@ -107,10 +108,13 @@ pub(crate) async fn serve(
                 {
                     h1::Outcome::Done => {}
                     h1::Outcome::Handoff(rest) => {
+                        let rest = Stall::new(rest, proxy.settings.idle_timeout);
                         serve_connection(&builder, rest, peer, false, proxy.clone(), watcher).await
                     }
                 },
                 Some(acceptor) => {
+                    // Beneath TLS, so that what is paced is the socket itself.
+                    let tcp = Stall::new(tcp, proxy.settings.idle_timeout);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             serve_connection(&builder, stream, peer, true, proxy.clone(), watcher)

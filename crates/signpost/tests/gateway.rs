@@ -679,6 +679,74 @@ fn a_client_that_stops_reading_an_answer_is_cut_off_after_the_idle_timeout() {
 }
 
 #[test]
+fn a_client_that_stops_reading_is_cut_off_on_hypers_path_too() {
+    if !python_ready("json") {
+        return;
+    }
+    let (_registry, _web, mut gw) =
+        gateway_with_args_over_one_backend("i", &["--idle-timeout", "1s"]);
+    let _ = gw.process.wait_for("signpost_gateway::access");
+
+    // A request with a body goes to hyper's HTTP/1.1 server rather than the gateway's own
+    // path; its client asks for 256 MiB and reads none of it.
+    let mut stalled = TcpStream::connect(gw.addr).unwrap();
+    stalled
+        .write_all(b"POST /web/huge HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 1\r\n\r\nx")
+        .unwrap();
+    let started = Instant::now();
+    let line = gw.process.wait_for("/web/huge");
+    assert!(
+        line.contains("POST") && line.contains("status=200"),
+        "{line}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "{line}");
+    assert_eq!(get(gw.addr, "/web/whoami"), (200, "i".to_owned()));
+    drop(stalled);
+}
+
+#[test]
+fn an_http2_client_that_grants_no_window_is_cut_off_from_the_instance() {
+    if !python_ready("json") {
+        return;
+    }
+    let (_registry, _web, mut gw) =
+        gateway_with_args_over_one_backend("i", &["--idle-timeout", "1s"]);
+    let _ = gw.process.wait_for("signpost_gateway::access");
+
+    // An HTTP/2 client that goes on reading its socket (the connection lives, pings are
+    // answered) but never gives back the window of a stream it stopped reading: the gateway
+    // can send no more on it, and must not hold the instance's connection for as long as
+    // the client keeps the stream.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = gw.addr;
+    let (body, started) = runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let request = http::Request::get(format!("http://{addr}/web/huge"))
+            .body(())
+            .unwrap();
+        let (answer, _) = client.send_request(request, true).unwrap();
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let mut body = answer.into_body();
+        // One frame taken, its window never released.
+        assert!(body.data().await.is_some_and(|d| d.is_ok()));
+        (body, Instant::now())
+    });
+    let line = gw.process.wait_for("/web/huge");
+    assert!(line.contains("status=200"), "{line}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "{line}");
+    assert_eq!(get(gw.addr, "/web/whoami"), (200, "i".to_owned()));
+    drop(body);
+}
+
+#[test]
 fn idle_client_connections_are_closed_after_the_header_timeout() {
     if !python_ready("json") {
         return;

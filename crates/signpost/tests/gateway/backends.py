@@ -60,6 +60,15 @@ def http_backend(args):
                 self.wfile.flush()
                 self.close_connection = True
 
+        def huge(self):
+            # More than any socket buffers hold: a caller that does not read stops it.
+            piece = b"x" * (1024 * 1024)
+            self.send_response(200)
+            self.send_header("Content-Length", str(256 * len(piece)))
+            self.end_headers()
+            for _ in range(256):
+                self.wfile.write(piece)
+
         def do_GET(self):
             if self.path.startswith("/whoami"):
                 self.answer(args.status, args.id)
@@ -72,13 +81,7 @@ def http_backend(args):
             elif self.path.startswith("/big"):
                 self.answer(200, b"x" * (256 * 1024), "application/octet-stream")
             elif self.path.startswith("/huge"):
-                # More than any socket buffers hold: a caller that does not read stops it.
-                piece = b"x" * (1024 * 1024)
-                self.send_response(200)
-                self.send_header("Content-Length", str(256 * len(piece)))
-                self.end_headers()
-                for _ in range(256):
-                    self.wfile.write(piece)
+                self.huge()
             elif self.path.startswith("/hang"):
                 time.sleep(3600)
             elif self.path.startswith("/unavailable"):
@@ -115,6 +118,9 @@ def http_backend(args):
         def do_POST(self):
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
+            if self.path.startswith("/huge"):
+                self.huge()
+                return
             if self.path.startswith("/big"):
                 self.answer(200, b"x" * (256 * 1024), "application/octet-stream")
                 return
